@@ -1,0 +1,52 @@
+"""Options and helpers shared by the command groups."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from landlens.features.store import atomic_write_json
+
+
+def backbone_options(f):
+    """--backbone / --weights / --input-size / --resize-mode."""
+    f = click.option("--resize-mode", type=click.Choice(["crop", "squash"]), default=None,
+                     help="override the weights' resize rule: 'crop' (shorter side + centre crop) "
+                          "or 'squash' (whole image to the input size)")(f)
+    f = click.option("--input-size", type=int, default=None, help="override the network input size")(f)
+    f = click.option("--weights", default="auto", show_default=True,
+                     help="auto | hub[:TAG] | package[:KEY] | none | PATH to a checkpoint")(f)
+    f = click.option("--backbone", "-b", default="tf_efficientnet_lite0", show_default=True,
+                     help="backbone name (`landlens models list`) or any timm model name")(f)
+    return f
+
+
+def make_backbone(backbone: str, weights: str, input_size: int | None, resize_mode: str | None):
+    from landlens.models.registry import create_backbone
+
+    bb = create_backbone(backbone, weights)
+    changes: dict[str, Any] = {}
+    if input_size:
+        changes["input_size"] = input_size
+    if resize_mode:
+        changes["resize_mode"] = resize_mode
+    if changes:
+        bb.preprocessing = bb.preprocessing.replace(**changes)
+    return bb
+
+
+def command_line() -> str:
+    return "landlens " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_json(Path(path), obj)
+
+
+def echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=1, sort_keys=True))

@@ -1,0 +1,54 @@
+"""The ``landlens`` command: one group per capability, each a thin layer over the library."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from landlens import __version__
+from landlens.errors import LandlensError
+
+
+class _Group(click.Group):
+    """Prints a :class:`LandlensError` as one line (no traceback) and exits 2."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except LandlensError as exc:
+            click.echo(f"landlens: error: {exc}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="landlens")
+def cli() -> None:
+    """landlens: remote-sensing scene retrieval and classification.
+
+    Datasets (`data`), backbones and their offline weights (`models`), feature
+    extraction (`features`), and the end-to-end `quickstart`.
+    """
+
+
+def _register() -> None:
+    from landlens.cli.data import data
+    from landlens.cli.features import features
+    from landlens.cli.models import models
+    from landlens.cli.quickstart import quickstart
+    from landlens.cli.split import split
+
+    data.add_command(split)
+    for group in (data, models, features, quickstart):
+        cli.add_command(group)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="landlens")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

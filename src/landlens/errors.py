@@ -1,0 +1,37 @@
+"""Errors a user can cause.
+
+A :class:`LandlensError` is printed by the CLI as one line (no traceback): it must name the
+thing that is wrong (a path, a backbone name, a checkpoint) and, where possible, what to do.
+Everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class LandlensError(Exception):
+    """A problem with the user's input or environment, reported as one clear line."""
+
+
+class DatasetError(LandlensError):
+    """A dataset folder, manifest or catalog entry that cannot be used."""
+
+
+class ImageReadError(LandlensError):
+    """One image file that cannot be decoded (corrupt, truncated, empty, not an image, too large)."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class WeightsError(LandlensError):
+    """Pretrained weights that cannot be found, loaded or verified."""
+
+
+class BackboneError(LandlensError):
+    """An unknown or unusable backbone name."""
+
+
+class FeatureStoreError(LandlensError):
+    """A feature store that is missing, corrupt, or does not match the requested extraction."""
