@@ -1,0 +1,50 @@
+"""Shared pytest fixtures: generated datasets and problem files (never real data).
+
+``tests/`` is on ``sys.path`` while testing (pytest's default ``prepend`` import mode puts
+a rootdir-level conftest's folder there), so test modules import the generators as
+``from fixtures.make_datasets import ...``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fixtures.make_datasets import make_bad_files, make_dataset, make_image_kinds
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+"""Real benchmark data (``../shared/data``), present on some machines only."""
+
+
+@pytest.fixture
+def fake_dataset(tmp_path: Path) -> Callable[..., Path]:
+    """``fake_dataset(name, **kwargs)``: a fake catalog dataset under ``tmp_path``; returns
+    its dataset root (see :func:`fixtures.make_datasets.make_dataset`)."""
+
+    def make(name: str, **kwargs: object) -> Path:
+        return make_dataset(tmp_path / "datasets", name, **kwargs)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Files that must fail to decode, keyed by kind (see ``BAD_KINDS``)."""
+    return make_bad_files(tmp_path_factory.mktemp("bad_files"))
+
+
+@pytest.fixture(scope="session")
+def image_kinds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Valid but unusual images, keyed by kind (see ``IMAGE_KINDS``)."""
+    return make_image_kinds(tmp_path_factory.mktemp("image_kinds"))
+
+
+@pytest.fixture
+def ucmerced_real() -> Path:
+    """The real UC Merced Land Use copy in ``../shared/data``; skips the test without it."""
+    path = SHARED_DATA / "UCMerced_LandUse"
+    if not path.is_dir():
+        pytest.skip(f"real data not available: {path}")
+    return path
