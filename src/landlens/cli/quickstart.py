@@ -52,8 +52,13 @@ def quickstart(data: Path | None, dataset: str | None, backbone: str, weights: s
         dataset = dataset or "ucmerced"
     click.echo(f"[1/3] verifying {data}")
     report = verify_dataset(data, dataset, workers=workers)
-    rep = report.to_dict()
-    click.echo(report.summary_line() if hasattr(report, "summary_line") else f"      ok={report.ok}")
+    against = f"catalog '{report.dataset}'" if report.dataset else "no catalog entry"
+    click.echo(f"      {report.n_images} images in {len(report.classes)} classes, {report.n_readable} readable "
+               f"({against}): {'OK' if report.ok else 'PROBLEMS'} in {report.elapsed_s:.1f} s")
+    for line in report.problems()[:10]:
+        click.echo(f"      {line}")
+    if len(report.problems()) > 10:
+        click.echo(f"      ... {len(report.problems()) - 10} more (landlens data verify {data})")
 
     ds = scan_folder(data, dataset)
     bb = make_backbone(backbone, weights, input_size, resize_mode)
@@ -90,7 +95,7 @@ def quickstart(data: Path | None, dataset: str | None, backbone: str, weights: s
         "protocol": {"name": "archive", "queries": "every image", "database": "all other images",
                      "distance": distance, "relevance": "same class"},
         "dataset": {"name": ds.name, "root": str(ds.root), "images": len(fs), "classes": fs.classes},
-        "verify": {"ok": report.ok, **{k: rep[k] for k in ("bad_files",) if k in rep}},
+        "verify": {k: v for k, v in report.to_dict().items() if k not in ("off_size", "non_image_files")},
         "backbone": bb.describe(),
         "extraction": {"images": res.n_extracted, "seconds": round(res.seconds, 2)},
         "metrics": summ,
