@@ -35,3 +35,10 @@ class BackboneError(LandlensError):
 
 class FeatureStoreError(LandlensError):
     """A feature store that is missing, corrupt, or does not match the requested extraction."""
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (or its type), shortened to ``limit`` characters."""
+    text = str(exc).strip().splitlines()
+    msg = text[0] if text else type(exc).__name__
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."

@@ -144,3 +144,16 @@ def test_optimized_graph_equals_eager(backbone):
     fast = extract_mod.optimize_for_inference(backbone, x, "auto")
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), backbone(x), rtol=1e-4, atol=1e-4)
+
+
+def test_auto_falls_back_when_compilation_fails(backbone, monkeypatch):
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+
+    def broken(*a, **k):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(extract_mod, "_compile", broken)
+    fast = extract_mod.optimize_for_inference(backbone, x, "auto", n_images=10**6)
+    assert isinstance(fast, torch.jit.ScriptModule)
+    with pytest.raises(Exception, match="--optimize compile: no compiler"):
+        extract_mod.optimize_for_inference(backbone, x, "compile")

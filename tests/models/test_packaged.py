@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -63,7 +64,7 @@ def test_installed_file_matches_recorded_sha256(key):
     pw = _installed(key)
     path = pw.locate()
     assert path.is_file() and path.name == Path(pw.relpath).name
-    assert packaged._sha256_file(path) == pw.sha256
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == pw.sha256
 
 
 @pytest.mark.parametrize("key", sorted(EXPECTED))
@@ -93,24 +94,6 @@ def test_vendored_copy_converts_like_the_installed_file(tmp_path):
     a = pw.load_state_dict()
     b = dataclasses.replace(pw, path=copy).load_state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_sha256_is_cached_per_path_and_mtime(tmp_path, monkeypatch):
-    f = tmp_path / "w.bin"
-    f.write_bytes(b"abc")
-    calls = []
-    real = packaged.hashlib.sha256
-
-    def counting():
-        calls.append(1)
-        return real()
-
-    monkeypatch.setattr(packaged.hashlib, "sha256", counting)
-    d1 = packaged._sha256_file(f)
-    d2 = packaged._sha256_file(f)
-    assert d1 == d2 == real(b"abc").hexdigest() and len(calls) == 1
-    f.write_bytes(b"abcd")  # new size (and mtime): hashed again
-    assert packaged._sha256_file(f) == real(b"abcd").hexdigest() and len(calls) == 2
 
 
 def test_absent_module_gives_pip_hint():

@@ -16,7 +16,7 @@ def _img(w, h, seed=0):
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
-@pytest.mark.parametrize("size", [(256, 256), (247, 256), (600, 400)])
+@pytest.mark.parametrize("size", [(256, 256), (247, 256), (249, 256), (256, 253), (600, 400), (401, 600)])
 def test_crop_mode_matches_torchvision(size):
     pre = Preprocessing(input_size=224, crop_pct=0.875, interpolation="bilinear")
     img = _img(*size)

@@ -27,6 +27,7 @@ import zipfile
 from pathlib import Path
 
 from landlens.data.catalog import DatasetSpec, get_spec
+from landlens.hashing import file_digest as file_checksum
 from landlens.errors import DatasetError, LandlensError
 
 __all__ = ["DEFAULT_TIMEOUT", "download_dataset", "extract_archive", "file_checksum"]
@@ -54,15 +55,6 @@ class _HttpError(Exception):
 def _host(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     return parts.netloc or parts.scheme + ":"
-
-
-def file_checksum(path: str | os.PathLike[str], algorithm: str) -> str:
-    """Hex digest of a file with ``"md5"`` or ``"sha256"``."""
-    h = hashlib.new(algorithm, usedforsecurity=False)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _local_hint(spec: DatasetSpec) -> str:

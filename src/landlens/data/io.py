@@ -67,7 +67,7 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
-from landlens.errors import ImageReadError
+from landlens.errors import ImageReadError, first_line
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -195,9 +195,7 @@ def _check_pixels(path: Path, width: int, height: int, max_pixels: int | None) -
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    msg = text[0] if text else type(exc).__name__
-    return msg if len(msg) <= 120 else msg[:117] + "..."
+    return first_line(exc, 120)
 
 
 def _reason(exc: BaseException) -> str:

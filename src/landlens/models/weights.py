@@ -25,7 +25,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from landlens.errors import WeightsError
+from landlens.errors import WeightsError, first_line
+from landlens.hashing import cached_file_digest
 from landlens.models.preprocessing import Preprocessing
 from landlens.models.registry import (
     HEAD_PREFIXES,
@@ -55,14 +56,6 @@ def state_dict_digest(sd: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a PyTorch checkpoint, without arbitrary pickle."""
     p = Path(path).expanduser()
@@ -78,8 +71,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     except WeightsError:
         raise
     except Exception as exc:  # noqa: BLE001 - any decoding failure is the user's file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"cannot read weights file {p}: {reason[:200]}") from None
+        raise WeightsError(f"cannot read weights file {p}: {first_line(exc, 200)}") from None
     for _ in range(3):  # unwrap {'state_dict': {...}} and friends
         if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
             inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
@@ -164,7 +156,7 @@ def _hub_state(spec: BackboneSpec, tag: str | None) -> tuple[nn.Module | None, d
         try:
             net = timm.create_model(full, pretrained=True, num_classes=0)
         except Exception as exc:  # noqa: BLE001 - network, auth, missing tag: one clear line
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            reason = first_line(exc)
             raise WeightsError(
                 f"cannot fetch hub weights '{full}' ({reason}); offline, use --weights PATH to a local "
                 f"checkpoint or a packaged source (`landlens models list` shows which are installed)"
@@ -179,7 +171,7 @@ def _hub_state(spec: BackboneSpec, tag: str | None) -> tuple[nn.Module | None, d
             w = enum[name] if name != "DEFAULT" else enum.DEFAULT
             sd = w.get_state_dict(progress=False)
         except Exception as exc:  # noqa: BLE001
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            reason = first_line(exc)
             raise WeightsError(
                 f"cannot fetch torchvision weights '{spec.arch}.{name}' ({reason}); offline, use --weights PATH "
                 f"or a packaged source (`landlens models list`)"
@@ -272,7 +264,7 @@ def load_backbone_weights(
         sd = read_checkpoint(path)
         ref = str(path.resolve())
         pre = default_preprocessing(spec)
-        file_hash = file_sha256(path)
+        file_hash = cached_file_digest(path)
         what = f"weights file {path}"
 
     if body is None:
@@ -287,7 +279,6 @@ def load_backbone_weights(
 
 
 __all__ = [
-    "file_sha256",
     "load_backbone_weights",
     "load_strict",
     "read_checkpoint",
