@@ -1,0 +1,70 @@
+"""Reuse extracted features: one feature store per (image list, backbone, weights, preprocessing).
+
+Commands that evaluate or fuse features call :func:`cached_features`; the first call extracts
+into ``CACHE/<dataset>-<items digest>/<backbone>-<weights digest>-<preprocessing digest>``,
+later calls (and an interrupted first call) reuse that store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+from landlens.features.extract import Optimize, extract_features
+from landlens.features.store import FeatureSet, FeatureStore, items_digest
+from landlens.models.registry import Backbone, create_backbone
+
+DEFAULT_CACHE_DIR = Path("runs/features")
+
+
+def _short_hash(obj: object, n: int = 10) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:n]
+
+
+def store_path(cache_dir: str | Path, dataset_name: str, paths: Sequence[str], labels: Sequence[int],
+               backbone: Backbone) -> Path:
+    """Where the features of these images under ``backbone`` live in the cache."""
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in dataset_name) or "images"
+    weights = (backbone.weights.digest or "random")[:12]
+    return (Path(cache_dir) / f"{slug}-{items_digest(paths, labels)[:10]}"
+            / f"{backbone.name}-{weights}-{_short_hash(backbone.preprocessing.to_dict(), 8)}")
+
+
+def cached_features(
+    data: str | Path,
+    dataset: str | None = None,
+    backbone: str | Backbone = "tf_efficientnet_lite0",
+    weights: str = "auto",
+    *,
+    cache_dir: str | Path = DEFAULT_CACHE_DIR,
+    workers: int | None = None,
+    optimize: Optimize = "auto",
+    progress: bool = True,
+    command: str | None = None,
+) -> FeatureSet:
+    """Features of every readable image under ``data``, extracted once and then reused.
+
+    ``backbone`` is a name (built with ``weights``) or an already built :class:`Backbone`
+    (``weights`` is then ignored). Random weights cannot be cached meaningfully, so
+    ``weights='none'`` is refused.
+    """
+    from landlens.data.folder import scan_folder
+    from landlens.errors import LandlensError
+
+    ds = scan_folder(data, dataset)
+    bb = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, weights)
+    if bb.weights.digest is None:
+        raise LandlensError(f"features of randomly initialised {bb.name!r} cannot be cached; pass real --weights")
+    out = store_path(cache_dir, ds.name, ds.paths, ds.labels, bb)
+    store = FeatureStore(out)
+    if not (store.exists() and store.read_meta().get("status") == "complete"):
+        rgb = getattr(ds.spec, "rgb_bands", None) if ds.spec is not None else None
+        extract_features(ds.root, ds.paths, ds.labels, ds.classes, bb, out, dataset_name=ds.name,
+                         workers=workers, optimize=optimize, rgb_bands=rgb, progress=progress,
+                         extra_meta={"command": command} if command else None)
+    return store.load().only_valid()
+
+
+__all__ = ["DEFAULT_CACHE_DIR", "cached_features", "store_path"]
