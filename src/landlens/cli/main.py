@@ -27,7 +27,8 @@ def cli() -> None:
     """landlens: remote-sensing scene retrieval and classification.
 
     Datasets (`data`), backbones and their offline weights (`models`), feature
-    extraction (`features`), and the end-to-end `quickstart`.
+    extraction (`features`), retrieval evaluation and indexes (`retrieval`), search by
+    example (`search`), and the end-to-end `quickstart`.
     """
 
 
@@ -36,10 +37,13 @@ def _register() -> None:
     from landlens.cli.features import features
     from landlens.cli.models import models
     from landlens.cli.quickstart import quickstart
+    from landlens.cli.retrieval import retrieval
+    from landlens.cli.search import index_cmd, search_cmd
     from landlens.cli.split import split
 
     data.add_command(split)
-    for group in (data, models, features, quickstart):
+    retrieval.add_command(index_cmd)
+    for group in (data, models, features, retrieval, search_cmd, quickstart):
         cli.add_command(group)
 
 

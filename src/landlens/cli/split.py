@@ -17,7 +17,7 @@ from landlens.errors import LandlensError
     help='Part ratios, e.g. "80/20", "70/10/20", "train=0.7,val=0.1,test=0.2" [default: 80/20].',
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the shuffle.")
-@click.option("--dataset", default=None, help="Catalog name of the dataset (recorded in the manifest).")
+@click.option("--dataset", "-d", default=None, help="Catalog name of the dataset (recorded in the manifest).")
 @click.option("--kfold", "kfold", default=None, type=int, help="Make K stratified folds instead of a hold-out split.")
 @click.option(
     "--out",

@@ -98,8 +98,12 @@ def _jit(model: nn.Module, example: torch.Tensor) -> Callable:
 
 
 def _compile(model: nn.Module, example: torch.Tensor) -> Callable:
+    import logging
+
     import torch._inductor.config as inductor_config
 
+    # a CPU-only run needs no CUDA; torch's notice that it found none is noise for users
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     # freezing: weights become constants, so batch-norm folds into convolutions and oneDNN
     # prepacks the weights (what makes the compiled CPU graph fast); compilation happens on
     # the first call, inside the patch

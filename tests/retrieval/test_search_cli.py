@@ -1,0 +1,167 @@
+"""`landlens retrieval index` and `landlens search` on a generated archive and a tiny seeded
+ResNet-18 checkpoint (so the search command can rebuild the extractor from the index)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from landlens.cli.search import index_cmd, retrieval, search_cmd
+from landlens.data.folder import scan_folder
+from landlens.features.extract import extract_features
+from landlens.models.registry import create_backbone
+from landlens.retrieval.gallery import gallery_size
+from landlens.retrieval.index import SearchIndex
+
+CLASSES = ("forest", "river", "urban")
+PER_CLASS = 4
+
+
+def _image(ci: int, i: int, size: int = 40) -> np.ndarray:
+    rng = np.random.default_rng(100 * ci + i)
+    base = np.zeros((size, size, 3), np.uint8)
+    base[..., ci % 3] = 170
+    if ci == 2:
+        base[::4] = 255  # stripes
+    return np.clip(base + rng.integers(0, 50, base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """(root, checkpoint path, feature store, index folder) built once for the module."""
+    tmp = tmp_path_factory.mktemp("search_cli")
+    root = tmp / "archive"
+    for ci, c in enumerate(CLASSES):
+        (root / c).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            Image.fromarray(_image(ci, i)).save(root / c / f"{c}_{i}.png")
+    torch.manual_seed(7)  # not the seed of the loader's random-init check
+    ckpt = tmp / "resnet18_seeded.pth"
+    torch.save(create_backbone("resnet18", "none").body.state_dict(), ckpt)
+    bb = create_backbone("resnet18", str(ckpt))
+    bb.preprocessing = bb.preprocessing.replace(input_size=32, resize_mode="squash")
+    ds = scan_folder(root)
+    store = tmp / "store"
+    extract_features(ds.root, ds.paths, ds.labels, ds.classes, bb, store, workers=0, progress=False,
+                     optimize="none")
+    idx = tmp / "index"
+    res = CliRunner().invoke(index_cmd, [str(store), "--out", str(idx), "--kind", "exact"])
+    assert res.exit_code == 0, res.output
+    assert "12 x 512 resnet18 features, Flat (exact), cosine" in res.stdout
+    return root, ckpt, store, idx
+
+
+def _search(args):
+    return CliRunner().invoke(search_cmd, [str(a) for a in args])
+
+
+def test_index_records_the_store_identity(archive):
+    _, ckpt, _, idx = archive
+    index = SearchIndex.load(idx)
+    assert index.ntotal == 12 and index.dim_ == 512 and index.classes_ == list(CLASSES)
+    assert index.meta["backbone"]["weights"]["source"] == "file"
+    assert index.meta["backbone"]["weights"]["ref"] == str(ckpt.resolve())
+    assert index.meta["identity"]["preprocessing"]["input_size"] == 32
+
+
+def test_archive_query_is_found_first_with_a_gallery(archive, tmp_path):
+    root, _, _, idx = archive
+    gallery = tmp_path / "g.png"
+    res = _search([idx, root / "river" / "river_2.png", "--k", "5", "--json", "--gallery", gallery])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    (q,) = doc["results"]
+    assert q["query_class"] == "river" and q["archive_row"] is not None
+    top = q["hits"][0]
+    assert top["rank"] == 1 and top["path"] == "river/river_2.png" and abs(top["distance"]) < 1e-4
+    assert top["class"] == "river" and top["relevant"] is True
+    assert [h["rank"] for h in q["hits"]] == [1, 2, 3, 4, 5]
+    assert all(h["relevant"] == (h["class"] == "river") for h in q["hits"])
+    with Image.open(gallery) as im:
+        assert im.format == "PNG" and im.size == gallery_size(1, 5)
+
+
+def test_several_queries_make_a_grid_and_a_table(archive, tmp_path):
+    root, _, _, idx = archive
+    outside = tmp_path / "new_forest.png"
+    Image.fromarray(_image(0, 99)).save(outside)
+    gallery = tmp_path / "grid.png"
+    res = _search([idx, root / "urban" / "urban_0.png", outside, "--k", "3", "--gallery", gallery,
+                   "--query-class", "urban", "--query-class", "forest"])
+    assert res.exit_code == 0, res.output
+    assert "| rank | distance | class | path |" in res.stdout
+    assert "| 1 | 0.0000 | urban + | urban/urban_0.png |" in res.stdout
+    assert "(class: forest)" in res.stdout
+    with Image.open(gallery) as im:
+        assert im.size == gallery_size(2, 3)
+
+
+def test_query_that_is_not_an_image_fails_in_one_line_and_writes_nothing(archive, tmp_path):
+    _, _, _, idx = archive
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is not an image")
+    gallery = tmp_path / "g.png"
+    res = _search([idx, bad, "--gallery", gallery])
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("landlens: error: ") and str(bad) in lines[0]
+    assert not gallery.exists() and list(tmp_path.iterdir()) == [bad]
+    missing = _search([idx, tmp_path / "nope.jpg"])
+    assert missing.exit_code == 2 and "nope.jpg" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_k_larger_than_the_archive_is_refused(archive):
+    root, _, _, idx = archive
+    res = _search([idx, root / "forest" / "forest_0.png", "--k", "50"])
+    assert res.exit_code == 2 and "k=50 is larger than the database (12 vectors)" in res.stderr
+
+
+def test_index_with_another_weights_digest_is_refused(archive, tmp_path):
+    root, _, _, idx = archive
+    forged = tmp_path / "forged"
+    shutil.copytree(idx, forged)
+    doc = json.loads((forged / "index.json").read_text())
+    doc["meta"]["identity"]["weights_digest"] = "0" * 64
+    (forged / "index.json").write_text(json.dumps(doc))
+    gallery = tmp_path / "g.png"
+    res = _search([forged, root / "forest" / "forest_0.png", "--gallery", gallery])
+    assert res.exit_code == 2
+    msg = res.stderr.strip()
+    assert len(msg.splitlines()) == 1
+    assert "index was built with resnet18" in msg and "weights digest 0000000000000000" in msg
+    assert "this backbone gives resnet18" in msg and not gallery.exists()
+
+
+def test_random_weights_cannot_be_rebuilt(archive, tmp_path):
+    root, _, _, idx = archive
+    forged = tmp_path / "random"
+    shutil.copytree(idx, forged)
+    doc = json.loads((forged / "index.json").read_text())
+    doc["meta"]["backbone"]["weights"] = {"source": "none", "ref": "random-init", "digest": None}
+    (forged / "index.json").write_text(json.dumps(doc))
+    res = _search([forged, root / "forest" / "forest_0.png"])
+    assert res.exit_code == 2 and "cannot be rebuilt" in res.stderr
+
+
+def test_unknown_query_class_is_refused(archive):
+    root, _, _, idx = archive
+    res = _search([idx, root / "forest" / "forest_0.png", "--query-class", "desert"])
+    assert res.exit_code == 2 and "'desert' is not a class of this index" in res.stderr
+
+
+def test_existing_index_needs_overwrite_and_group_exposes_index(archive, tmp_path):
+    _, _, store, idx = archive
+    res = CliRunner().invoke(index_cmd, [str(store), "--out", str(idx)])
+    assert res.exit_code == 2 and "already holds a search index" in res.stderr
+    out = tmp_path / "ivf"
+    res = CliRunner().invoke(retrieval, ["index", str(store), "--out", str(out), "--kind", "IVF2,Flat",
+                                         "--metric", "euclidean", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["factory"] == "IVF2,Flat" and doc["metric"] == "euclidean" and doc["ntotal"] == 12
