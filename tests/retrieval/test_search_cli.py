@@ -12,7 +12,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from landlens.cli.search import index_cmd, retrieval, search_cmd
+from landlens.cli.main import cli
+from landlens.cli.search import index_cmd, search_cmd
 from landlens.data.folder import scan_folder
 from landlens.features.extract import extract_features
 from landlens.models.registry import create_backbone
@@ -155,13 +156,24 @@ def test_unknown_query_class_is_refused(archive):
     assert res.exit_code == 2 and "'desert' is not a class of this index" in res.stderr
 
 
-def test_existing_index_needs_overwrite_and_group_exposes_index(archive, tmp_path):
+def test_existing_index_needs_overwrite(archive):
     _, _, store, idx = archive
     res = CliRunner().invoke(index_cmd, [str(store), "--out", str(idx)])
     assert res.exit_code == 2 and "already holds a search index" in res.stderr
+
+
+def test_commands_work_through_the_landlens_group(archive, tmp_path):
+    root, _, store, _ = archive
     out = tmp_path / "ivf"
-    res = CliRunner().invoke(retrieval, ["index", str(store), "--out", str(out), "--kind", "IVF2,Flat",
-                                         "--metric", "euclidean", "--json"])
+    res = CliRunner().invoke(cli, ["retrieval", "index", str(store), "--out", str(out), "--kind", "IVF2,Flat",
+                                   "--metric", "euclidean", "--json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["factory"] == "IVF2,Flat" and doc["metric"] == "euclidean" and doc["ntotal"] == 12
+    res = CliRunner().invoke(cli, ["search", str(out), str(root / "urban" / "urban_3.png"), "--k", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["results"][0]["hits"][0]["path"] == "urban/urban_3.png"
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"")
+    res = CliRunner().invoke(cli, ["search", str(out), str(bad)])
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1 and str(bad) in res.stderr

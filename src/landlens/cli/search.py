@@ -1,6 +1,9 @@
 """``landlens retrieval index`` and ``landlens search``: FAISS search indexes over feature stores,
 and search by example image with an optional gallery PNG.
 
+:data:`index_cmd` is registered in the ``retrieval`` group and :data:`search_cmd` at the top
+level of ``landlens`` (see :mod:`landlens.cli.main`).
+
 Both commands are thin layers over :mod:`landlens.retrieval.index` and
 :mod:`landlens.retrieval.gallery`. A user error (a bad path, an unreadable query image, an
 index whose backbone cannot be rebuilt) is printed as one line and exits with status 2, the
@@ -138,11 +141,4 @@ def search_cmd(index_dir: Path, queries: tuple[Path, ...], k: int, as_json: bool
         click.echo(f"gallery: {gallery}")
 
 
-@click.group("retrieval")
-def retrieval() -> None:
-    """Search indexes over feature stores (FAISS)."""
-
-
-retrieval.add_command(index_cmd)
-
-__all__ = ["index_cmd", "retrieval", "search_cmd"]
+__all__ = ["index_cmd", "search_cmd"]
