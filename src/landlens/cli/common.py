@@ -10,7 +10,27 @@ from typing import Any
 
 import click
 
+from landlens.errors import LandlensError
 from landlens.features.store import atomic_write_json
+
+
+class _OneLineErrors:
+    """Prints a :class:`LandlensError` as ``landlens: error: ...`` (one line, no traceback), exit 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)  # type: ignore[misc]
+        except LandlensError as exc:
+            click.echo(f"landlens: error: {exc}", err=True)
+            ctx.exit(2)
+
+
+class OneLineErrorGroup(_OneLineErrors, click.Group):
+    """A click group whose user errors are one line."""
+
+
+class OneLineErrorCommand(_OneLineErrors, click.Command):
+    """A click command whose user errors are one line, also when run on its own."""
 
 
 def backbone_options(f):

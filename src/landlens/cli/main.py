@@ -7,21 +7,10 @@ import sys
 import click
 
 from landlens import __version__
-from landlens.errors import LandlensError
+from landlens.cli.common import OneLineErrorGroup
 
 
-class _Group(click.Group):
-    """Prints a :class:`LandlensError` as one line (no traceback) and exits 2."""
-
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
-        try:
-            return super().invoke(ctx)
-        except LandlensError as exc:
-            click.echo(f"landlens: error: {exc}", err=True)
-            ctx.exit(2)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="landlens")
 def cli() -> None:
     """landlens: remote-sensing scene retrieval and classification.

@@ -17,26 +17,14 @@ from typing import Any
 
 import click
 
-from landlens.cli.common import echo_json
-from landlens.errors import LandlensError
-
-
-class _LandlensCommand(click.Command):
-    """Prints a :class:`LandlensError` as ``landlens: error: ...`` (one line) and exits 2."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except LandlensError as exc:
-            click.echo(f"landlens: error: {exc}", err=True)
-            ctx.exit(2)
+from landlens.cli.common import OneLineErrorCommand, echo_json
 
 
 KIND_HELP = ("auto (exact below 50,000 vectors, else the benchmarked large-archive index) | exact | hnsw | "
              "ivf-flat | ivf-pq | a FAISS factory string such as 'IVF4096,PQ64'")
 
 
-@click.command("index", cls=_LandlensCommand)
+@click.command("index", cls=OneLineErrorCommand)
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="index folder to write")
 @click.option("--kind", default="auto", show_default=True, help=KIND_HELP)
@@ -76,7 +64,7 @@ def index_cmd(store: Path, out: Path, kind: str, metric: str, nprobe: int | None
         click.echo(f"left out {skipped} row(s) of unreadable images", err=True)
 
 
-@click.command("search", cls=_LandlensCommand)
+@click.command("search", cls=OneLineErrorCommand)
 @click.argument("index_dir", metavar="INDEX", type=click.Path(path_type=Path))
 @click.argument("queries", metavar="QUERY...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--k", "-k", default=10, show_default=True, help="hits per query")
