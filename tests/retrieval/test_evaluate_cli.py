@@ -18,9 +18,9 @@ CLASSES = ["forest", "river", "urban"]
 
 def _root():
     """The ``landlens`` group with only this command group (errors printed as one line)."""
-    from landlens.cli.main import _Group
+    from landlens.cli.common import OneLineErrorGroup
 
-    return _Group(name="landlens", commands={"retrieval": retrieval})
+    return OneLineErrorGroup(name="landlens", commands={"retrieval": retrieval})
 
 
 def _checkpoint(path, seed):
