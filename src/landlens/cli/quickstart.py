@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import platform
-import time
 from pathlib import Path
 
 import click
@@ -42,7 +41,7 @@ def quickstart(data: Path | None, dataset: str | None, backbone: str, weights: s
     from landlens.errors import LandlensError
     from landlens.features.extract import extract_features
     from landlens.features.store import FeatureStore
-    from landlens.retrieval.metrics import evaluate_retrieval
+    from landlens.retrieval.evaluate import evaluate
 
     if data is None:
         data = _default_data()
@@ -75,11 +74,9 @@ def quickstart(data: Path | None, dataset: str | None, backbone: str, weights: s
 
     click.echo(f"[3/3] archive retrieval, {distance} distance")
     fs = FeatureStore(store_dir).load().only_valid()
-    t0 = time.perf_counter()
-    scores = evaluate_retrieval(fs.features, fs.labels, metric=distance, classes=fs.classes)
-    secs = time.perf_counter() - t0
-    summ = scores.summary()
-    cw = scores.classwise_map()
+    ev = evaluate(fs, distance=distance, protocol="archive")
+    summ = ev.metrics
+    cw = ev.scores.classwise_map()
     click.echo("")
     click.echo(f"| dataset | backbone | images | mAP | ANMRR | P@5 | P@10 | P@50 | P@100 |")
     click.echo("|---|---|---|---|---|---|---|---|---|")
@@ -92,15 +89,15 @@ def quickstart(data: Path | None, dataset: str | None, backbone: str, weights: s
         "command": command_line(),
         "landlens": __version__,
         "python": platform.python_version(),
-        "protocol": {"name": "archive", "queries": "every image", "database": "all other images",
-                     "distance": distance, "relevance": "same class"},
+        "protocol": ev.protocol.to_dict(),
+        "distance": ev.distance,
         "dataset": {"name": ds.name, "root": str(ds.root), "images": len(fs), "classes": fs.classes},
         "verify": {k: v for k, v in report.to_dict().items() if k not in ("off_size", "non_image_files")},
         "backbone": bb.describe(),
         "extraction": {"images": res.n_extracted, "seconds": round(res.seconds, 2)},
         "metrics": summ,
         "classwise_map": cw,
-        "evaluation_seconds": round(secs, 3),
+        "evaluation_seconds": round(ev.seconds, 3),
     }
     write_json(out / "results.json", result)
     click.echo(f"\nresults: {out / 'results.json'}")
