@@ -37,6 +37,14 @@ class FeatureStoreError(LandlensError):
     """A feature store that is missing, corrupt, or does not match the requested extraction."""
 
 
+class ConfigError(LandlensError):
+    """A training or grid configuration with an unknown key or an invalid value."""
+
+
+class CheckpointError(LandlensError):
+    """A run directory, checkpoint or model file that is missing, corrupt, or does not match."""
+
+
 def first_line(exc: BaseException, limit: int = 160) -> str:
     """The first line of an exception's message (or its type), shortened to ``limit`` characters."""
     text = str(exc).strip().splitlines()

@@ -17,7 +17,8 @@ def cli() -> None:
 
     Datasets (`data`), backbones and their offline weights (`models`), feature
     extraction (`features`), retrieval evaluation and indexes (`retrieval`), search by
-    example (`search`), and the end-to-end `quickstart`.
+    example (`search`), scene classification by transfer learning (`train`), and the
+    end-to-end `quickstart`.
     """
 
 
@@ -29,10 +30,11 @@ def _register() -> None:
     from landlens.cli.retrieval import retrieval
     from landlens.cli.search import index_cmd, search_cmd
     from landlens.cli.split import split
+    from landlens.cli.train import train
 
     data.add_command(split)
     retrieval.add_command(index_cmd)
-    for group in (data, models, features, retrieval, search_cmd, quickstart):
+    for group in (data, models, features, retrieval, search_cmd, train, quickstart):
         cli.add_command(group)
 
 

@@ -1,0 +1,1 @@
+"""Training scene classifiers: configuration, losses, transfer strategies, the training loop and evaluation."""

@@ -1,0 +1,222 @@
+"""Data for training: divide a folder into parts, decode and augment images, batch them.
+
+:func:`prepare_data` runs the ``divide_dataset`` step (a seeded stratified split, or a saved
+split manifest checked against the folder) and returns the parts' indices.
+:class:`SceneDataModule` feeds decoded, augmented images; :class:`FeatureDataModule` feeds
+cached frozen-backbone features instead (the fast path of the ``linear`` strategy without
+augmentation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+
+from landlens.data.folder import ImageFolderDataset, scan_folder
+from landlens.data.splits import SplitManifest, make_split
+from landlens.errors import DatasetError, ImageReadError
+from landlens.training.config import DataConfig
+
+
+@dataclass
+class PreparedData:
+    """A scanned dataset, its split, and the positions of each part in the dataset's order."""
+
+    dataset: ImageFolderDataset
+    split: SplitManifest
+    parts: dict[str, np.ndarray]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.dataset.classes)
+
+    @property
+    def val_part(self) -> str | None:
+        return "val" if "val" in self.parts else None
+
+    def summary(self) -> dict[str, Any]:
+        return {"root": str(self.dataset.root), "dataset": self.dataset.name, "classes": self.classes,
+                "ratios": self.split.ratios, "seed": self.split.seed,
+                "parts": {k: int(len(v)) for k, v in self.parts.items()}}
+
+
+def prepare_data(cfg: DataConfig, *, split_out: str | Path | None = None) -> PreparedData:
+    """Scan ``cfg.path``, divide it (or apply a manifest), optionally save the manifest.
+
+    Raises:
+        DatasetError: the folder cannot be scanned, the manifest does not match the folder,
+            or the split has no ``train`` or ``test`` part.
+    """
+    ds = scan_folder(cfg.path, cfg.dataset)
+    manifest_path = Path(cfg.split).expanduser()
+    if manifest_path.suffix == ".json" or manifest_path.is_file():
+        split = SplitManifest.load(manifest_path)
+        split.check_against(ds.paths, ds.labels, ds.classes, allow_extra=True)
+    else:
+        split = make_split(ds.paths, ds.labels, ds.classes, ratios=cfg.split, seed=cfg.seed, dataset=ds.name)
+    if split.kind != "holdout":
+        raise DatasetError(f"split {cfg.split!r} is a {split.kind} split; training needs train/test parts")
+    for needed in ("train", "test"):
+        if needed not in split.parts:
+            raise DatasetError(f"split {cfg.split!r} has no {needed!r} part (parts: {', '.join(split.parts)})")
+    parts = {name: split.indices(name, ds.paths) for name in split.part_names}
+    empty = [n for n, idx in parts.items() if len(idx) == 0]
+    if empty:
+        raise DatasetError(f"split {cfg.split!r} of {ds.root} leaves part(s) {', '.join(empty)} empty")
+    if split_out is not None:
+        split.save(split_out)
+    return PreparedData(ds, split, parts)
+
+
+def check_images(data: PreparedData, workers: int | None = None) -> None:
+    """Decode every image of the split; raise one :class:`DatasetError` listing the bad files."""
+    from landlens.data.verify import verify_dataset
+
+    report = verify_dataset(data.dataset.root, data.dataset.name if data.dataset.spec else None, workers=workers)
+    used = {data.dataset.paths[int(i)] for idx in data.parts.values() for i in idx}
+    bad = [b for b in report.bad_files if str(b.path) in used]
+    if bad:
+        first = bad[0]
+        more = f" (and {len(bad) - 1} more; see 'landlens data verify {data.dataset.root}')" if len(bad) > 1 else ""
+        raise DatasetError(f"cannot train: unreadable image {Path(data.dataset.root) / first.path}: "
+                           f"{first.reason}{more}")
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffling sampler whose order depends only on (seed, epoch).
+
+    Lightning calls :meth:`set_epoch` before each epoch, so a run resumed at epoch k sees the
+    same order as an uninterrupted one (a plain ``RandomSampler`` would restart its generator).
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = int(n)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+class SceneImages(Dataset):
+    """Decoded images of a dataset subset with a transform: item ``i`` -> ``(tensor, label)``."""
+
+    def __init__(self, dataset: ImageFolderDataset, indices: np.ndarray, transform: Callable[[Any], torch.Tensor],
+                 labels: np.ndarray | None = None) -> None:
+        self.files = [str(dataset.absolute_path(int(i))) for i in indices]
+        self.labels = (np.asarray(labels, dtype=np.int64) if labels is not None
+                       else np.asarray(dataset.labels, dtype=np.int64)[np.asarray(indices, dtype=np.int64)])
+        self.transform = transform
+        spec = dataset.spec
+        self.rgb_bands = getattr(spec, "rgb_bands", None) if spec is not None else None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from landlens.data.io import load_rgb
+
+        try:
+            img = load_rgb(self.files[i], rgb_bands=self.rgb_bands)
+        except ImageReadError as exc:
+            # a single-argument error survives the trip out of a DataLoader worker
+            raise DatasetError(f"unreadable image {exc}") from None
+        return self.transform(img), int(self.labels[i])
+
+
+class SceneDataModule(L.LightningDataModule):
+    """Images of the train / val / test parts, augmented for training only."""
+
+    def __init__(self, data: PreparedData, train_transform: Callable, eval_transform: Callable, *,
+                 batch_size: int, eval_batch_size: int, num_workers: int, seed: int) -> None:
+        super().__init__()
+        self.data = data
+        self.train_transform = train_transform
+        self.eval_transform = eval_transform
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+
+    def _loader(self, part: str, train: bool) -> DataLoader:
+        ds = SceneImages(self.data.dataset, self.data.parts[part],
+                         self.train_transform if train else self.eval_transform)
+        return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size,
+                          sampler=EpochShuffleSampler(len(ds), self.seed) if train else None,
+                          drop_last=train and len(ds) > self.batch_size, num_workers=self.num_workers,
+                          persistent_workers=False, generator=torch.Generator().manual_seed(self.seed),
+                          pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", False) if self.data.val_part else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+
+class FeatureDataModule(L.LightningDataModule):
+    """Cached frozen-backbone features of the train / val / test parts."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray, parts: dict[str, np.ndarray], *,
+                 batch_size: int, eval_batch_size: int, seed: int) -> None:
+        super().__init__()
+        self.x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        self.y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        self.parts = parts
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+
+    def _loader(self, part: str, train: bool) -> DataLoader:
+        idx = torch.from_numpy(np.asarray(self.parts[part], dtype=np.int64))
+        ds = TensorDataset(self.x[idx], self.y[idx])
+        return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size,
+                          sampler=EpochShuffleSampler(len(ds), self.seed) if train else None,
+                          drop_last=train and len(ds) > self.batch_size,
+                          generator=torch.Generator().manual_seed(self.seed))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", False) if "val" in self.parts else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+
+def feature_rows(store_paths: Sequence[str], dataset_paths: Sequence[str]) -> np.ndarray:
+    """Row of each dataset image in a feature store (stores drop unreadable images)."""
+    pos = {p: i for i, p in enumerate(store_paths)}
+    missing = [p for p in dataset_paths if p not in pos]
+    if missing:
+        raise DatasetError(f"{len(missing)} image(s) have no cached feature (unreadable?): {missing[0]}")
+    return np.array([pos[p] for p in dataset_paths], dtype=np.int64)
+
+
+__all__ = [
+    "EpochShuffleSampler",
+    "FeatureDataModule",
+    "PreparedData",
+    "SceneDataModule",
+    "SceneImages",
+    "check_images",
+    "feature_rows",
+    "prepare_data",
+]

@@ -1,0 +1,374 @@
+"""Train, evaluate and save a scene classifier from one :class:`~landlens.training.config.TrainConfig`.
+
+:func:`train` runs the study's three steps in one go: ``divide_dataset`` (the split, saved as
+``split.json``), ``train`` (Lightning: checkpoints, early stopping, schedules, DDP and mixed
+precision where the hardware has them) and the test evaluation. A run directory holds::
+
+    config.json            the resolved config (a resume must match it)
+    split.json             the split manifest actually used
+    checkpoints/last.ckpt  resume point (tensors and plain values only: loaded with weights_only)
+    checkpoints/best.ckpt  best epoch by the monitored metric (when there is a validation part)
+    history.csv/.json      per-epoch loss, accuracy, learning rate and time
+    model.safetensors/.json  the trained classifier (``landlens predict`` / ``export`` read these)
+    results.json           command, versions, data, strategy, timings and test metrics
+    report.md              test accuracy with its bootstrap interval, per-class precision/recall/F1
+    test_predictions.csv   every test image with its true and predicted class and probability
+    confusion_matrix.png, learning_curves.png
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+
+from landlens.errors import CheckpointError, ConfigError, DatasetError
+from landlens.models.classifier import Classifier, HeadConfig, build_classifier, save_classifier
+from landlens.training.config import TrainConfig, config_from_dict
+from landlens.training.datamodule import (
+    FeatureDataModule,
+    PreparedData,
+    SceneDataModule,
+    check_images,
+    feature_rows,
+    prepare_data,
+)
+from landlens.training.evaluation import ClassificationReport
+from landlens.training.task import ClassificationTask, head_param_groups
+
+CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class RunResult:
+    """What a finished (or interrupted) run produced."""
+
+    run_dir: Path
+    status: str  # 'complete' | 'interrupted'
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float | None:
+        return (self.results.get("test") or {}).get("accuracy")
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def environment() -> dict[str, Any]:
+    """Versions and hardware recorded with every result."""
+    from landlens import __version__
+
+    env = {"landlens": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "lightning": L.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(),
+           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return env
+
+
+class _History(L.Callback):
+    """Per-epoch metrics to ``history.csv`` / ``history.json`` (rewritten atomically each epoch)."""
+
+    KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_s")
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.rows: list[dict[str, Any]] = []
+        self._t0 = 0.0
+        path = run_dir / "history.json"
+        if path.is_file():  # a resumed run keeps the epochs it already has
+            try:
+                self.rows = list(json.loads(path.read_text()))
+            except ValueError:
+                self.rows = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.global_rank != 0:
+            return
+        m = trainer.callback_metrics
+        row: dict[str, Any] = {"epoch": int(trainer.current_epoch) + 1}
+        for k in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            if k in m:
+                row[k] = float(m[k])
+        row["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None
+        row["epoch_s"] = round(time.perf_counter() - self._t0, 3)
+        self.rows = [r for r in self.rows if r.get("epoch") != row["epoch"]] + [row]
+        self.save()
+
+    def save(self) -> None:
+        _atomic_json(self.run_dir / "history.json", self.rows)
+        tmp = self.run_dir / "history.csv.part"
+        with tmp.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(self.KEYS), extrasaction="ignore")
+            w.writeheader()
+            w.writerows(self.rows)
+        os.replace(tmp, self.run_dir / "history.csv")
+
+
+def _precision(cfg: TrainConfig) -> str:
+    p = str(cfg.trainer.precision)
+    if p == "auto":
+        return "16-mixed" if torch.cuda.is_available() else "32-true"
+    return "32-true" if p == "32" else p
+
+
+def _check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
+    saved = run_dir / CONFIG_FILE
+    if resume:
+        if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+            raise CheckpointError(f"nothing to resume in {run_dir}: checkpoints/last.ckpt not found")
+        if saved.is_file():
+            old = json.loads(saved.read_text())
+            new = json.loads(json.dumps(cfg.to_dict()))
+            diff = sorted(f"{s}.{k}" for s in new if isinstance(new[s], dict)
+                          for k in new[s] if (old.get(s) or {}).get(k) != new[s][k])
+            if diff:
+                raise ConfigError(f"cannot resume {run_dir} with a different config: {', '.join(diff[:5])} changed")
+        return
+    if (run_dir / RESULTS_FILE).is_file() or (run_dir / "checkpoints").is_dir():
+        raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume to continue it "
+                          "or choose another out=")
+
+
+def build_model(cfg: TrainConfig, classes: Sequence[str]) -> Classifier:
+    """The classifier a config describes, with its starting weights and preprocessing."""
+    m = cfg.model
+    model = build_classifier(m.backbone, list(classes), HeadConfig(m.head, m.dropout, m.hidden, m.reduction),
+                             weights=m.weights)
+    if cfg.data.input_size is not None:
+        model.backbone.preprocessing = model.backbone.preprocessing.replace(input_size=int(cfg.data.input_size))
+    return model
+
+
+def _use_feature_cache(cfg: TrainConfig, model: Classifier) -> bool:
+    return (cfg.model.strategy == "linear" and cfg.data.augment == "none" and cfg.data.cache_features == "auto"
+            and model.backbone.weights.digest is not None)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[L.Callback] = (),
+          progress: bool = True, cache_dir: str | Path = "runs/features", command: str | None = None) -> RunResult:
+    """Divide, train, evaluate and save one run (see the module docstring for the run directory).
+
+    Args:
+        cfg: the validated run config.
+        resume: continue from ``checkpoints/last.ckpt`` of ``cfg.out`` (the config must match).
+        callbacks: extra Lightning callbacks.
+        progress: show Lightning's progress bar.
+        cache_dir: feature cache used by the frozen-backbone fast path.
+        command: the command line recorded in ``results.json``.
+    """
+    from landlens.training.losses import build_loss
+    from landlens.training.strategies import apply_strategy, param_groups
+
+    cfg.validate()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no tips and banners
+    run_dir = Path(cfg.out)
+    _check_run_dir(run_dir, cfg, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_json(run_dir / CONFIG_FILE, cfg.to_dict())
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    t_start = time.perf_counter()
+
+    data = prepare_data(cfg.data, split_out=run_dir / "split.json")
+    if cfg.data.verify:
+        check_images(data, workers=max(1, cfg.data.num_workers))
+    model = build_model(cfg, data.classes)
+    strategy = apply_strategy(model, cfg.model.strategy, unfreeze_stages=cfg.model.unfreeze_stages)
+    use_cache = _use_feature_cache(cfg, model)
+    o = cfg.optim
+    if use_cache:
+        from landlens.features.cache import cached_features
+
+        fs = cached_features(data.dataset.root, data.dataset.name if data.dataset.spec else None, model.backbone,
+                             cache_dir=cache_dir, progress=progress, command=command)
+        rows = feature_rows(fs.paths, data.dataset.paths)
+        dm: L.LightningDataModule = FeatureDataModule(fs.features[rows], data.dataset.labels, data.parts,
+                                                      batch_size=cfg.data.batch_size,
+                                                      eval_batch_size=cfg.data.eval_batch_size, seed=cfg.trainer.seed)
+        net: torch.nn.Module = model.head
+        groups = head_param_groups(net, o.lr, o.weight_decay)
+    else:
+        from landlens.data.augment import build_eval_transform, build_train_transform
+
+        pre = model.backbone.preprocessing
+        dm = SceneDataModule(data, build_train_transform(cfg.data.augment, pre), build_eval_transform(pre),
+                             batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
+                             num_workers=cfg.data.num_workers, seed=cfg.trainer.seed)
+        net = model
+        groups = param_groups(model, o.lr, backbone_lr_mult=o.backbone_lr_mult, weight_decay=o.weight_decay)
+    has_val = data.val_part is not None
+    monitor = cfg.trainer.monitor if has_val else "train_loss"
+    task = ClassificationTask(net, build_loss(cfg.loss.name, smoothing=cfg.loss.smoothing, eps=cfg.loss.eps,
+                                              ice_weight=cfg.loss.ice_weight),
+                              o, cfg.trainer.epochs, param_groups=groups, monitor=monitor)
+
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    mode = "max" if monitor.endswith("acc") else "min"
+    ckpt_dir = run_dir / "checkpoints"
+    cbs: list[L.Callback] = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_last=True,
+                        save_top_k=1, enable_version_counter=False),
+        _History(run_dir),
+    ]
+    if cfg.trainer.checkpoint_every_n_steps:
+        cbs.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step", save_last=True, save_top_k=1,
+                                   monitor=None, every_n_train_steps=int(cfg.trainer.checkpoint_every_n_steps),
+                                   enable_version_counter=False))
+    if cfg.trainer.patience is not None:
+        cbs.append(EarlyStopping(monitor=monitor, mode=mode, patience=int(cfg.trainer.patience)))
+    cbs.extend(callbacks)
+    t = cfg.trainer
+    trainer = L.Trainer(
+        max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+        strategy=t.strategy, precision=_precision(cfg), deterministic=t.deterministic, callbacks=cbs,
+        logger=False, enable_progress_bar=progress, enable_model_summary=False, default_root_dir=str(run_dir),
+        limit_train_batches=t.limit_train_batches, log_every_n_steps=t.log_every_n_steps,
+        num_sanity_val_steps=0, limit_val_batches=1.0 if has_val else 0,
+    )
+    t_fit = time.perf_counter()
+    net.train()  # Lightning keeps modules in the mode it finds them; frozen BatchNorm goes back to eval per epoch
+    try:
+        trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt_dir / "last.ckpt") if resume else None,
+                    weights_only=True)
+    except SystemExit:  # Lightning exits after tearing down on Ctrl+C; the last checkpoint is kept
+        if not trainer.interrupted:
+            raise
+    except DatasetError as exc:
+        raise _unwrap_worker_error(exc) from None
+    fit_s = time.perf_counter() - t_fit
+    if trainer.interrupted:
+        return RunResult(run_dir, "interrupted", {"resume": f"landlens train run --resume {run_dir / CONFIG_FILE}"})
+    if trainer.global_rank != 0:
+        return RunResult(run_dir, "complete")
+
+    best_path = ckpt_dir / "best.ckpt"
+    best_epoch = None
+    if has_val and best_path.is_file():
+        ckpt = torch.load(str(best_path), map_location="cpu", weights_only=True)
+        task.load_state_dict(ckpt["state_dict"])
+        best_epoch = int(ckpt.get("epoch", -1)) + 1
+    task.to("cpu").eval()
+    save_classifier(model, run_dir)
+
+    t_eval = time.perf_counter()
+    try:
+        report = evaluate_task(task, dm, data, run_dir, bootstrap=cfg.trainer.bootstrap, seed=cfg.trainer.seed)
+    except DatasetError as exc:
+        raise _unwrap_worker_error(exc) from None
+    test = report.to_dict()
+    eval_s = time.perf_counter() - t_eval
+    history = cbs[1].rows if isinstance(cbs[1], _History) else []
+    _plots(run_dir, history, test, data.classes)
+    results = {
+        "command": command or " ".join(sys.argv),
+        "environment": environment(),
+        "config": cfg.to_dict(),
+        "data": data.summary(),
+        "model": model.describe(),
+        "strategy": strategy.to_dict(),
+        "feature_cache": use_cache,
+        "epochs_run": len(history),
+        "best_epoch": best_epoch,
+        "timing_s": {"fit": round(fit_s, 2), "test": round(eval_s, 2),
+                     "total": round(time.perf_counter() - t_start, 2)},
+        "test": test,
+        "test_summary": report.summary_line(),
+    }
+    (run_dir / "report.md").write_text(report.to_markdown() + "\n")
+    _atomic_json(run_dir / RESULTS_FILE, results)
+    return RunResult(run_dir, "complete", results)
+
+
+def _unwrap_worker_error(exc: DatasetError) -> DatasetError:
+    """A DataLoader worker wraps the error in a traceback; keep only the original message."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return exc
+    prefix = "landlens.errors.DatasetError: "
+    msg = next((ln[len(prefix):] for ln in reversed(lines) if ln.startswith(prefix)), lines[-1])
+    return DatasetError(msg)
+
+
+@torch.inference_mode()
+def evaluate_task(task: ClassificationTask, dm: L.LightningDataModule, data: PreparedData, run_dir: Path, *,
+                  bootstrap: int = 1000, seed: int = 0) -> "ClassificationReport":
+    """Predict the test part, write ``test_predictions.csv`` and return the classification report."""
+    from landlens.training.evaluation import classification_report
+
+    probs_list, ys = [], []
+    task.eval()
+    for x, y in dm.test_dataloader():
+        probs_list.append(task.net(x).float().exp())
+        ys.append(y)
+    probs = torch.cat(probs_list).numpy()
+    y_true = torch.cat(ys).numpy()
+    y_pred = probs.argmax(1)
+    rep = classification_report(y_true, y_pred, data.classes, probs=probs, n_boot=bootstrap, seed=seed)
+    idx = data.parts["test"]
+    tmp = run_dir / "test_predictions.csv.part"
+    with tmp.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "true", "predicted", "probability", "correct"])
+        for i, t_, p_, pr in zip(idx, y_true, y_pred, probs):
+            w.writerow([data.dataset.paths[int(i)], data.classes[int(t_)], data.classes[int(p_)],
+                        f"{float(pr[p_]):.6f}", int(t_ == p_)])
+    os.replace(tmp, run_dir / "test_predictions.csv")
+    return rep
+
+
+def _plots(run_dir: Path, history: list[dict[str, Any]], test: dict[str, Any], classes: list[str]) -> None:
+    from landlens.reports.figures import plot_confusion_matrix, plot_learning_curves
+
+    cm = np.asarray((test.get("confusion") or {}).get("counts", []))
+    if cm.size:
+        plot_confusion_matrix(cm, classes, run_dir / "confusion_matrix.png", normalize=True,
+                              title=f"test OA {100 * float(test.get('accuracy', 0)):.2f}%")
+    if history:
+        plot_learning_curves(history, run_dir / "learning_curves.png")
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The config saved in a run directory."""
+    p = Path(run_dir)
+    path = p if p.suffix == ".json" else p / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{p} is not a landlens run directory: {CONFIG_FILE} not found")
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    return config_from_dict(raw, str(path))
+
+
+__all__ = ["RunResult", "build_model", "environment", "evaluate_task", "load_run_config", "train"]
