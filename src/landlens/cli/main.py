@@ -26,6 +26,7 @@ def _register() -> None:
     from landlens.cli.data import data
     from landlens.cli.features import features
     from landlens.cli.models import models
+    from landlens.cli.predict import export_cmd, predict_cmd
     from landlens.cli.quickstart import quickstart
     from landlens.cli.retrieval import retrieval
     from landlens.cli.search import index_cmd, search_cmd
@@ -34,7 +35,7 @@ def _register() -> None:
 
     data.add_command(split)
     retrieval.add_command(index_cmd)
-    for group in (data, models, features, retrieval, search_cmd, train, quickstart):
+    for group in (data, models, features, retrieval, search_cmd, train, predict_cmd, export_cmd, quickstart):
         cli.add_command(group)
 
 

@@ -43,6 +43,8 @@ class DataConfig:
             (``landlens data split``). Parts are named train/test or train/val/test.
         seed: seed of the split.
         input_size: network input side; ``None`` keeps the backbone weights' own size.
+        resize_mode: ``crop`` (shorter side, then centre crop) or ``squash`` (whole image
+            resized; right for small tiles such as EuroSAT's 64 px); ``None`` keeps the weights' rule.
         augment: training augmentation preset (``none``, ``crop-flip``, ``colour``,
             ``geometric``, ``dihedral``).
         batch_size: training batch size (per device).
@@ -60,6 +62,7 @@ class DataConfig:
     split: str = "80/20"
     seed: int = 0
     input_size: int | None = None
+    resize_mode: str | None = None
     augment: str = "none"
     batch_size: int = 32
     eval_batch_size: int = 64
@@ -190,6 +193,8 @@ class TrainConfig:
         _choice("trainer.precision", str(t.precision), PRECISIONS)
         _choice("trainer.monitor", t.monitor, ("val_loss", "val_acc", "train_loss"))
         _choice("data.cache_features", d.cache_features, ("auto", "off"))
+        if d.resize_mode is not None:
+            _choice("data.resize_mode", d.resize_mode, ("crop", "squash"))
         aug = "colour" if d.augment == "color" else d.augment
         _choice("data.augment", aug, AUGMENT_PRESETS)
         self.data.augment = aug

@@ -165,8 +165,13 @@ def build_model(cfg: TrainConfig, classes: Sequence[str]) -> Classifier:
     m = cfg.model
     model = build_classifier(m.backbone, list(classes), HeadConfig(m.head, m.dropout, m.hidden, m.reduction),
                              weights=m.weights)
+    changes: dict[str, Any] = {}
     if cfg.data.input_size is not None:
-        model.backbone.preprocessing = model.backbone.preprocessing.replace(input_size=int(cfg.data.input_size))
+        changes["input_size"] = int(cfg.data.input_size)
+    if cfg.data.resize_mode is not None:
+        changes["resize_mode"] = cfg.data.resize_mode
+    if changes:
+        model.backbone.preprocessing = model.backbone.preprocessing.replace(**changes)
     return model
 
 
@@ -279,7 +284,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[L.Callb
         task.load_state_dict(ckpt["state_dict"])
         best_epoch = int(ckpt.get("epoch", -1)) + 1
     task.to("cpu").eval()
-    save_classifier(model, run_dir)
+    rgb = getattr(data.dataset.spec, "rgb_bands", None) if data.dataset.spec is not None else None
+    save_classifier(model, run_dir, extra={"rgb_bands": list(rgb)} if rgb else None)
 
     t_eval = time.perf_counter()
     try:
