@@ -45,6 +45,10 @@ class CheckpointError(LandlensError):
     """A run directory, checkpoint or model file that is missing, corrupt, or does not match."""
 
 
+class FeatureMismatchError(LandlensError):
+    """Features whose shape or identity does not fit a trained network (e.g. a matching discriminator)."""
+
+
 def first_line(exc: BaseException, limit: int = 160) -> str:
     """The first line of an exception's message (or its type), shortened to ``limit`` characters."""
     text = str(exc).strip().splitlines()

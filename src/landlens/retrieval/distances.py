@@ -273,6 +273,8 @@ def get_distance(name_or_callable: str | Distance | Callable[[torch.Tensor, torc
     if isinstance(name_or_callable, str):
         key = name_or_callable.strip().lower()
         key = _ALIASES.get(key, key)
+        if key == "learned" and key not in _REGISTRY:
+            import landlens.matching  # noqa: F401  - registers "learned" (imported lazily: no import cycle)
         if key not in _REGISTRY:
             raise LandlensError(f"unknown distance {name_or_callable!r}; available: {', '.join(available_distances())}")
         return _REGISTRY[key](**options)
