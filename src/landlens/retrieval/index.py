@@ -695,6 +695,8 @@ def _weights_argument(recorded: dict[str, Any]) -> str:
     source, ref = recorded.get("source"), str(recorded.get("ref") or "")
     if source == "package":
         return "package"
+    if source == "builtin":  # hand-crafted descriptors: nothing to load
+        return "auto"
     if source == "file":
         return ref
     if source == "hub":
