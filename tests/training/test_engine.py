@@ -75,14 +75,16 @@ class _StopAfter(L.Callback):
 
 
 def test_resume_ends_with_the_same_weights(folder, tmp_path):
+    # a validation part: last.ckpt must follow every epoch, not only those that improve val_loss
     extra = ("trainer.epochs=4", "model.strategy=full", "model.head=mlp", "model.dropout=0.3",
-             "data.augment=dihedral", "optim.name=sgd", "optim.schedule=step", "optim.step_size=2")
+             "data.augment=dihedral", "optim.name=sgd", "optim.schedule=step", "optim.step_size=2",
+             "data.split=70/10/20", "optim.lr=0.2")
     full = train(_image_cfg(folder, tmp_path / "full", *extra), progress=False)
     cfg = _image_cfg(folder, tmp_path / "cut", *extra)
     cut = train(cfg, progress=False, callbacks=[_StopAfter(2)])
     assert cut.status == "interrupted"
     ckpt = torch.load(tmp_path / "cut/checkpoints/last.ckpt", weights_only=True)
-    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 2 * 3  # 24 train images / batch 8 = 3 steps per epoch
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 2 * 2  # 21 train images / batch 8 = 2 full batches
     resumed = train(cfg, resume=True, progress=False)
     assert resumed.status == "complete"
     a = load_file(str(tmp_path / "full/model.safetensors"))

@@ -17,14 +17,15 @@ def cli() -> None:
 
     Datasets (`data`), backbones and their offline weights (`models`), feature
     extraction (`features`), retrieval evaluation and indexes (`retrieval`), search by
-    example (`search`), scene classification by transfer learning (`train`), and the
-    end-to-end `quickstart`.
+    example (`search`), scene classification by transfer learning (`train`, `predict`,
+    `export`), learned matching (`matching`), and the end-to-end `quickstart`.
     """
 
 
 def _register() -> None:
     from landlens.cli.data import data
     from landlens.cli.features import features
+    from landlens.cli.matching import matching
     from landlens.cli.models import models
     from landlens.cli.predict import export_cmd, predict_cmd
     from landlens.cli.quickstart import quickstart
@@ -35,7 +36,8 @@ def _register() -> None:
 
     data.add_command(split)
     retrieval.add_command(index_cmd)
-    for group in (data, models, features, retrieval, search_cmd, train, predict_cmd, export_cmd, quickstart):
+    for group in (data, models, features, retrieval, search_cmd, train, predict_cmd, export_cmd, matching,
+                  quickstart):
         cli.add_command(group)
 
 

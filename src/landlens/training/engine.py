@@ -242,13 +242,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[L.Callb
     mode = "max" if monitor.endswith("acc") else "min"
     ckpt_dir = run_dir / "checkpoints"
     cbs: list[L.Callback] = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_last=True,
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_last=False,
                         save_top_k=1, enable_version_counter=False),
         _History(run_dir),
+        # last.ckpt after every epoch (Lightning's save_last only follows epochs that improved the monitor)
+        ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_last=False, save_top_k=1,
+                        enable_version_counter=False),
     ]
     if cfg.trainer.checkpoint_every_n_steps:
-        cbs.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step", save_last=True, save_top_k=1,
-                                   monitor=None, every_n_train_steps=int(cfg.trainer.checkpoint_every_n_steps),
+        cbs.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_last=False, save_top_k=1,
+                                   every_n_train_steps=int(cfg.trainer.checkpoint_every_n_steps),
                                    enable_version_counter=False))
     if cfg.trainer.patience is not None:
         cbs.append(EarlyStopping(monitor=monitor, mode=mode, patience=int(cfg.trainer.patience)))

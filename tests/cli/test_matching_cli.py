@@ -1,0 +1,83 @@
+"""`landlens matching ...` end to end on a generated folder: pretrain-ae, finetune-ae, train-dml, evaluate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fixtures.make_datasets import make_folder_dataset
+from landlens.cli.matching import matching
+from landlens.data.splits import SplitManifest
+from landlens.matching.scoring import read_discriminator_meta
+from landlens.matching.train import read_autoencoder_meta
+
+CLASSES = ["beach", "forest", "river"]
+TINY = ["--set", "data.num_workers=0", "--batch-size", "8", "--epochs", "2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("matching_cli")
+    folder = make_folder_dataset(tmp / "scenes", CLASSES, per_class=8, size=32)
+    out = {}
+    cli = CliRunner()
+    out["pre"] = cli.invoke(matching, ["pretrain-ae", "--data", str(folder), "--out", str(tmp / "pre"), *TINY,
+                                       "--set", "ae.widths=[4,8,8]", "--set", "ae.latent_channels=8", "--no-progress"])
+    # the architecture comes from --init; data.split/seed are chosen here
+    out["ft"] = cli.invoke(matching, ["finetune-ae", "--init", str(tmp / "pre"), "--data", str(folder), "--split",
+                                      "75/25", "--out", str(tmp / "ft"), *TINY, "--no-progress"])
+    # train-dml takes the fine-tuned run's data.path, split and seed
+    out["dml"] = cli.invoke(matching, ["train-dml", "--ae-run", str(tmp / "ft"), "--out", str(tmp / "dml"),
+                                       "--cache-dir", str(tmp / "cache"), *TINY, "--set", "dml.width=8",
+                                       "--set", "pairs.per_epoch=64", "--set", "pairs.val_pairs=32", "--no-progress"])
+    out["eval"] = cli.invoke(matching, ["evaluate", str(tmp / "dml"), "--out", str(tmp / "eval.json"),
+                                        "--workers", "0", "--no-progress"])
+    torch.set_num_threads(before)
+    return tmp, folder, out
+
+
+def test_commands_run_in_sequence_and_write_their_results(runs):
+    tmp, folder, out = runs
+    for name, res in out.items():
+        assert res.exit_code == 0, (name, res.output)
+    assert "pretrain-ae: resdyad autoencoder, 64 px -> 8x8x8 latent" in out["pre"].output
+    assert "22 train / 2 validation images" in out["pre"].output
+    assert read_autoencoder_meta(tmp / "ft")["config"]["widths"] == [4, 8, 8]
+    assert json.loads((tmp / "ft" / "results.json").read_text())["init"]["run"] == str(tmp / "pre")
+    # 75/25 of 8 images per class: 6 train and 2 test per class, the same split for the discriminator
+    ft_split = SplitManifest.load(tmp / "ft" / "split.json")
+    assert ft_split.part("test")[0] == SplitManifest.load(tmp / "dml" / "split.json").part("test")[0]
+    assert len(ft_split.part("test")[0]) == 6
+    meta = read_discriminator_meta(tmp / "dml")
+    assert meta["extra"]["features"]["weights_digest"] == read_autoencoder_meta(tmp / "ft")["weights_digest"]
+    assert "train-dml: resdyad discriminator (width 8) on resdyad-ae features (8, 8, 8)" in out["dml"].output
+    doc = json.loads((tmp / "eval.json").read_text())
+    assert doc["learned"]["distance"]["name"] == "learned" and doc["baseline"]["distance"]["name"] == "euclidean"
+    assert doc["learned"]["protocol"]["n_queries"] == 6 and doc["features_source"] == {"ae_run": str(tmp / "ft")}
+    learned, base = doc["learned"]["metrics"]["mAP"], doc["baseline"]["metrics"]["mAP"]
+    assert doc["mAP_gain"] == pytest.approx(learned - base)
+    assert f"mAP {100 * learned:.2f} (learned) vs {100 * base:.2f} (euclidean)" in out["eval"].output
+
+
+def test_bad_inputs_are_one_line_errors(runs, tmp_path):
+    tmp, folder, _ = runs
+    cli = CliRunner()
+    res = cli.invoke(matching, ["evaluate", str(tmp / "nowhere"), "--out", str(tmp_path / "e.json")])
+    assert res.exit_code == 2 and res.output.strip().count("\n") == 0
+    assert "landlens: error:" in res.output and "nowhere" in res.output
+    res = cli.invoke(matching, ["pretrain-ae", "--data", str(folder), "--out", str(tmp_path / "x"),
+                                "--set", "ae.depth=3"])
+    assert res.exit_code == 2 and "unknown key ae.depth" in res.output and res.output.strip().count("\n") == 0
+    # features of another autoencoder: the discriminator refuses them
+    res = cli.invoke(matching, ["evaluate", str(tmp / "dml"), "--ae-run", str(tmp / "pre"), "--out",
+                                str(tmp_path / "e.json"), "--workers", "0", "--no-progress"])
+    assert res.exit_code == 2 and "weights_digest" in res.output and res.output.strip().count("\n") == 0
+    # a finished run directory is not overwritten
+    res = cli.invoke(matching, ["train-dml", "--ae-run", str(tmp / "ft"), "--out", str(tmp / "dml"),
+                                "--cache-dir", str(tmp / "cache"), "--no-progress"])
+    assert res.exit_code == 2 and "already holds a run" in res.output
