@@ -81,3 +81,41 @@ def test_bad_inputs_are_one_line_errors(runs, tmp_path):
     res = cli.invoke(matching, ["train-dml", "--ae-run", str(tmp / "ft"), "--out", str(tmp / "dml"),
                                 "--cache-dir", str(tmp / "cache"), "--no-progress"])
     assert res.exit_code == 2 and "already holds a run" in res.output
+
+
+def test_retrieval_evaluate_ranks_with_a_discriminator(tmp_path):
+    """`retrieval evaluate --distance learned --matcher DML` on backbone features; other features are refused."""
+    from landlens.cli.main import cli as landlens
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        folder = make_folder_dataset(tmp_path / "scenes", CLASSES, per_class=8, size=32)
+        cache = tmp_path / "cache"
+        runner = CliRunner()
+        res = runner.invoke(matching, ["train-dml", "--backbone", "tv_squeezenet1_1", "--weights", "package",
+                                       "--data", str(folder), "--split", "75/25", "--out", str(tmp_path / "dml"),
+                                       "--cache-dir", str(cache), *TINY, "--set", "dml.width=8",
+                                       "--set", "pairs.per_epoch=64", "--set", "pairs.val_pairs=32", "--no-progress"])
+        assert res.exit_code == 0, res.output
+        out = tmp_path / "r.json"
+        res = runner.invoke(landlens, ["retrieval", "evaluate", str(folder), "-b", "tv_squeezenet1_1", "--weights",
+                                       "package", "--distance", "learned", "--matcher", str(tmp_path / "dml"),
+                                       "--cache-dir", str(cache), "--out", str(out), "-q"])
+        assert res.exit_code == 0, res.output
+        doc = json.loads(out.read_text())
+        assert doc["distance"]["name"] == "learned"
+        assert 0.0 < doc["metrics"]["mAP"] <= 1.0
+        # features of another backbone do not fit the discriminator: one line, exit 2
+        res = runner.invoke(landlens, ["retrieval", "evaluate", str(folder), "-b", "lbp_rgb", "--distance", "learned",
+                                       "--matcher", str(tmp_path / "dml"), "--cache-dir", str(cache),
+                                       "--out", str(tmp_path / "x.json"), "-q"])
+        errors = [ln for ln in res.output.splitlines() if ln.startswith("landlens: error:")]
+        assert res.exit_code == 2 and len(errors) == 1 and "differ in backbone" in errors[0], res.output
+        assert res.output.splitlines()[-1] == errors[0]
+        assert not (tmp_path / "x.json").exists()
+        res = runner.invoke(landlens, ["retrieval", "evaluate", str(folder), "-b", "lbp_rgb", "--distance", "learned",
+                                       "--out", str(tmp_path / "y.json")])
+        assert res.exit_code == 2 and "--matcher" in res.output
+    finally:
+        torch.set_num_threads(before)

@@ -38,7 +38,12 @@ def _parse_ks(text: str) -> tuple[int, ...]:
 @click.option("--weights", "weights", multiple=True, default=("auto",), show_default=True,
               help="auto | hub[:TAG] | package[:KEY] | PATH; one for all backbones or one per --backbone")
 @click.option("--dataset", "-d", default=None, help="catalog name (`landlens data list`), for layout")
-@click.option("--distance", type=click.Choice(DISTANCES), default="cosine", show_default=True)
+@click.option("--distance", type=click.Choice([*DISTANCES, "learned"]), default="cosine", show_default=True,
+              help="'learned' ranks by a trained matching discriminator's match probability (--matcher)")
+@click.option("--matcher", type=click.Path(path_type=Path), default=None,
+              help="discriminator run (`landlens matching train-dml`) for --distance learned")
+@click.option("--shortlist", type=int, default=None,
+              help="--distance learned: re-rank only each query's K Euclidean neighbours")
 @click.option("--protocol", type=click.Choice(["archive", "split"]), default="archive", show_default=True,
               help="archive: every image queries all the others; split: the test part of --split queries")
 @click.option("--split", "split_path", type=click.Path(path_type=Path), default=None,
@@ -57,7 +62,7 @@ def _parse_ks(text: str) -> tuple[int, ...]:
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="results JSON file")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 def evaluate_cmd(data: Path, backbones: tuple[str, ...], weights: tuple[str, ...], dataset: str | None, distance: str,
-                 protocol: str, split_path: Path | None, database: str, pca: int | None, whiten: bool,
+                 matcher: Path | None, shortlist: int | None, protocol: str, split_path: Path | None, database: str, pca: int | None, whiten: bool,
                  precision_at: str, confusion_k: int, cache_dir: Path, workers: int | None, out: Path,
                  quiet: bool) -> None:
     """Evaluate retrieval on the images under DATA (one sub-folder per class).
@@ -96,6 +101,10 @@ def evaluate_cmd(data: Path, backbones: tuple[str, ...], weights: tuple[str, ...
         raise LandlensError("--protocol split needs --split FILE (make one with `landlens data split`)")
     if protocol == "archive" and database != "archive-minus-query":
         raise LandlensError("--database test needs --protocol split")
+    if (distance == "learned") != (matcher is not None):
+        raise LandlensError("--distance learned and --matcher DIR go together (the discriminator to rank with)")
+    if shortlist is not None and (distance != "learned" or shortlist < 1):
+        raise LandlensError("--shortlist K (K >= 1) applies to --distance learned")
     manifest = SplitManifest.load(split_path) if split_path is not None else None
     per_backbone = list(weights) if len(weights) == len(backbones) else list(weights) * len(backbones)
 
@@ -138,7 +147,13 @@ def evaluate_cmd(data: Path, backbones: tuple[str, ...], weights: tuple[str, ...
         p = resolve_protocol(features, protocol, manifest=manifest, database=database)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NoRelevantWarning)  # reported in the summary's notes
-        result = evaluate(features, distance=distance, protocol=p, precision_at=ks, confusion_k=confusion_k)
+        dist: object = distance
+        if distance == "learned":
+            from landlens.matching.train import feature_identity
+            from landlens.retrieval.distances import get_distance
+
+            dist = get_distance("learned", model=matcher, shortlist=shortlist, features=feature_identity(features))
+        result = evaluate(features, distance=dist, protocol=p, precision_at=ks, confusion_k=confusion_k)
     click.echo("")
     click.echo(result.to_markdown())
 
