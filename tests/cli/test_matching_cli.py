@@ -117,5 +117,27 @@ def test_retrieval_evaluate_ranks_with_a_discriminator(tmp_path):
         res = runner.invoke(landlens, ["retrieval", "evaluate", str(folder), "-b", "lbp_rgb", "--distance", "learned",
                                        "--out", str(tmp_path / "y.json")])
         assert res.exit_code == 2 and "--matcher" in res.output
+        # search: the index's 10 nearest rows re-ranked by the discriminator, in match-probability order
+        store = next(p.parent for p in cache.rglob("meta.json") if "tv_squeezenet1_1" in str(p))
+        assert runner.invoke(landlens, ["retrieval", "index", str(store), "--out", str(tmp_path / "idx"),
+                                        "--kind", "exact"]).exit_code == 0
+        query = folder / "beach" / "beach_1.jpg"
+        res = runner.invoke(landlens, ["search", str(tmp_path / "idx"), str(query), "-k", "5", "--json",
+                                       "--matcher", str(tmp_path / "dml"), "--shortlist", "10"])
+        assert res.exit_code == 0, res.output
+        hits = json.loads(res.output)["results"][0]["hits"]
+        plain = json.loads(runner.invoke(landlens, ["search", str(tmp_path / "idx"), str(query), "-k", "10",
+                                                    "--json"]).output)["results"][0]["hits"]
+        assert {h["row"] for h in hits} <= {h["row"] for h in plain}
+        from landlens.features.store import FeatureStore
+        from landlens.matching.scoring import learned
+
+        fs = FeatureStore(store).load()
+        qrow = fs.paths.index("beach/beach_1.jpg")
+        rows = [h["row"] for h in plain]
+        d = learned(tmp_path / "dml")(torch.from_numpy(fs.features[[qrow]]), torch.from_numpy(fs.features[rows]))[0]
+        expect = [rows[i] for i in torch.argsort(d, stable=True)[:5].tolist()]
+        assert [h["row"] for h in hits] == expect
+        assert [h["distance"] for h in hits] == pytest.approx(sorted(d.tolist())[:5], abs=1e-5)
     finally:
         torch.set_num_threads(before)

@@ -78,9 +78,12 @@ def index_cmd(store: Path, out: Path, kind: str, metric: str, nprobe: int | None
                    "they must have the recorded digest")
 @click.option("--nprobe", type=int, default=None, help="override the IVF lists visited per query")
 @click.option("--ef-search", type=int, default=None, help="override the HNSW search beam width")
+@click.option("--matcher", type=click.Path(path_type=Path), default=None,
+              help="re-rank the nearest --shortlist rows by this matching discriminator (`landlens matching train-dml`)")
+@click.option("--shortlist", type=int, default=100, show_default=True, help="rows re-ranked per query with --matcher")
 def search_cmd(index_dir: Path, queries: tuple[Path, ...], k: int, as_json: bool, gallery: Path | None,
                query_class: tuple[str, ...], weights: str | None, nprobe: int | None,
-               ef_search: int | None) -> None:
+               ef_search: int | None, matcher: Path | None, shortlist: int) -> None:
     """Find the K archive images most similar to each QUERY image in the search index INDEX.
 
     The backbone the index was built with is rebuilt from its recorded weights (and checked
@@ -106,7 +109,10 @@ def search_cmd(index_dir: Path, queries: tuple[Path, ...], k: int, as_json: bool
         raise SearchIndexError(f"{gallery}: a gallery is written as PNG; give a file name ending in .png")
     images = decode_queries(index, [str(q) for q in queries])
     backbone = backbone_for_index(index, weights)
-    results = search_images(index, backbone, [str(q) for q in queries], k, query_classes=classes, images=images)
+    if shortlist < 1:
+        raise SearchIndexError(f"--shortlist {shortlist}: must be >= 1")
+    results = search_images(index, backbone, [str(q) for q in queries], k, query_classes=classes, images=images,
+                            matcher=matcher, shortlist=shortlist)
     if gallery is not None:
         from landlens.retrieval.gallery import write_gallery
 

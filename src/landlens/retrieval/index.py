@@ -776,6 +776,40 @@ def decode_queries(index: SearchIndex, paths: Sequence[str | Path]) -> list[Any]
     return [load_rgb(p, draft_size=(need, need), rgb_bands=bands) for p in paths]
 
 
+def _rerank_with_matcher(index: SearchIndex, feats: np.ndarray, k: int, matcher: str | Path,
+                         shortlist: int) -> tuple[np.ndarray, np.ndarray]:
+    """The index's ``shortlist`` nearest rows of each query, re-ranked by a matching discriminator."""
+    import torch
+
+    from landlens.features.store import FeatureStore
+    from landlens.retrieval.distances import get_distance
+
+    store_dir = (index.meta or {}).get("feature_store")
+    if not store_dir or not Path(store_dir).is_dir():
+        raise SearchIndexError(f"re-ranking needs the index's feature store, which is not at {store_dir!r}")
+    fs = FeatureStore(store_dir).load().only_valid()
+    if len(fs) != index.ntotal or (index.paths_ is not None and list(fs.paths) != list(index.paths_)):
+        raise SearchIndexError(f"the feature store {store_dir} no longer matches the index's rows; rebuild the index")
+    ident = (fs.meta or {}).get("identity") or {}
+    identity = {key: ident[key] for key in ("backbone", "weights_digest", "preprocessing") if ident.get(key) is not None}
+    identity["dim"] = int(fs.features.shape[1])
+    dist_fn = get_distance("learned", model=matcher, features=identity)
+    n = min(shortlist, index.ntotal)
+    _, cand = index.search(feats, n)
+    out_d = np.full((len(feats), k), np.inf, dtype=np.float32)
+    out_r = np.full((len(feats), k), -1, dtype=np.int64)
+    for qi in range(len(feats)):
+        rows = cand[qi][cand[qi] >= 0]
+        if len(rows) == 0:
+            continue
+        d = dist_fn(torch.from_numpy(np.ascontiguousarray(feats[qi:qi + 1], dtype=np.float32)),
+                    torch.from_numpy(np.ascontiguousarray(fs.features[rows], dtype=np.float32)))[0].numpy()
+        order = np.argsort(d, kind="stable")[:k]
+        out_d[qi, :len(order)] = d[order]
+        out_r[qi, :len(order)] = rows[order]
+    return out_d, out_r
+
+
 def embed_images(backbone: Any, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
     """Backbone features (n, num_features) of RGB PIL images, under the backbone's preprocessing."""
     import torch
@@ -815,7 +849,8 @@ def archive_row(index: SearchIndex, path: str | Path) -> int | None:
 
 def search_images(index: SearchIndex, backbone: Any, paths: Sequence[str | Path], k: int = 10, *,
                   query_classes: Sequence[str | None] | None = None,
-                  images: Sequence[Any] | None = None) -> list[QueryResult]:
+                  images: Sequence[Any] | None = None, matcher: str | Path | None = None,
+                  shortlist: int = 100) -> list[QueryResult]:
     """Search the index with query images: decode, embed with ``backbone``, find the ``k``
     nearest database rows of each.
 
@@ -827,6 +862,10 @@ def search_images(index: SearchIndex, backbone: Any, paths: Sequence[str | Path]
         query_classes: the class of each query (``None`` entries: unknown), for queries from
             outside the archive; a query inside the archive takes its recorded class.
         images: the decoded queries if the caller already has them (:func:`decode_queries`).
+        matcher: a trained matching discriminator (``landlens matching train-dml``) on this index's
+            features: the index's ``shortlist`` nearest rows are re-ranked by match probability
+            (distance ``1 - P(match)``); it refuses features other than those it was trained on.
+        shortlist: rows re-ranked per query with ``matcher`` (at least ``k``).
     """
     check_backbone(index, backbone)
     index.check_k(k)
@@ -840,7 +879,10 @@ def search_images(index: SearchIndex, backbone: Any, paths: Sequence[str | Path]
                                        f"({', '.join(sorted(known)) or 'it has no classes'})")
     imgs = list(images) if images is not None else decode_queries(index, paths)
     feats = embed_images(backbone, imgs)
-    dist, rows = index.search(feats, k)
+    if matcher is not None:
+        dist, rows = _rerank_with_matcher(index, feats, k, matcher, max(int(shortlist), k))
+    else:
+        dist, rows = index.search(feats, k)
     results = []
     for qi, p in enumerate(paths):
         row = archive_row(index, p)
