@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from fixtures.make_datasets import make_folder_dataset
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score, top_k_accuracy_score
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 
 from landlens.cli.baseline import baseline
@@ -48,16 +48,17 @@ def test_svm_and_logreg_equal_direct_sklearn():
     Xtr, ytr, Xte, yte = X[:180], y[:180], X[180:], y[180:]
     classes = [f"c{i}" for i in range(7)]
     scaler = StandardScaler().fit(Xtr)
+    l2 = Normalizer(norm="l2").fit(Xtr)
 
-    svm = LinearSVC(C=0.5, max_iter=10_000, random_state=0).fit(scaler.transform(Xtr), ytr)
-    want = svm.predict(scaler.transform(Xte))
+    svm = LinearSVC(C=0.5, max_iter=10_000, random_state=0).fit(l2.transform(Xtr), ytr)
+    want = svm.predict(l2.transform(Xte))
     res = run_baseline("svm", Xtr, ytr, Xte, yte, classes, C=0.5, n_boot=50)
     assert 0.3 < res["report"]["accuracy"] < 0.99
     assert res["report"]["accuracy"] == pytest.approx(accuracy_score(yte, want), abs=1e-15)
     assert res["report"]["macro_f1"] == pytest.approx(f1_score(yte, want, average="macro"), abs=1e-12)
-    dec = svm.decision_function(scaler.transform(Xte))
+    dec = svm.decision_function(l2.transform(Xte))
     assert res["report"]["top_k"]["top5"] == pytest.approx(top_k_accuracy_score(yte, dec, k=5), abs=1e-15)
-    assert res["settings"]["C"] == 0.5 and res["settings"]["pipeline"] == ["scale=StandardScaler", "clf=LinearSVC"]
+    assert res["settings"]["C"] == 0.5 and res["settings"]["pipeline"] == ["l2=Normalizer", "clf=LinearSVC"]
 
     lr = LogisticRegression(C=2.0, max_iter=5000, random_state=0).fit(scaler.transform(Xtr), ytr)
     want = lr.predict(scaler.transform(Xte))
