@@ -353,16 +353,12 @@ def save_discriminator(model: MatchingDiscriminator, directory: str | os.PathLik
     discriminator was trained on (e.g. ``{"backbone": ..., "dim": ...}``) so that
     :func:`check_features` can refuse others later. Returns the path of the JSON file.
     """
-    from safetensors.torch import save_file
-
     from landlens import __version__
+    from landlens.models.tensorfile import save_module_tensors
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = d / (DISCRIMINATOR_WEIGHTS + ".part")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, d / DISCRIMINATOR_WEIGHTS)
+    save_module_tensors(model, d / DISCRIMINATOR_WEIGHTS)
     meta: dict[str, Any] = {
         "format": DISCRIMINATOR_FORMAT,
         "format_version": DISCRIMINATOR_FORMAT_VERSION,
@@ -419,29 +415,15 @@ def load_discriminator(directory: str | os.PathLike[str], *, map_location: str =
         CheckpointError: see :func:`read_discriminator_meta`; also missing, unreadable or
             mismatching tensors, naming the weights file.
     """
-    from safetensors.torch import load_file
+    from landlens.models.tensorfile import load_module_tensors
 
     meta_path = _meta_path(directory)
     meta = read_discriminator_meta(directory)
     cfg = DMLConfig.from_dict(meta["config"])
     model = MatchingDiscriminator(cfg)
-    wpath = meta_path.parent / DISCRIMINATOR_WEIGHTS
-    if not wpath.is_file():
-        raise CheckpointError(f"no discriminator weights at {wpath}")
-    try:
-        tensors = load_file(str(wpath), device=map_location)
-    except Exception as exc:  # noqa: BLE001 - a corrupt file is the user's problem
-        raise CheckpointError(f"cannot read {wpath}: {first_line(exc)}") from None
-    own = model.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    wrong = sorted(k for k in set(own) & set(tensors) if tuple(own[k].shape) != tuple(tensors[k].shape))
-    if missing or unexpected or wrong:
-        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
-                  else f"shape mismatch at {wrong[:3]}")
-        raise CheckpointError(f"{wpath} does not fit the discriminator described in {meta_path.name} "
-                              f"({cfg.to_dict()}): {detail}")
-    model.load_state_dict(tensors, strict=True)
+    load_module_tensors(model, meta_path.parent / DISCRIMINATOR_WEIGHTS, what="discriminator",
+                        map_location=map_location,
+                        described=f"the discriminator described in {meta_path.name} ({cfg.to_dict()})")
     model.to(map_location)
     model.eval()
     return model

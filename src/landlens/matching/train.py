@@ -128,16 +128,12 @@ def save_autoencoder(model: ResidualAutoencoder, directory: str | os.PathLike[st
     (``weights_digest``: the identity of features computed with them) and ``extra``. Returns
     the JSON path.
     """
-    from safetensors.torch import save_file
-
     from landlens import __version__
+    from landlens.models.tensorfile import save_module_tensors
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = d / (AE_WEIGHTS + ".part")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, d / AE_WEIGHTS)
+    save_module_tensors(model, d / AE_WEIGHTS)
     pre = preprocessing or ae_preprocessing(model.config.input_size)
     meta = {"format": AE_FORMAT, "format_version": AE_FORMAT_VERSION, "landlens_version": __version__,
             "config": model.config.to_dict(), "preprocessing": pre.to_dict(),
@@ -184,24 +180,13 @@ def load_autoencoder(directory: str | os.PathLike[str], *, map_location: str = "
     Raises:
         CheckpointError: see :func:`read_autoencoder_meta`; missing, unreadable or mismatching tensors.
     """
-    from safetensors.torch import load_file
+    from landlens.models.tensorfile import load_module_tensors
 
     meta_path = _ae_meta_path(directory)
     meta = read_autoencoder_meta(directory)
     model = ResidualAutoencoder(AEConfig.from_dict(meta["config"]))
-    wpath = meta_path.parent / AE_WEIGHTS
-    if not wpath.is_file():
-        raise CheckpointError(f"no autoencoder weights at {wpath}")
-    try:
-        tensors = load_file(str(wpath), device=map_location)
-    except Exception as exc:  # noqa: BLE001 - a corrupt file is the user's problem
-        raise CheckpointError(f"cannot read {wpath}: {first_line(exc)}") from None
-    own = model.state_dict()
-    bad = sorted(set(own) ^ set(tensors)) or sorted(k for k in own if tuple(own[k].shape) != tuple(tensors[k].shape))
-    if bad:
-        raise CheckpointError(f"{wpath} does not fit the autoencoder described in {meta_path.name} "
-                              f"({meta['config']}): {bad[:3]}")
-    model.load_state_dict(tensors, strict=True)
+    load_module_tensors(model, meta_path.parent / AE_WEIGHTS, what="autoencoder", map_location=map_location,
+                        described=f"the autoencoder described in {meta_path.name} ({meta['config']})")
     model.to(map_location).eval()
     return model
 

@@ -115,14 +115,11 @@ def save_classifier(model: Classifier, directory: str | os.PathLike[str], extra:
 
     Returns the path of ``model.json``.
     """
-    from safetensors.torch import save_file
+    from landlens.models.tensorfile import save_module_tensors
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = d / (MODEL_WEIGHTS + ".part")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, d / MODEL_WEIGHTS)
+    save_module_tensors(model, d / MODEL_WEIGHTS)
     meta = model.describe()
     if extra:
         meta["extra"] = extra
@@ -173,9 +170,8 @@ def load_classifier(directory: str | os.PathLike[str], *, map_location: str = "c
         CheckpointError: missing or unreadable files, another format version, or tensors that do
             not fit the network described (another backbone, head or class count).
     """
-    from safetensors.torch import load_file
-
     from landlens.models.registry import build_body, get_spec
+    from landlens.models.tensorfile import load_module_tensors
 
     p = Path(directory)
     d = p.parent if p.suffix == ".json" else p
@@ -191,23 +187,9 @@ def load_classifier(directory: str | os.PathLike[str], *, map_location: str = "c
                        digest=init.get("digest"), file_sha256=init.get("file_sha256"))
     backbone = Backbone(spec, body, dim, pre, info)
     model = Classifier(backbone, [str(c) for c in meta["classes"]], HeadConfig.from_dict(meta["head"]))
-    wpath = d / MODEL_WEIGHTS
-    if not wpath.is_file():
-        raise CheckpointError(f"no trained weights at {wpath}")
-    try:
-        tensors = load_file(str(wpath), device=map_location)
-    except Exception as exc:  # noqa: BLE001 - a corrupt file is the user's problem
-        raise CheckpointError(f"cannot read {wpath}: {first_line(exc)}") from None
-    own = model.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    wrong = sorted(k for k in set(own) & set(tensors) if tuple(own[k].shape) != tuple(tensors[k].shape))
-    if missing or unexpected or wrong:
-        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
-                  else f"shape mismatch at {wrong[:3]}")
-        raise CheckpointError(f"{wpath} does not fit backbone {spec.name!r} with a {meta['head'].get('kind')} head "
-                              f"and {len(meta['classes'])} classes: {detail}")
-    model.load_state_dict(tensors, strict=True)
+    load_module_tensors(model, d / MODEL_WEIGHTS, what="trained", map_location=map_location,
+                        described=f"backbone {spec.name!r} with a {meta['head'].get('kind')} head "
+                                  f"and {len(meta['classes'])} classes")
     model.eval()
     return model
 
