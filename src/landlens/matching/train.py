@@ -87,6 +87,7 @@ from landlens.training.engine import (
     _unwrap_worker_error,
     environment,
 )
+from landlens.training.task import RNGStateCheckpoint
 
 AE_FORMAT = "landlens-matching-autoencoder"
 AE_FORMAT_VERSION = 1
@@ -388,10 +389,8 @@ def _stratified_holdout(labels: np.ndarray, rows: np.ndarray, fraction: float, s
 
 # ============================================================================ Lightning tasks
 
-_RNG_KEY = "landlens_rng"
 
-
-class _MatchingTask(L.LightningModule):
+class _MatchingTask(RNGStateCheckpoint, L.LightningModule):
     """Optimiser (SGD or Adam), ``ReduceLROnPlateau`` on the monitored loss, RNG state in checkpoints."""
 
     def __init__(self, net: nn.Module, cfg: MatchingConfig, monitor: str) -> None:
@@ -411,19 +410,6 @@ class _MatchingTask(L.LightningModule):
                                                            patience=o.plateau_patience)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.monitor, "interval": "epoch",
                                                    "strict": False}}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        checkpoint[_RNG_KEY] = state
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get(_RNG_KEY)
-        if state:
-            torch.set_rng_state(state["torch"])
-            if "cuda" in state and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class AETask(_MatchingTask):

@@ -32,7 +32,27 @@ def head_param_groups(net: nn.Module, lr: float, weight_decay: float) -> list[di
     return [g for g in groups if g["params"]]
 
 
-class ClassificationTask(L.LightningModule):
+class RNGStateCheckpoint:
+    """Lightning-module mixin: the torch (and CUDA) RNG state travels in every checkpoint.
+
+    Restored on resume, so dropout and augmentation draw the same numbers as an uninterrupted run.
+    """
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint[_RNG_KEY] = state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(_RNG_KEY)
+        if state:
+            torch.set_rng_state(state["torch"])
+            if "cuda" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ClassificationTask(RNGStateCheckpoint, L.LightningModule):
     """Train ``net`` (log-probabilities out) with ``loss``; logs loss and accuracy per epoch.
 
     Args:
@@ -123,19 +143,6 @@ class ClassificationTask(L.LightningModule):
                 sched = cos
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
-    # ------------------------------------------------------------------ exact resume
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        checkpoint[_RNG_KEY] = state
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get(_RNG_KEY)
-        if state:
-            torch.set_rng_state(state["torch"])
-            if "cuda" in state and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["cuda"])
 
 
-__all__ = ["ClassificationTask", "head_param_groups"]
+__all__ = ["ClassificationTask", "RNGStateCheckpoint", "head_param_groups"]
