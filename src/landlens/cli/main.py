@@ -17,7 +17,7 @@ def cli() -> None:
 
     Datasets (`data`), backbones and their offline weights (`models`), feature
     extraction (`features`), retrieval evaluation and indexes (`retrieval`), search by
-    example (`search`), scene classification by transfer learning (`train`, `predict`,
+    example (`search`), persistent archives (`index`), scene classification by transfer learning (`train`, `predict`,
     `export`), learned matching (`matching`), and the end-to-end `quickstart`.
     """
 
@@ -25,6 +25,7 @@ def cli() -> None:
 def _register() -> None:
     from landlens.cli.data import data
     from landlens.cli.features import features
+    from landlens.cli.index import index_group
     from landlens.cli.matching import matching
     from landlens.cli.models import models
     from landlens.cli.predict import export_cmd, predict_cmd
@@ -37,7 +38,7 @@ def _register() -> None:
     data.add_command(split)
     retrieval.add_command(index_cmd)
     for group in (data, models, features, retrieval, search_cmd, train, predict_cmd, export_cmd, matching,
-                  quickstart):
+                  quickstart, index_group):
         cli.add_command(group)
 
 

@@ -1,0 +1,146 @@
+"""``landlens index build | add | remove | info | list``: persistent, updatable search archives.
+
+A thin layer over :class:`landlens.retrieval.archive.Archive`; the archive folder is what
+``landlens serve`` serves. Every update is atomic: an interrupted ``add`` or ``remove`` leaves
+the previous archive intact and loadable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from landlens.cli.common import OneLineErrorCommand, OneLineErrorGroup, echo_json
+
+
+@click.group("index", cls=OneLineErrorGroup)
+def index_group() -> None:
+    """Build and update a persistent search archive (FAISS index + image catalog) for `landlens serve`."""
+
+
+@index_group.command("build", cls=OneLineErrorCommand)
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="archive folder to write")
+@click.option("--dataset", default=None, help="catalog name of DATA (default: recognised from the folder)")
+@click.option("--backbone", "-b", default="tf_efficientnet_lite0", show_default=True,
+              help="backbone name (`landlens models list`) or any timm model name")
+@click.option("--weights", default="auto", show_default=True,
+              help="auto | hub[:TAG] | package[:KEY] | PATH to a checkpoint")
+@click.option("--index-factory", "index_factory", default="auto", show_default=True,
+              help="auto | exact | hnsw | ivf-flat | ivf-pq | a FAISS factory string such as 'IVF256,Flat'")
+@click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="feature-store cache to reuse (default: OUT/features)")
+@click.option("--workers", type=int, default=None, help="image decoding processes")
+@click.option("--overwrite", is_flag=True, help="rebuild an existing archive at OUT (atomically)")
+@click.option("--json", "as_json", is_flag=True, help="print the archive summary as JSON")
+def build_cmd(data: Path, out: Path, dataset: str | None, backbone: str, weights: str, index_factory: str,
+              metric: str, cache_dir: Path | None, workers: int | None, overwrite: bool, as_json: bool) -> None:
+    """Index every image of the class-folder dataset DATA into the archive folder OUT."""
+    from landlens.retrieval.archive import Archive
+
+    arch = Archive.build(data, out, dataset=dataset, backbone=backbone, weights=weights,
+                         index_factory=index_factory, metric=metric, cache_dir=cache_dir, workers=workers,
+                         overwrite=overwrite)
+    _summary(arch, as_json)
+
+
+@index_group.command("add", cls=OneLineErrorCommand)
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--class", "class_name", default=None, help="class of every added image")
+@click.option("--class-from-folder", is_flag=True, help="each image's class is the name of its folder")
+@click.option("--json", "as_json", is_flag=True, help="print the new records as JSON")
+def add_cmd(archive: Path, images: tuple[Path, ...], class_name: str | None, class_from_folder: bool,
+            as_json: bool) -> None:
+    """Add IMAGES (files, or folders searched recursively) to ARCHIVE.
+
+    Every image is read before anything changes: one unreadable file refuses the whole update.
+    Files already indexed (same content) are skipped.
+    """
+    from landlens.errors import ConfigError
+    from landlens.retrieval.archive import Archive
+    from landlens.training.predict import expand_inputs
+
+    if class_name is not None and class_from_folder:
+        raise ConfigError("give --class or --class-from-folder, not both")
+    files = expand_inputs([str(p) for p in images])
+    classes = [p.parent.name for p in files] if class_from_folder else [class_name] * len(files)
+    arch = Archive.open(archive)
+    before = len(arch)
+    new = arch.add(files, classes, progress=not as_json and len(files) > 64)
+    if as_json:
+        echo_json({"added": [r.to_dict() for r in new], "skipped": len(files) - len(new),
+                   "generation": arch.generation, "images": len(arch)})
+        return
+    click.echo(f"{archive}: added {len(new)} image(s) (ids {_id_range(new)}), skipped {len(files) - len(new)} "
+               f"already indexed; {before} -> {len(arch)} images, generation {arch.generation}")
+
+
+@index_group.command("remove", cls=OneLineErrorCommand)
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("ids", nargs=-1, required=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+def remove_cmd(archive: Path, ids: tuple[int, ...], as_json: bool) -> None:
+    """Remove the images with these IDS from ARCHIVE (`landlens index list` shows ids)."""
+    from landlens.retrieval.archive import Archive
+
+    arch = Archive.open(archive)
+    n = arch.remove(ids)
+    if as_json:
+        echo_json({"removed": n, "generation": arch.generation, "images": len(arch)})
+        return
+    click.echo(f"{archive}: removed {n} image(s); {len(arch)} images, generation {arch.generation}")
+
+
+@index_group.command("info", cls=OneLineErrorCommand)
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def info_cmd(archive: Path, as_json: bool) -> None:
+    """Summarise ARCHIVE: images, classes, extractor, index and disk use."""
+    from landlens.retrieval.archive import Archive
+
+    _summary(Archive.open(archive), as_json)
+
+
+@index_group.command("list", cls=OneLineErrorCommand)
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--class", "class_name", default=None, help="only images of this class")
+@click.option("--json", "as_json", is_flag=True, help="print the records as JSON")
+def list_cmd(archive: Path, class_name: str | None, as_json: bool) -> None:
+    """List the images of ARCHIVE: id, class, size, file."""
+    from landlens.retrieval.archive import Archive
+
+    recs = [r for r in Archive.open(archive).records() if class_name is None or r.class_name == class_name]
+    if as_json:
+        echo_json([{**r.to_dict(), "path": r.path} for r in recs])
+        return
+    for r in recs:
+        click.echo(f"{r.id}\t{r.class_name or '-'}\t{r.width}x{r.height}\t{r.path}")
+
+
+def _id_range(records: list) -> str:
+    if not records:
+        return "-"
+    ids = [r.id for r in records]
+    return f"{ids[0]}" if len(ids) == 1 else f"{ids[0]}..{ids[-1]}"
+
+
+def _summary(arch, as_json: bool) -> None:
+    info = arch.info()
+    if as_json:
+        echo_json(info)
+        return
+    idx = info["index"]
+    extra = f" (+{info['unlabelled']} unlabelled)" if info["unlabelled"] else ""
+    click.echo(f"{info['directory']}: {info['images']} images in {len(info['classes'])} classes{extra}, "
+               f"generation {info['generation']}")
+    click.echo(f"  features: {info['backbone']} ({(info['weights'] or {}).get('source')}: "
+               f"{(info['weights'] or {}).get('ref')}), {idx['dim']}-d")
+    click.echo(f"  index: {idx['factory']} ({idx['kind']}), {idx['metric']}, {idx['bytes'] / 1e6:.1f} MB; "
+               f"generation on disk {info['generation_bytes'] / 1e6:.1f} MB")
+    click.echo(f"  data: {info['data_root']}; updated {info['updated']}")
+
+
+__all__ = ["index_group"]

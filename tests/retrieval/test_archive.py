@@ -1,0 +1,271 @@
+"""The persistent archive: build, search, add, remove, atomic generations, the `landlens index` CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from fixtures.make_datasets import class_image, make_folder_dataset, write_image
+from landlens.cli.main import cli
+from landlens.errors import ImageReadError
+from landlens.features.store import FeatureStore
+from landlens.retrieval.archive import CURRENT, Archive, ArchiveError
+
+CLASSES = ["beach", "forest", "river"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_folder_dataset(tmp_path_factory.mktemp("archive_data") / "scenes", CLASSES, per_class=4, size=48)
+
+
+@pytest.fixture(scope="module")
+def built(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One archive built per module; each test gets its own copy (the copy keeps the
+    template's feature store reference, whose content is identical)."""
+    out = tmp_path_factory.mktemp("archive_template") / "arch"
+    Archive.build(data, out, backbone="lbp_rgb", progress=False)
+    return out
+
+
+@pytest.fixture()
+def arch(built: Path, tmp_path: Path) -> Archive:
+    shutil.copytree(built, tmp_path / "arch")
+    return Archive.open(tmp_path / "arch")
+
+
+def _store_features(arch: Archive) -> tuple[np.ndarray, list[str]]:
+    fs = FeatureStore(arch.info()["feature_store"]).load().only_valid()
+    root = Path(fs.meta["dataset"]["root"])
+    return np.asarray(fs.features, np.float64), [str(root / p) for p in fs.paths]
+
+
+def _image(path: Path, cls: int, k: int, size: tuple[int, int]) -> Path:
+    write_image(path, class_image(cls, k, size))
+    return path
+
+
+def _brute_force(db: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Rows of ``db`` by decreasing cosine similarity to ``q`` (float64, independent of FAISS)."""
+    dbn = db / np.linalg.norm(db, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q)
+    return np.argsort(-(dbn @ qn), kind="stable")
+
+
+def test_build_records_match_the_files(arch: Archive, data: Path) -> None:
+    assert len(arch) == 12 and arch.generation == 1
+    assert arch.class_counts() == {c: 4 for c in CLASSES}
+    files = sorted(data.rglob("*.jpg"))
+    by_path = {r.path: r for r in arch.records()}
+    assert sorted(by_path) == sorted(str(f.resolve()) for f in files)
+    for f in files:
+        r = by_path[str(f.resolve())]
+        raw = f.read_bytes()
+        assert r.sha256 == hashlib.sha256(raw).hexdigest() and r.bytes == len(raw)
+        assert (r.width, r.height) == Image.open(f).size == (48, 48)
+        assert r.class_name == f.parent.name and r.name == f.name
+        assert "path" not in r.to_dict()
+    assert sorted(r.id for r in arch.records()) == list(range(12))
+
+
+def test_search_matches_brute_force_cosine(arch: Archive) -> None:
+    feats, paths = _store_features(arch)
+    ids = {r.path: r.id for r in arch.records()}
+    for qi in (0, 5, 11):
+        want = [ids[paths[i]] for i in _brute_force(feats, feats[qi]) if i != qi][:5]
+        qid = ids[paths[qi]]
+        got = arch.search_id(qid, 5)
+        assert [h.record.id for h in got] == want
+        assert [h.rank for h in got] == [1, 2, 3, 4, 5]
+        cos = feats[[paths.index(h.record.path) for h in got]] @ feats[qi]
+        cos /= np.linalg.norm(feats[[paths.index(h.record.path) for h in got]], axis=1) * np.linalg.norm(feats[qi])
+        np.testing.assert_allclose([h.score for h in got], cos, atol=1e-5)
+        np.testing.assert_allclose([h.distance for h in got], 1 - cos, atol=1e-5)
+
+
+def test_class_filter_and_exclusion(arch: Archive) -> None:
+    feats, paths = _store_features(arch)
+    ids = {r.path: r.id for r in arch.records()}
+    cls_of = {r.id: r.class_name for r in arch.records()}
+    q = feats[0].astype(np.float32)
+    for c in CLASSES:
+        hits = arch.search_vectors(q, 10, class_name=c)[0]
+        want = [ids[paths[i]] for i in _brute_force(feats, feats[0]) if cls_of[ids[paths[i]]] == c]
+        assert [h.record.id for h in hits] == want  # all 4 of the class, in brute-force order
+    first = ids[paths[0]]
+    hits = arch.search_vectors(q, 12, exclude=[first])[0]
+    assert len(hits) == 11 and first not in [h.record.id for h in hits]
+    with pytest.raises(ArchiveError, match="class 'lake' is not in the archive"):
+        arch.search_vectors(q, 3, class_name="lake")
+    with pytest.raises(ArchiveError, match="no image with id 99"):
+        arch.search_id(99, 3)
+
+
+def test_embedding_a_query_reproduces_the_indexed_vector(arch: Archive) -> None:
+    r = arch.records()[3]
+    v = arch.embed([arch.load_query(r.path)])
+    np.testing.assert_allclose(v[0], arch.vector(r.id), rtol=1e-5, atol=1e-6)
+    top = arch.search_vectors(v, 1)[0][0]
+    assert top.record.id == r.id and top.distance == pytest.approx(0, abs=1e-5)
+
+
+def test_add_then_search_reopen_and_skip_duplicates(arch: Archive, tmp_path: Path) -> None:
+    new = [_image(tmp_path / "new" / f"lake_{k}.png", 7, k, (40, 56)) for k in range(2)]
+    recs = arch.add(new, ["lake", "lake"])
+    assert [r.id for r in recs] == [12, 13] and arch.generation == 2 and len(arch) == 14
+    assert (recs[0].width, recs[0].height) == (40, 56) and recs[0].class_name == "lake"
+    hit = arch.search_vectors(arch.embed([arch.load_query(new[1])]), 1)[0][0]
+    assert hit.record.id == 13 and hit.distance == pytest.approx(0, abs=1e-5)
+    # the same content again (another name) is skipped; nothing is written
+    dup = tmp_path / "copy.png"
+    dup.write_bytes(new[0].read_bytes())
+    assert arch.add([dup, arch.records()[0].path]) == [] and arch.generation == 2
+    reopened = Archive.open(arch.directory)
+    assert reopened.generation == 2 and [r.id for r in reopened.records()] == [r.id for r in arch.records()]
+    assert reopened.class_counts()["lake"] == 2
+    np.testing.assert_array_equal(reopened.vector(13), arch.vector(13))
+
+
+def test_add_refuses_a_bad_file_and_changes_nothing(arch: Archive, tmp_path: Path) -> None:
+    good = tmp_path / "good.png"
+    write_image(good, class_image(5, 0, (32, 32)))
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    with pytest.raises(ImageReadError, match="bad.jpg"):
+        arch.add([good, bad])
+    assert arch.generation == 1 and len(arch) == 12 and Archive.open(arch.directory).generation == 1
+    with pytest.raises(ArchiveError, match="2 classes for 1 images"):
+        arch.add([good], ["a", "b"])
+
+
+def test_remove_keeps_ids_and_rebuilds(arch: Archive) -> None:
+    feats, paths = _store_features(arch)
+    ids = {r.path: r.id for r in arch.records()}
+    assert arch.remove([0, 5]) == 2
+    assert len(arch) == 10 and not arch.has(0) and not arch.has(5) and arch.has(11) and arch.generation == 2
+    keep = [i for i, p in enumerate(paths) if ids[p] not in (0, 5)]
+    q = feats[keep[0]]
+    want = [ids[paths[keep[i]]] for i in _brute_force(feats[keep], q)][:4]
+    assert [h.record.id for h in arch.search_vectors(q.astype(np.float32), 4)[0]] == want
+    with pytest.raises(ArchiveError, match="no image with id 0"):
+        arch.remove([0])
+    with pytest.raises(ArchiveError, match="cannot remove every image"):
+        arch.remove([r.id for r in arch.records()])
+    assert arch.generation == 2
+    # ids are never reused
+    img = arch.directory.parent / "again.png"
+    write_image(img, class_image(9, 3, (32, 32)))
+    assert arch.add([img])[0].id == 12
+
+
+def test_ivf_index_survives_add_and_remove(data: Path, tmp_path: Path) -> None:
+    arch = Archive.build(data, tmp_path / "ivf", backbone="lbp_rgb", index_factory="IVF2,Flat", progress=False)
+    assert arch.factory == "IVF2,Flat"
+    arch.index.nprobe = 2  # both lists: exact
+    feats, paths = _store_features(arch)
+    ids = {r.path: r.id for r in arch.records()}
+    arch.remove([1])
+    again = Archive.open(arch.directory)
+    assert again.factory == "IVF2,Flat" and len(again) == 11
+    again.index.nprobe = 2
+    keep = [i for i, p in enumerate(paths) if ids[p] != 1]
+    want = [ids[paths[keep[i]]] for i in _brute_force(feats[keep], feats[keep[2]])][1:6]
+    assert [h.record.id for h in again.search_id(ids[paths[keep[2]]], 5)] == want
+
+
+def test_stale_generations_are_ignored_then_collected(arch: Archive) -> None:
+    d = arch.directory
+    (d / ".gen-00000002.abc.tmp").mkdir()
+    (d / "gen-00000002").mkdir()  # a crashed update got as far as the rename
+    (d / "gen-00000002" / "junk").write_text("partial")
+    assert Archive.open(d).generation == 1
+    img = d.parent / "x.png"
+    write_image(img, class_image(4, 1, (32, 32)))
+    arch.add([img])
+    names = sorted(p.name for p in d.iterdir())
+    assert names == [".lock", CURRENT, "features", "gen-00000002"]
+    assert json.loads((d / "gen-00000002" / "generation.json").read_text())["images"] == 13
+
+
+def test_open_and_build_errors(arch: Archive, data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ArchiveError, match="no archive at"):
+        Archive.open(tmp_path)
+    with pytest.raises(ArchiveError, match="already holds an archive"):
+        Archive.build(data, arch.directory, backbone="lbp_rgb", progress=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ArchiveError, match="not an archive folder"):
+        Archive.build(data, other, backbone="lbp_rgb", progress=False)
+    (arch.directory / CURRENT).write_text("../../etc\n")
+    with pytest.raises(ArchiveError, match="not a generation"):
+        Archive.open(arch.directory)
+
+
+def test_rebuild_with_overwrite_is_a_new_generation(arch: Archive, data: Path) -> None:
+    arch.remove([3])
+    again = Archive.build(data, arch.directory, backbone="lbp_rgb", overwrite=True, progress=False)
+    assert again.generation == 3 and len(again) == 12
+    assert sorted(p.name for p in arch.directory.iterdir() if p.name.startswith("gen-")) == ["gen-00000003"]
+
+
+def test_readers_never_see_a_half_update(arch: Archive, tmp_path: Path) -> None:
+    q = arch.vector(0)
+    errors: list[BaseException] = []
+    sizes: set[int] = set()
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                hits = arch.search_vectors(q, 5)[0]
+                assert len(hits) == 5 and all(arch.has(h.record.id) or h.record.id in (0, 1) for h in hits)
+                sizes.add(len(arch))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for k in range(3):
+            img = tmp_path / f"n{k}.png"
+            write_image(img, class_image(6, k, (32, 32)))
+            arch.add([img])
+        arch.remove([0, 1])
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors[0]
+    assert sizes <= {12, 13, 14, 15, 13}
+
+
+def test_cli_build_add_remove_info_list(data: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "cli_arch"
+    res = runner.invoke(cli, ["index", "build", str(data), "--out", str(out), "-b", "lbp_rgb", "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output[res.output.index("{"):])
+    assert info["images"] == 12 and info["classes"] == {c: 4 for c in CLASSES} and info["index"]["factory"] == "Flat"
+    extra = make_folder_dataset(tmp_path / "extra", ["lake"], per_class=2, size=40, seed=3)
+    res = runner.invoke(cli, ["index", "add", str(out), str(extra), "--class-from-folder", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert [r["class"] for r in doc["added"]] == ["lake", "lake"] and doc["images"] == 14 and doc["generation"] == 2
+    res = runner.invoke(cli, ["index", "remove", str(out), "12"])
+    assert res.exit_code == 0 and "removed 1 image(s); 13 images, generation 3" in res.output
+    res = runner.invoke(cli, ["index", "list", str(out), "--class", "lake"])
+    assert res.exit_code == 0 and res.output.startswith("13\tlake\t40x40\t")
+    res = runner.invoke(cli, ["index", "info", str(out)])
+    assert res.exit_code == 0 and "13 images in 4 classes, generation 3" in res.output
+    res = runner.invoke(cli, ["index", "remove", str(out), "77"])
+    assert res.exit_code == 2 and res.output.strip().splitlines()[-1] == "landlens: error: no image with id 77 in the archive"
+    res = runner.invoke(cli, ["index", "info", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "no archive at" in res.output
