@@ -17,7 +17,7 @@ def cli() -> None:
 
     Datasets (`data`), backbones and their offline weights (`models`), feature
     extraction (`features`), retrieval evaluation and indexes (`retrieval`), search by
-    example (`search`), persistent archives (`index`), scene classification by transfer learning (`train`, `predict`,
+    example (`search`), persistent archives (`index`) and the search service and web page (`serve`), scene classification by transfer learning (`train`, `predict`,
     `export`), learned matching (`matching`), and the end-to-end `quickstart`.
     """
 
@@ -32,13 +32,14 @@ def _register() -> None:
     from landlens.cli.quickstart import quickstart
     from landlens.cli.retrieval import retrieval
     from landlens.cli.search import index_cmd, search_cmd
+    from landlens.cli.serve import serve_cmd
     from landlens.cli.split import split
     from landlens.cli.train import train
 
     data.add_command(split)
     retrieval.add_command(index_cmd)
     for group in (data, models, features, retrieval, search_cmd, train, predict_cmd, export_cmd, matching,
-                  quickstart, index_group):
+                  quickstart, index_group, serve_cmd):
         cli.add_command(group)
 
 
