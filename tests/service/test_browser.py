@@ -449,3 +449,192 @@ def test_search_error_is_shown(browser: Any, archive_env: dict[str, Any],
     assert "error" in (page.get_attribute("#status", "class") or "")
     assert page.eval_on_selector_all("#results .result", "els => els.length") == 0
     assert page.is_hidden("#probs")
+
+
+# ---------------------------------------------------------------------- relevance feedback
+
+
+def _is_feedback(response: Any) -> bool:
+    return response.request.method == "POST" and response.url.split("?")[0].endswith("/api/search/feedback")
+
+
+def _marks(page: Any) -> dict[int, dict[str, str]]:
+    """Per card id: the ``aria-pressed`` of its relevant / not relevant toggles."""
+    return {int(k): v for k, v in page.eval_on_selector_all(
+        "#results .card",
+        """els => Object.fromEntries(els.map(e => [e.dataset.id, {
+            relevant: e.querySelector('.mark-relevant').getAttribute('aria-pressed'),
+            irrelevant: e.querySelector('.mark-irrelevant').getAttribute('aria-pressed'),
+        }]))""",
+    ).items()}
+
+
+def _expected_marks(ids: list[int], relevant: set[int], irrelevant: set[int]) -> dict[int, dict[str, str]]:
+    return {i: {"relevant": str(i in relevant).lower(), "irrelevant": str(i in irrelevant).lower()} for i in ids}
+
+
+def _refined(archive: Any, query_vector: Any, relevant: list[int], irrelevant: list[int], k: int,
+             exclude: int | None = None) -> list[int]:
+    """The archive's hits for Rocchio's refined query, computed directly (default weights)."""
+    import numpy as np
+
+    from landlens.retrieval.feedback import rocchio
+
+    def stack(ids: list[int]) -> Any:
+        return np.stack([archive.vector(i) for i in ids]) if ids else np.zeros((0, archive.dim), np.float32)
+
+    q = rocchio(query_vector, stack(relevant), stack(irrelevant))
+    return _ids(archive.search_vectors(q[None], k, exclude=[exclude] if exclude is not None else None)[0])
+
+
+def _click_mark(page: Any, card_id: int, kind: str) -> None:
+    page.click(f'#results .card[data-id="{card_id}"] .mark-{kind}')
+
+
+def test_relevance_feedback_rounds(browser: Any, archive_env: dict[str, Any],
+                                   open_page: Callable[..., Any]) -> None:
+    """Mark results, refine twice (round 1, round 2), then refine a search by an indexed image:
+    each grid equals Rocchio + ``search_vectors`` computed here; marks persist by id; the
+    toggles never start a search."""
+    archive, query, query_path = archive_env["archive"], archive_env["query"], archive_env["query_path"]
+    page = open_page(1280, 900)
+    searches: list[str] = []
+    page.on("request", lambda r: searches.append(r.url) if "/api/search" in r.url else None)
+    page.fill("#k", str(K))
+    page.locator("#k").blur()
+    assert page.is_hidden("#feedback-bar")
+    upload = _search(page, lambda: page.set_input_files("#file-input", str(query_path)), _is_upload_search)
+    token = upload.json()["query_token"]
+    assert isinstance(token, str) and len(token) >= 16
+    q_vec = archive.embed([archive.load_query(query_path)])[0]
+    cards = _cards(page)
+    assert [c["id"] for c in cards] == _ids(_upload_reference(archive, query_path, K))
+    assert page.is_visible("#feedback-bar") and page.is_disabled("#refine")
+    assert _marks(page) == _expected_marks([c["id"] for c in cards], set(), set())
+
+    # mark one image of the query's class relevant and one of another class not relevant
+    rel = next(c["id"] for c in cards if c["cls"] == query.class_name and c["id"] != query.id)
+    irr = next(c["id"] for c in cards if c["cls"] != query.class_name)
+    n_searches = len(searches)
+    _click_mark(page, rel, "relevant")
+    _click_mark(page, irr, "irrelevant")
+    # toggling twice unmarks; switching kind moves the mark
+    _click_mark(page, irr, "relevant")
+    _click_mark(page, irr, "irrelevant")
+    assert len(searches) == n_searches  # the toggles did not search with the card's image
+    assert _marks(page) == _expected_marks([c["id"] for c in cards], {rel}, {irr})
+    assert page.get_attribute(f'#results .card[data-id="{rel}"]', "class") == "card is-relevant"
+    assert page.text_content("#marks-summary") == "1 relevant, 1 not relevant marked."
+    assert page.is_enabled("#refine")
+
+    # round 1
+    response = _search(page, lambda: page.click("#refine"), _is_feedback)
+    assert response.status == 200
+    sent = response.request.post_data_json
+    assert sent == {"query": {"vector_token": token}, "relevant": [rel], "irrelevant": [irr], "k": K}
+    ids1 = [c["id"] for c in _cards(page)]
+    assert ids1 == _refined(archive, q_vec, [rel], [irr], K)
+    assert ids1 != [c["id"] for c in cards]  # the marks changed the grid
+    ms = int(response.json()["timing_ms"]["total"] + 0.5)
+    assert page.text_content("#status") == f"round 1: {K} results in {ms} ms"
+    assert rel in ids1
+    assert _marks(page) == _expected_marks(ids1, {rel}, {irr})  # marks persist on the new cards
+    assert all(w > 0 for w in _wait_thumbnails(page))
+    _shot(page, "feedback.png")
+
+    # round 2: one more image not relevant; the marks of round 1 are sent again
+    irr2 = next(i for i in reversed(ids1) if i not in (rel, irr) and archive.record(i).class_name != query.class_name)
+    _click_mark(page, irr2, "irrelevant")
+    response = _search(page, lambda: page.click("#refine"), _is_feedback)
+    assert response.request.post_data_json == {"query": {"vector_token": token}, "relevant": [rel],
+                                               "irrelevant": [irr, irr2], "k": K}
+    ids2 = [c["id"] for c in _cards(page)]
+    assert ids2 == _refined(archive, q_vec, [rel], [irr, irr2], K)
+    assert page.text_content("#status").startswith(f"round 2: {K} results in ")
+    assert _marks(page) == _expected_marks(ids2, {rel}, {irr, irr2})
+
+    # the class filter re-runs the refined query (same round) with the class
+    other = archive.classes[1]
+    response = _search(page, lambda: page.select_option("#class-filter", other), _is_feedback)
+    assert response.request.post_data_json["class"] == other
+    assert page.text_content("#status").startswith("round 2: ")
+    _search(page, lambda: page.select_option("#class-filter", ""), _is_feedback)
+    assert [c["id"] for c in _cards(page)] == ids2
+
+    # clicking a card is a new query (by id): marks are cleared, round 0
+    second = ids2[1]
+    _search(page, lambda: page.click(f'#results .result[data-id="{second}"]'),
+            lambda r: f"/api/search/{second}?" in r.url)
+    ids = [c["id"] for c in _cards(page)]
+    assert ids == _ids(archive.search_id(second, K))
+    assert _marks(page) == _expected_marks(ids, set(), set())
+    assert page.is_disabled("#refine")
+    assert not page.text_content("#status").startswith("round")
+
+    # refine the indexed query: sent by id, the query itself left out
+    mark = ids[0]
+    _click_mark(page, mark, "relevant")
+    response = _search(page, lambda: page.click("#refine"), _is_feedback)
+    assert response.request.post_data_json == {"query": {"id": second}, "relevant": [mark],
+                                               "irrelevant": [], "k": K}
+    ids = [c["id"] for c in _cards(page)]
+    assert ids == _refined(archive, archive.vector(second), [mark], [], K, exclude=second)
+    assert second not in ids
+    assert page.text_content("#status").startswith("round 1: ")
+
+    # keyboard: Space on a focused toggle marks it
+    target = ids[-1]
+    page.focus(f'#results .card[data-id="{target}"] .mark-irrelevant')
+    page.keyboard.press("Space")
+    assert _marks(page)[target] == {"relevant": "false", "irrelevant": "true"}
+    page.click("#clear-marks")
+    assert page.is_disabled("#refine") and set(v["relevant"] for v in _marks(page).values()) == {"false"}
+    assert page.problems == []
+
+
+def test_relevance_feedback_on_a_phone_and_an_expired_token(browser: Any, archive_env: dict[str, Any],
+                                                            open_page: Callable[..., Any]) -> None:
+    """At 360 px the toggles and the Refine bar fit; when the server answers 410 (the uploaded
+    query's token expired) the page uploads the query again and refines with the new token."""
+    archive, query, query_path = archive_env["archive"], archive_env["query"], archive_env["query_path"]
+    page = open_page(360, 740, device_scale_factor=2, is_mobile=True, has_touch=True)
+    page.fill("#k", str(K))
+    page.locator("#k").blur()
+    first = _search(page, lambda: page.set_input_files("#file-input", str(query_path)), _is_upload_search)
+    old_token = first.json()["query_token"]
+    cards = _cards(page)
+    rel = next(c["id"] for c in cards if c["cls"] == query.class_name and c["id"] != query.id)
+    page.tap(f'#results .card[data-id="{rel}"] .mark-relevant')
+    assert _marks(page)[rel] == {"relevant": "true", "irrelevant": "false"}
+
+    calls: list[dict[str, Any]] = []
+
+    def feedback(route: Any) -> None:
+        calls.append(route.request.post_data_json)
+        if len(calls) == 1:  # the server "forgot" the token
+            route.fulfill(status=410, json={"detail": "query token expired or unknown"})
+        else:
+            route.continue_()
+
+    page.route(re.compile(r".*/api/search/feedback$"), feedback)
+    with page.expect_response(_is_upload_search) as again:
+        response = _search(page, lambda: page.tap("#refine"), lambda r: _is_feedback(r) and r.status == 200)
+    new_token = again.value.json()["query_token"]
+    assert new_token != old_token
+    assert [c["query"] for c in calls] == [{"vector_token": old_token}, {"vector_token": new_token}]
+    q_vec = archive.embed([archive.load_query(query_path)])[0]
+    ids = [c["id"] for c in _cards(page)]
+    assert ids == _refined(archive, q_vec, [rel], [], K)
+    assert page.text_content("#status").startswith("round 1: ")
+    assert _marks(page)[rel]["relevant"] == "true"
+    assert all(w > 0 for w in _wait_thumbnails(page))
+
+    # nothing scrolls sideways; toggles and the bar stay on screen, toggles are touch-sized
+    assert page.evaluate("document.scrollingElement.scrollWidth") <= 360
+    rights = page.eval_on_selector_all("#results .card, #results .mark, #refine, #clear-marks, #marks-summary",
+                                       "els => els.map(e => e.getBoundingClientRect().right)")
+    assert max(rights) <= 360
+    heights = page.eval_on_selector_all("#results .mark", "els => els.map(e => e.getBoundingClientRect().height)")
+    assert min(heights) >= 36
+    _shot(page, "feedback-mobile.png")
+    assert [p for p in page.problems if "status of 410" not in p] == []

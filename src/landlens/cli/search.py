@@ -81,14 +81,27 @@ def index_cmd(store: Path, out: Path, kind: str, metric: str, nprobe: int | None
 @click.option("--matcher", type=click.Path(path_type=Path), default=None,
               help="re-rank the nearest --shortlist rows by this matching discriminator (`landlens matching train-dml`)")
 @click.option("--shortlist", type=int, default=100, show_default=True, help="rows re-ranked per query with --matcher")
+@click.option("--relevant", type=int, multiple=True, metavar="ROW",
+              help="relevance feedback: an index row (the 'row' of a hit) marked relevant; repeatable")
+@click.option("--irrelevant", type=int, multiple=True, metavar="ROW",
+              help="relevance feedback: an index row marked not relevant; repeatable")
+@click.option("--rocchio", "rocchio_weights", type=float, nargs=3, default=(1.0, 0.75, 0.15), show_default=True,
+              metavar="A B C", help="Rocchio weights of the query, the relevant and the non-relevant centroid")
 def search_cmd(index_dir: Path, queries: tuple[Path, ...], k: int, as_json: bool, gallery: Path | None,
                query_class: tuple[str, ...], weights: str | None, nprobe: int | None,
-               ef_search: int | None, matcher: Path | None, shortlist: int) -> None:
+               ef_search: int | None, matcher: Path | None, shortlist: int, relevant: tuple[int, ...],
+               irrelevant: tuple[int, ...], rocchio_weights: tuple[float, float, float]) -> None:
     """Find the K archive images most similar to each QUERY image in the search index INDEX.
 
     The backbone the index was built with is rebuilt from its recorded weights (and checked
     against the recorded weights digest and preprocessing); every query is decoded before any
     work is done, so an unreadable query stops the command with nothing written.
+
+    Relevance feedback: --relevant ROW and --irrelevant ROW (index rows, as printed in the
+    'row' of a hit; repeat them, and keep them across rounds) refine the query embedding by
+    Rocchio's formula q' = A q + B mean(relevant) - C mean(not relevant) on L2-normalised
+    vectors (Manning, Raghavan & Schutze 2008, eq. 9.3; default A B C = 1 0.75 0.15), reading
+    the marked rows' vectors from the index's feature store, and print the refined hits.
     """
     from landlens.retrieval.index import (SearchIndex, SearchIndexError, archive_root, backbone_for_index,
                                           decode_queries, search_images)
@@ -107,12 +120,30 @@ def search_cmd(index_dir: Path, queries: tuple[Path, ...], k: int, as_json: bool
         classes = list(query_class) * len(queries) if len(query_class) == 1 else list(query_class)
     if gallery is not None and gallery.suffix.lower() != ".png":
         raise SearchIndexError(f"{gallery}: a gallery is written as PNG; give a file name ending in .png")
+    feedback = bool(relevant or irrelevant)
+    if feedback:
+        if len(queries) != 1:
+            raise SearchIndexError(f"--relevant/--irrelevant refine one query; {len(queries)} QUERY images given")
+        if matcher is not None:
+            raise SearchIndexError("--relevant/--irrelevant cannot be combined with --matcher")
+        both = sorted(set(relevant) & set(irrelevant))
+        if both:
+            raise SearchIndexError(f"row {both[0]} is given both as --relevant and as --irrelevant")
     images = decode_queries(index, [str(q) for q in queries])
     backbone = backbone_for_index(index, weights)
     if shortlist < 1:
         raise SearchIndexError(f"--shortlist {shortlist}: must be >= 1")
-    results = search_images(index, backbone, [str(q) for q in queries], k, query_classes=classes, images=images,
-                            matcher=matcher, shortlist=shortlist)
+    feedback_doc = None
+    if feedback:
+        results = [_feedback_search(index, backbone, queries[0], images[0], k, classes[0] if classes else None,
+                                    list(dict.fromkeys(relevant)), list(dict.fromkeys(irrelevant)),
+                                    rocchio_weights)]
+        a, b, c = rocchio_weights
+        feedback_doc = {"method": "rocchio", "weights": {"a": a, "b": b, "c": c},
+                        "relevant": list(dict.fromkeys(relevant)), "irrelevant": list(dict.fromkeys(irrelevant))}
+    else:
+        results = search_images(index, backbone, [str(q) for q in queries], k, query_classes=classes,
+                                images=images, matcher=matcher, shortlist=shortlist)
     if gallery is not None:
         from landlens.retrieval.gallery import write_gallery
 
@@ -121,18 +152,64 @@ def search_cmd(index_dir: Path, queries: tuple[Path, ...], k: int, as_json: bool
     if as_json:
         echo_json({"index": str(index_dir), "k": k, "metric": index.metric, "factory": index.factory_,
                    "gallery": str(gallery) if gallery is not None else None,
+                   **({"feedback": feedback_doc} if feedback_doc is not None else {}),
                    "results": [r.to_dict() for r in results]})
         return
     for res in results:
         click.echo(f"query {res.query} (class: {res.query_class or 'unknown'})")
-        click.echo("| rank | distance | class | path |")
-        click.echo("|---:|---:|---|---|")
+        if feedback_doc is not None:
+            w = feedback_doc["weights"]
+            click.echo(f"refined by Rocchio (a={w['a']:g}, b={w['b']:g}, c={w['c']:g}) with "
+                       f"{len(feedback_doc['relevant'])} relevant and {len(feedback_doc['irrelevant'])} "
+                       f"non-relevant row(s)")
+        click.echo("| rank | distance | class | path | row |")
+        click.echo("|---:|---:|---|---|---:|")
         for hit, rel in zip(res.hits, res.relevant()):
             mark = "" if rel is None else (" +" if rel else " -")
-            click.echo(f"| {hit.rank} | {hit.distance:.4f} | {hit.class_name or '-'}{mark} | {hit.path or hit.row} |")
+            click.echo(f"| {hit.rank} | {hit.distance:.4f} | {hit.class_name or '-'}{mark} | {hit.path or hit.row} | "
+                       f"{hit.row} |")
         click.echo("")
     if gallery is not None:
         click.echo(f"gallery: {gallery}")
+
+
+def _feedback_search(index: Any, backbone: Any, query: Path, image: Any, k: int, query_class: str | None,
+                     relevant: list[int], irrelevant: list[int], weights: tuple[float, float, float]) -> Any:
+    """The hits of one query image after Rocchio relevance feedback on index rows."""
+    import numpy as np
+
+    from landlens.retrieval.feedback import index_row_vectors, rocchio
+    from landlens.retrieval.index import Hit, QueryResult, SearchIndexError, archive_row, check_backbone, embed_images
+
+    check_backbone(index, backbone)
+    known = set(index.classes_ or [])
+    if query_class is not None and query_class not in known:
+        raise SearchIndexError(f"query class {query_class!r} is not a class of this index "
+                               f"({', '.join(sorted(known)) or 'it has no classes'})")
+    q = embed_images(backbone, [image])[0]
+    rel = index_row_vectors(index, relevant, "--relevant")
+    irr = index_row_vectors(index, irrelevant, "--irrelevant")
+    scale = 1.0 if index.metric == "cosine" else (float(np.linalg.norm(q)) or 1.0)
+    a, b, c = weights
+    refined = rocchio(q, rel, irr, a=a, b=b, c=c, scale=scale)
+    dist, rows = index.search(refined[None], k)
+    row = archive_row(index, query)
+
+    def class_of(i: int) -> str | None:
+        if index.labels_ is None or i < 0:
+            return None
+        label = int(index.labels_[i])
+        classes = index.classes_ or []
+        return classes[label] if 0 <= label < len(classes) else str(label)
+
+    if query_class is None and row is not None:
+        query_class = class_of(row)
+    hits = [Hit(rank=r + 1, row=int(i), distance=float(d),
+                path=index.paths_[i] if index.paths_ is not None and i >= 0 else None,
+                label=int(index.labels_[i]) if index.labels_ is not None and i >= 0 else None,
+                class_name=class_of(int(i)))
+            for r, (d, i) in enumerate(zip(dist[0], rows[0]))]
+    return QueryResult(str(query), query_class, hits, row)
 
 
 __all__ = ["index_cmd", "search_cmd"]

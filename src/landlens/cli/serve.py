@@ -88,13 +88,15 @@ def server_url(host: str, port: int) -> str:
               help="largest upload width x height, checked before decoding")
 @click.option("--max-k", default=100, show_default=True, type=click.IntRange(min=1),
               help="most results a search may ask for")
+@click.option("--query-cache", default=256, show_default=True, type=click.IntRange(min=0),
+              help="uploaded query vectors kept for relevance feedback (0: no feedback on uploads)")
 @click.option("--workers-threads", default=None, type=click.IntRange(min=1),
               help="threads for decoding, search and thumbnails (default 40)")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
 def serve_cmd(archive_dir: Path, host: str, port: int, run_dir: Path | None, token_file: Path | None,
               cors_origins: Sequence[str], max_upload_mb: float, max_pixels: int, max_k: int,
-              workers_threads: int | None, log_level: str) -> None:
+              query_cache: int, workers_threads: int | None, log_level: str) -> None:
     """Serve the search API and web page over the archive DIR (`landlens index build`).
 
     Open the printed address in a browser: drop an image to find the most similar archive
@@ -105,7 +107,8 @@ def serve_cmd(archive_dir: Path, host: str, port: int, run_dir: Path | None, tok
     token = read_token(token_file)
     app = create_app(archive_dir, classifier_run=run_dir, token=token,
                      max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
-                     cors_origins=tuple(cors_origins), max_k=max_k, threads=workers_threads)
+                     cors_origins=tuple(cors_origins), max_k=max_k, threads=workers_threads,
+                     query_cache=query_cache)
     service = app.state.service
     config = serve_config(app, host=host, port=port, log_level=log_level)
     click.echo(f"landlens: serving {archive_dir} ({len(service.archive)} images, {service.archive.backbone_name}"

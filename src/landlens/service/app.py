@@ -16,12 +16,27 @@ Endpoints (all errors are JSON ``{"detail": "<one line>"}``):
 ``POST /api/search``                            search with an uploaded image (``file``, ``k``,
                                                 ``class``)
 ``GET /api/search/{id}``                        search with an indexed image (itself left out)
+``POST /api/search/feedback``                   relevance feedback: refine a query (Rocchio) with
+                                                images marked relevant / not relevant, re-search
 ``GET /api/images/{id}``                        one image's record
 ``GET /api/images/{id}/thumbnail?size=256``     JPEG thumbnail (ETag, cached)
 ``POST /api/classify``                          classify an uploaded image (``file``, ``top_k``)
 ``POST /api/images``                            add an upload to the archive (token)
 ``DELETE /api/images/{id}``                     remove an image (token)
 ==============================================  ==============================================
+
+Relevance feedback (``POST /api/search/feedback``, :mod:`landlens.retrieval.feedback`): the
+JSON body names the query (``{"id": N}`` for an indexed image, or ``{"vector_token": T}`` for
+an uploaded one), the ids marked ``relevant`` and ``irrelevant``, ``k``, ``class`` and optional
+Rocchio ``weights`` (``a``, ``b``, ``c``; defaults 1, 0.75, 0.15). An uploaded query's vector is
+not in the index, so ``POST /api/search`` answers with an opaque ``query_token``: the server
+keeps that query's embedding in a bounded in-memory LRU (:class:`QueryVectorCache`, 256
+entries by default, keyed by a random 128-bit token; nothing is written to disk). A token
+pushed out of the LRU (or from before a restart) is answered 410 ``query token expired``, and
+the client uploads the image again. This keeps the search response small (no 1280 floats) and
+lets clients name only things the server gave them. The refined query is always computed from
+the original query and all marks (marks accumulate over rounds; the query does not drift);
+results leave out the query id when the query is indexed, and keep the marked images.
 
 Concurrency: the event loop never runs CPU work. Reading and decoding uploads, FAISS
 searches, classification and thumbnails run in the thread pool; embeddings go through one
@@ -48,6 +63,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import shutil
 import threading
 import time
@@ -62,6 +78,7 @@ from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, Upload
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -98,6 +115,15 @@ _WRITE_ROUTE = re.compile(r"^/api/images(/[^/]*)?/?$")
 _CLASS_NAME_LIMIT = 200
 
 WRITES_DISABLED = "writes are disabled: start the server with a token"
+
+DEFAULT_QUERY_CACHE = 256
+"""Uploaded query vectors kept for relevance feedback (LRU; ~5 KiB each at 1280 dimensions)."""
+
+MAX_FEEDBACK_IDS = 200
+"""Most ids one feedback request may mark (relevant and not relevant together)."""
+
+QUERY_TOKEN_EXPIRED = "query token expired or unknown: search with the image again to get a new one"
+_QUERY_TOKEN = r"^[A-Za-z0-9_-]{16,64}$"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -323,6 +349,78 @@ class ThumbnailCache:
         return len(self._items)
 
 
+class QueryVectorCache:
+    """A thread-safe LRU of uploaded query embeddings keyed by random opaque tokens.
+
+    :meth:`put` stores a vector (and what the search response said about the query) and
+    returns a new URL-safe token of 128 random bits (:func:`secrets.token_urlsafe`); :meth:`get`
+    returns the entry, or ``None`` once it was pushed out by ``max_items`` newer ones.
+    """
+
+    def __init__(self, max_items: int = DEFAULT_QUERY_CACHE) -> None:
+        self.max_items = int(max_items)
+        self._items: OrderedDict[str, tuple[np.ndarray, dict[str, Any]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, vector: np.ndarray, query: dict[str, Any]) -> str | None:
+        """Keep ``vector`` (copied, read-only) with ``query``; the token, or ``None`` when the
+        cache is disabled (``max_items <= 0``)."""
+        if self.max_items <= 0:
+            return None
+        v = np.array(vector, dtype=np.float32).reshape(-1)
+        v.setflags(write=False)
+        token = secrets.token_urlsafe(16)
+        with self._lock:
+            self._items[token] = (v, dict(query))
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+        return token
+
+    def get(self, token: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+        with self._lock:
+            item = self._items.get(token)
+            if item is not None:
+                self._items.move_to_end(token)
+            return item
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+# --------------------------------------------------------------------------- request bodies
+
+
+class FeedbackQuery(BaseModel):
+    """The query being refined: an indexed image (``id``) or an upload (``vector_token``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: int | None = Field(None, ge=0, description="id of an indexed image")
+    vector_token: str | None = Field(None, pattern=_QUERY_TOKEN,
+                                     description="query_token of an upload search (POST /api/search)")
+
+
+class FeedbackWeights(BaseModel):
+    """Rocchio weights: q' = a q + b mean(relevant) - c mean(not relevant)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    a: float = Field(1.0, ge=0, le=100)
+    b: float = Field(0.75, ge=0, le=100)
+    c: float = Field(0.15, ge=0, le=100)
+
+
+class FeedbackRequest(BaseModel):
+    """Body of ``POST /api/search/feedback``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    query: FeedbackQuery
+    relevant: list[int] = Field(default_factory=list, max_length=MAX_FEEDBACK_IDS, description="ids marked relevant")
+    irrelevant: list[int] = Field(default_factory=list, max_length=MAX_FEEDBACK_IDS,
+                                  description="ids marked not relevant")
+    k: int = Field(12, ge=1, description="number of results")
+    class_name: str | None = Field(None, alias="class", description="only images of this class")
+    weights: FeedbackWeights | None = None
+
+
 class SearchService:
     """What the app holds: the archive, its extractor, the classifier, the batcher, limits.
 
@@ -334,12 +432,14 @@ class SearchService:
         max_k: largest ``k`` a search may ask for.
         max_batch, max_wait: micro-batching settings of the embedding batcher.
         thumbnail_cache: thumbnails kept in memory.
+        query_cache: uploaded query vectors kept for relevance feedback (LRU).
     """
 
     def __init__(self, archive: Any, predictor: Any = None, *, token: str | None = None,
                  max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
                  max_k: int = 100, max_batch: int = 16, max_wait: float = 0.005,
-                 thumbnail_cache: int = 1024, refresh_interval: float = 1.0) -> None:
+                 thumbnail_cache: int = 1024, refresh_interval: float = 1.0,
+                 query_cache: int = DEFAULT_QUERY_CACHE) -> None:
         self.archive = archive
         self.refresh_interval = float(refresh_interval)
         self._last_refresh = time.monotonic()
@@ -353,6 +453,7 @@ class SearchService:
         self.batcher: MicroBatcher = MicroBatcher(self._embed_batch, max_batch=max_batch, max_wait=max_wait,
                                                   name="landlens-embed")
         self.thumbnails = ThumbnailCache(thumbnail_cache)
+        self.queries = QueryVectorCache(query_cache)
         self.write_lock = threading.Lock()
         self._class_counts: tuple[int, dict[str, int]] | None = None
 
@@ -447,6 +548,52 @@ class SearchService:
         if class_name is not None and class_name not in self.class_counts():
             raise ServiceError(422, f"class {class_name!r} is not in the archive")
 
+    def query_vector(self, query: FeedbackQuery) -> tuple[np.ndarray, dict[str, Any], int | None]:
+        """``(vector, query description, indexed id or None)`` of a feedback query: an indexed
+        image (404 when unknown) or an uploaded query's token (410 once it left the LRU)."""
+        if query.id is not None:
+            record = self.record_or_404(query.id)
+            try:
+                vector = self.archive.vector(query.id)
+            except LandlensError:  # removed meanwhile
+                raise ServiceError(404, f"no image with id {query.id} in the archive") from None
+            q = record.to_dict()
+            return vector, {key: q[key] for key in ("id", "name", "class", "width", "height")}, int(query.id)
+        item = self.queries.get(str(query.vector_token))
+        if item is None:
+            raise ServiceError(410, QUERY_TOKEN_EXPIRED)
+        return item[0], dict(item[1]), None
+
+    def marked_vectors(self, ids: Sequence[int], what: str) -> np.ndarray:
+        """Archive vectors (n, dim) of marked ids; 404 naming the first id not in the archive."""
+        vectors = []
+        for i in ids:
+            if not self.archive.has(i):
+                raise ServiceError(404, f"{what}: no image with id {i} in the archive")
+            try:
+                vectors.append(self.archive.vector(i))
+            except LandlensError:  # removed meanwhile
+                raise ServiceError(404, f"{what}: no image with id {i} in the archive") from None
+        return np.stack(vectors) if vectors else np.zeros((0, int(self.archive.dim)), np.float32)
+
+    def refine(self, vector: np.ndarray, relevant: Sequence[int], irrelevant: Sequence[int],
+               weights: Any) -> np.ndarray:
+        """Rocchio's refined query (:func:`landlens.retrieval.feedback.rocchio`) of ``vector``
+        with the marked archive images (blocking). On a Euclidean archive the unit result is
+        scaled back to the query's length, so it lives where the raw database vectors do."""
+        from landlens.retrieval.feedback import FeedbackError, rocchio
+
+        rel = self.marked_vectors(relevant, "relevant")
+        irr = self.marked_vectors(irrelevant, "irrelevant")
+        q = np.asarray(vector, dtype=np.float32).reshape(-1)
+        scale = 1.0
+        if self.archive.metric != "cosine":
+            scale = float(np.linalg.norm(q)) or 1.0
+        try:
+            return rocchio(q, rel, irr, a=weights.a, b=weights.b, c=weights.c, scale=scale)
+        except FeedbackError as exc:
+            raise ServiceError(422, first_line(exc)) from None
+
     def add_upload(self, saved: SavedUpload, class_name: str | None) -> Any:
         """Store a checked upload as ``uploads/<sha256><ext>`` and index it (blocking, locked)."""
         with self.write_lock:
@@ -525,7 +672,7 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
                cors_origins: Sequence[str] = (), max_k: int = 100, threads: int | None = None,
                max_batch: int = 16, max_wait: float = 0.005, thumbnail_cache: int = 1024,
-               refresh_interval: float = 1.0) -> FastAPI:
+               refresh_interval: float = 1.0, query_cache: int = DEFAULT_QUERY_CACHE) -> FastAPI:
     """The search service app over an archive folder (or an open ``Archive``).
 
     Args:
@@ -543,6 +690,8 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
         thumbnail_cache: number of thumbnails kept in memory.
         refresh_interval: seconds between checks for a newer archive generation written by
             another process (``landlens index add`` while the server runs).
+        query_cache: uploaded query vectors kept (LRU) so ``POST /api/search/feedback`` can
+            refine them by their ``query_token``; 0 disables tokens (``query_token`` is null).
 
     Raises:
         ArchiveError, CheckpointError, LandlensError: the archive, its backbone or the
@@ -559,7 +708,7 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
     service = SearchService(arch, predictor, token=token.strip() if token else None,
                             max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, max_k=max_k,
                             max_batch=max_batch, max_wait=max_wait, thumbnail_cache=thumbnail_cache,
-                            refresh_interval=refresh_interval)
+                            refresh_interval=refresh_interval, query_cache=query_cache)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
@@ -719,10 +868,10 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
                 timer.add("classify", t)
         finally:
             await run_in_threadpool(saved.remove)
+        query = {"id": None, "name": saved.name, "class": None, "width": image.width, "height": image.height}
+        query_token = service.queries.put(np.asarray(vector), query)  # for relevance feedback
         timing = timer.finish()
-        body = {"k": kk, "class": cls,
-                "query": {"id": None, "name": saved.name, "class": None, "width": image.width,
-                          "height": image.height},
+        body = {"k": kk, "class": cls, "query": query, "query_token": query_token,
                 "results": [_hit_dict(h) for h in hits], "classification": classification,
                 "timing_ms": timing}
         return JSONResponse(body, headers={"Server-Timing": Timer.header(timing)})
@@ -757,6 +906,61 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
                 "query": {key: q[key] for key in ("id", "name", "class", "width", "height")},
                 "results": [_hit_dict(h) for h in hits], "classification": None, "timing_ms": timing}
         return JSONResponse(body, headers={"Server-Timing": Timer.header(timing)})
+
+    @app.post("/api/search/feedback", tags=["search"])
+    async def search_feedback(body: FeedbackRequest) -> JSONResponse:
+        """Relevance feedback: refine the query with the images marked relevant and not
+        relevant (Rocchio: q' = a q + b mean(relevant) - c mean(not relevant), on L2-normalised
+        embeddings; defaults a=1, b=0.75, c=0.15) and search again. The query is an indexed
+        image (``{"id": N}``, left out of the results) or an upload (``{"vector_token": T}``,
+        the ``query_token`` of its ``POST /api/search``; 410 once expired). Marked images stay
+        in the results. Send the original query and every mark so far on each round."""
+        from landlens.retrieval.feedback import FeedbackError, RocchioWeights
+
+        await run_in_threadpool(service.refresh)
+        timer = Timer()
+        q = body.query
+        if (q.id is None) == (q.vector_token is None):
+            raise ServiceError(422, "query: give exactly one of 'id' (an indexed image) or 'vector_token'")
+        relevant = list(dict.fromkeys(int(i) for i in body.relevant))
+        irrelevant = list(dict.fromkeys(int(i) for i in body.irrelevant))
+        if not relevant and not irrelevant:
+            raise ServiceError(422, "relevant, irrelevant: mark at least one image relevant or not relevant")
+        if len(relevant) + len(irrelevant) > MAX_FEEDBACK_IDS:
+            raise ServiceError(422, f"relevant, irrelevant: at most {MAX_FEEDBACK_IDS} marked images, "
+                                    f"got {len(relevant) + len(irrelevant)}")
+        both = sorted(set(relevant) & set(irrelevant))
+        if both:
+            raise ServiceError(422, f"image {both[0]} is marked both relevant and not relevant")
+        if body.k > max_k:
+            raise ServiceError(422, f"k: Input should be less than or equal to {max_k}")
+        cls = _class_param(body.class_name)
+        service.check_class(cls)
+        w = body.weights or FeedbackWeights()
+        try:
+            weights = RocchioWeights(w.a, w.b, w.c)
+        except FeedbackError as exc:
+            raise ServiceError(422, f"weights: {first_line(exc)}") from None
+        vector, query, query_id = await run_in_threadpool(service.query_vector, q)
+        t = time.perf_counter()
+        refined = await run_in_threadpool(service.refine, vector, relevant, irrelevant, weights)
+        t = timer.add("refine", t)
+        available = len(service.archive) if cls is None else service.class_counts().get(cls, 0)
+        if query_id is not None and (cls is None or query.get("class") == cls):
+            available -= 1
+        kk = clamp_k(body.k, available)
+        exclude = [query_id] if query_id is not None else None
+        hits = (await run_in_threadpool(service.archive.search_vectors, refined[None], kk,
+                                        class_name=cls, exclude=exclude))[0] if kk else []
+        timer.add("search", t)
+        timing = timer.finish()
+        out = {"k": kk, "class": cls, "query": query,
+               "query_token": q.vector_token if query_id is None else None,
+               "results": [_hit_dict(h) for h in hits], "classification": None,
+               "feedback": {"method": "rocchio", "weights": weights.to_dict(),
+                            "relevant": relevant, "irrelevant": irrelevant},
+               "timing_ms": timing}
+        return JSONResponse(out, headers={"Server-Timing": Timer.header(timing)})
 
     @app.get("/api/images/{image_id:int}", tags=["archive"])
     async def image_record(image_id: Annotated[int, PathParam(ge=0)]) -> dict[str, Any]:
@@ -839,7 +1043,13 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MAX_UPLOAD_BYTES",
+    "DEFAULT_QUERY_CACHE",
+    "MAX_FEEDBACK_IDS",
     "STATIC_DIR",
+    "FeedbackQuery",
+    "FeedbackRequest",
+    "FeedbackWeights",
+    "QueryVectorCache",
     "SearchService",
     "ServiceError",
     "ThumbnailCache",

@@ -1,6 +1,12 @@
 // landlens search page: upload a query image (or click a result) and show the most similar
 // archive images. Plain JS, no build step. Every string from the server goes through
 // textContent (never innerHTML), so file and class names cannot inject markup.
+//
+// Relevance feedback: each result card has two toggles (✓ relevant, ✕ not relevant). "Refine"
+// posts the query (an indexed id, or the query_token of an upload) with every mark made since
+// the query was chosen to /api/search/feedback (Rocchio on the embeddings) and redraws the
+// grid; marks are kept by id, so a marked image that reappears keeps its state. A new query
+// (upload or a click on a card) clears the marks.
 (function () {
   "use strict";
 
@@ -18,13 +24,22 @@
     probs: $("probs"),
     probList: $("prob-list"),
     info: $("archive-info"),
+    feedbackBar: $("feedback-bar"),
+    refine: $("refine"),
+    clearMarks: $("clear-marks"),
+    marksSummary: $("marks-summary"),
   };
+
+  const MARK_TEXT = { relevant: "✓", irrelevant: "✕" };
+  const MARK_LABEL = { relevant: "Relevant", irrelevant: "Not relevant" };
 
   const state = {
     classifier: false, // from /api/health
-    last: null, // the last query: {file: File} or {id: number, thumbnail: string, name: string}
+    last: null, // the last query: {file: File, token} or {id: number, thumbnail: string, name: string}
     objectUrl: null, // object URL of the uploaded query (revoked when replaced)
     seq: 0, // request counter: only the newest response is shown
+    marks: new Map(), // id -> "relevant" | "irrelevant", for the current query
+    round: 0, // feedback rounds shown for the current query (0: the plain search)
   };
 
   // ------------------------------------------------------------------ helpers
@@ -93,8 +108,25 @@
     els.caption.textContent += " (no preview: the browser cannot show this format)";
   });
 
+  // A toggle button marking one result relevant or not relevant (aria-pressed).
+  function markButton(id, kind, name) {
+    const button = el("button", `mark mark-${kind}`, MARK_TEXT[kind]);
+    button.type = "button";
+    button.dataset.mark = kind;
+    button.title = MARK_LABEL[kind];
+    button.setAttribute("aria-label", `${MARK_LABEL[kind]}: ${name}`);
+    button.setAttribute("aria-pressed", "false");
+    button.addEventListener("click", (event) => {
+      event.stopPropagation(); // a mark never searches with the card's image
+      toggleMark(id, kind);
+    });
+    return button;
+  }
+
   function renderResults(data) {
     const cards = (data.results || []).map((hit) => {
+      const item = el("div", "card");
+      item.dataset.id = String(hit.id);
       const card = el("button", "result");
       card.type = "button";
       card.dataset.id = String(hit.id);
@@ -121,9 +153,102 @@
       card.append(img, meta);
       card.addEventListener("click", () =>
         searchById(hit.id, src, String(hit.name), cls));
-      return card;
+
+      const feedback = el("div", "feedback");
+      feedback.setAttribute("role", "group");
+      feedback.setAttribute("aria-label", `Feedback on ${hit.name}`);
+      feedback.append(markButton(hit.id, "relevant", String(hit.name)),
+        markButton(hit.id, "irrelevant", String(hit.name)));
+      item.append(card, feedback);
+      return item;
     });
     els.results.replaceChildren(...cards);
+    showMarks();
+  }
+
+  // ------------------------------------------------------------------ relevance feedback
+
+  function canRefine() {
+    const q = state.last;
+    return Boolean(q && state.marks.size > 0 && (q.id != null || q.token));
+  }
+
+  // Reflect state.marks on the cards, the buttons and the summary line.
+  function showMarks() {
+    for (const item of els.results.querySelectorAll(".card")) {
+      const mark = state.marks.get(Number(item.dataset.id));
+      item.classList.toggle("is-relevant", mark === "relevant");
+      item.classList.toggle("is-irrelevant", mark === "irrelevant");
+      for (const button of item.querySelectorAll(".mark")) {
+        button.setAttribute("aria-pressed", String(button.dataset.mark === mark));
+      }
+    }
+    let relevant = 0;
+    for (const kind of state.marks.values()) if (kind === "relevant") relevant += 1;
+    const irrelevant = state.marks.size - relevant;
+    const hasResults = els.results.childElementCount > 0 || state.round > 0;
+    els.feedbackBar.hidden = !(hasResults && state.last);
+    els.refine.disabled = !canRefine();
+    els.clearMarks.disabled = state.marks.size === 0;
+    if (state.marks.size === 0) {
+      els.marksSummary.textContent = "Mark results ✓ relevant or ✕ not relevant, then refine.";
+    } else if (state.last && state.last.id == null && !state.last.token) {
+      els.marksSummary.textContent = "This server keeps no upload queries: feedback needs a search by an archive image.";
+    } else {
+      els.marksSummary.textContent = `${relevant} relevant, ${irrelevant} not relevant marked.`;
+    }
+  }
+
+  function toggleMark(id, kind) {
+    if (state.marks.get(id) === kind) state.marks.delete(id);
+    else state.marks.set(id, kind);
+    showMarks();
+  }
+
+  function resetFeedback() {
+    state.marks.clear();
+    state.round = 0;
+    showMarks();
+  }
+
+  function feedbackBody() {
+    const q = state.last;
+    const body = {
+      query: q.id != null ? { id: q.id } : { vector_token: q.token },
+      relevant: [],
+      irrelevant: [],
+      k: kValue(),
+    };
+    for (const [id, kind] of state.marks) body[kind].push(id);
+    if (els.filter.value) body.class = els.filter.value;
+    return body;
+  }
+
+  function postFeedback(body) {
+    return fetch("api/search/feedback", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+  }
+
+  // Refine the current query with every mark; round: the round number to show (default: next).
+  function refine(round) {
+    if (!canRefine()) return undefined;
+    const q = state.last;
+    const next = round || state.round + 1;
+    return run(async () => {
+      let response = await postFeedback(feedbackBody());
+      if (response.status === 410 && q.file) {
+        // the server forgot the uploaded query: upload it again for a new token, retry once
+        const fresh = await uploadSearch(q.file);
+        q.token = fresh.query_token;
+        if (!q.token) throw new Error(await errorDetail(response));
+        response = await postFeedback(feedbackBody());
+      }
+      if (!response.ok) throw new Error(await errorDetail(response));
+      return response.json();
+    }, next);
   }
 
   function renderProbs(classification) {
@@ -150,57 +275,79 @@
 
   // ------------------------------------------------------------------ searching
 
-  async function run(request) {
+  // Run a search request and show its answer; round: the feedback round it is (0: none).
+  async function run(request, round) {
     const seq = ++state.seq;
-    setStatus("Searching…");
+    const last = state.last;
+    setStatus(round ? `Refining (round ${round})…` : "Searching…");
     els.results.setAttribute("aria-busy", "true");
     try {
       const data = await request();
       if (seq !== state.seq) return; // a newer search is on its way
+      if (last && last.file && data.query_token) last.token = data.query_token;
+      state.round = round || 0;
       renderResults(data);
-      renderProbs(data.classification);
+      if (!round) renderProbs(data.classification); // a refinement keeps the query's predictions
       const n = (data.results || []).length;
       const ms = Math.round(Number(data.timing_ms && data.timing_ms.total) || 0);
-      setStatus(`${n} result${n === 1 ? "" : "s"} in ${ms} ms`);
+      const text = `${n} result${n === 1 ? "" : "s"} in ${ms} ms`;
+      setStatus(round ? `round ${round}: ${text}` : text);
     } catch (err) {
       if (seq !== state.seq) return;
       els.results.replaceChildren();
-      renderProbs(null);
+      if (!round) renderProbs(null);
+      showMarks();
       setStatus(err && err.message ? err.message : String(err), true);
     } finally {
       if (seq === state.seq) els.results.removeAttribute("aria-busy");
     }
   }
 
+  function uploadSearch(file) {
+    const form = new FormData();
+    form.append("file", file, file.name);
+    form.append("k", String(kValue()));
+    if (els.filter.value) form.append("class", els.filter.value);
+    return getJson("api/search", { method: "POST", body: form });
+  }
+
   function searchByFile(file) {
-    state.last = { file };
+    state.last = { file, token: null };
+    resetFeedback();
     if (state.objectUrl) URL.revokeObjectURL(state.objectUrl);
     state.objectUrl = URL.createObjectURL(file);
     showQuery(state.objectUrl, file.name);
-    return run(() => {
-      const form = new FormData();
-      form.append("file", file, file.name);
-      form.append("k", String(kValue()));
-      if (els.filter.value) form.append("class", els.filter.value);
-      return getJson("api/search", { method: "POST", body: form });
-    });
+    return run(() => uploadSearch(file), 0);
   }
 
   function searchById(id, thumbnail, name, cls) {
     state.last = { id, thumbnail, name, cls };
+    resetFeedback();
     if (thumbnail) showQuery(thumbnail, `${name} (${cls})`);
     return run(() => {
       const params = new URLSearchParams({ k: String(kValue()) });
       if (els.filter.value) params.set("class", els.filter.value);
       return getJson(`api/search/${encodeURIComponent(id)}?${params}`);
-    });
+    }, 0);
   }
 
+  // k or the class filter changed: run the current query again, refined if it was.
   function rerun() {
     const last = state.last;
     if (!last) return;
-    if (last.file) searchByFile(last.file);
-    else searchById(last.id, last.thumbnail, last.name, last.cls);
+    if (state.round > 0 && canRefine()) {
+      refine(state.round);
+      return;
+    }
+    if (last.file) {
+      run(() => uploadSearch(last.file), 0);
+    } else {
+      run(() => {
+        const params = new URLSearchParams({ k: String(kValue()) });
+        if (els.filter.value) params.set("class", els.filter.value);
+        return getJson(`api/search/${encodeURIComponent(last.id)}?${params}`);
+      }, 0);
+    }
   }
 
   // ------------------------------------------------------------------ start-up
@@ -252,6 +399,11 @@
   window.addEventListener("drop", (event) => event.preventDefault());
   els.filter.addEventListener("change", rerun);
   els.k.addEventListener("change", rerun);
+  els.refine.addEventListener("click", () => refine());
+  els.clearMarks.addEventListener("click", () => {
+    state.marks.clear();
+    showMarks();
+  });
 
   loadArchiveInfo();
 })();

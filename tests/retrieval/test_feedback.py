@@ -1,0 +1,232 @@
+"""Rocchio relevance feedback (``landlens.retrieval.feedback``): hand-computed refined queries,
+a tiny archive where feedback brings more same-class images into the top k (checked against a
+brute-force cosine ranking in NumPy), and ``landlens search --relevant/--irrelevant``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from fixtures.make_datasets import make_dataset
+
+from landlens.cli.search import index_cmd, search_cmd
+from landlens.errors import LandlensError
+from landlens.retrieval.feedback import (ROCCHIO_A, ROCCHIO_B, ROCCHIO_C, FeedbackError, RocchioWeights,
+                                         index_row_vectors, rocchio, rocchio_weights)
+
+# ---------------------------------------------------------------------- the formula
+
+
+def test_defaults_are_the_textbook_values() -> None:
+    assert (ROCCHIO_A, ROCCHIO_B, ROCCHIO_C) == (1.0, 0.75, 0.15)
+    assert RocchioWeights().to_dict() == {"a": 1.0, "b": 0.75, "c": 0.15}
+
+
+def test_rocchio_2d_by_hand() -> None:
+    # q = (3, 4) -> (0.6, 0.8); relevant (1, 0), (0, 2) -> (1, 0), (0, 1), mean (0.5, 0.5);
+    # irrelevant (0, -5) -> (0, -1).
+    # q' = (0.6, 0.8) + 0.75 (0.5, 0.5) - 0.15 (0, -1) = (0.975, 1.325), |q'| = sqrt(2.70625)
+    out = rocchio([3.0, 4.0], [[1.0, 0.0], [0.0, 2.0]], [[0.0, -5.0]])
+    assert out.dtype == np.float32 and out.shape == (2,)
+    norm = math.sqrt(0.975 ** 2 + 1.325 ** 2)
+    assert norm == pytest.approx(math.sqrt(2.70625))
+    np.testing.assert_allclose(out, [0.975 / norm, 1.325 / norm], rtol=1e-6)
+    # scale: the same direction, another length
+    np.testing.assert_allclose(rocchio([3.0, 4.0], [[1.0, 0.0], [0.0, 2.0]], [[0.0, -5.0]], scale=5.0),
+                               [5 * 0.975 / norm, 5 * 1.325 / norm], rtol=1e-6)
+
+
+def test_rocchio_3d_by_hand_keeps_negative_components() -> None:
+    # a=0.5, b=1, c=0.5; q = (0, 0, 2) -> (0, 0, 1); relevant (1, 0, 0);
+    # irrelevant (0, 0, 1), (0, 3, 0) -> mean (0, 0.5, 0.5).
+    # q' = (0, 0, 0.5) + (1, 0, 0) - (0, 0.25, 0.25) = (1, -0.25, 0.25), |q'| = sqrt(1.125)
+    out = rocchio(np.array([[0.0, 0.0, 2.0]]), np.array([[1.0, 0.0, 0.0]]),
+                  np.array([[0.0, 0.0, 1.0], [0.0, 3.0, 0.0]]), a=0.5, b=1.0, c=0.5)
+    np.testing.assert_allclose(out, np.array([1.0, -0.25, 0.25]) / math.sqrt(1.125), rtol=1e-6)
+    assert out[1] < 0  # not clipped
+
+
+def test_empty_sets_drop_their_terms() -> None:
+    q = np.array([2.0, 0.0, 0.0])
+    # no marks at all: the normalised query
+    np.testing.assert_allclose(rocchio(q), [1.0, 0.0, 0.0])
+    # only relevant: (1, 0, 0) + 0.75 (0, 1, 0) -> (1, 0.75, 0) / 1.25 = (0.8, 0.6, 0)
+    np.testing.assert_allclose(rocchio(q, [[0.0, 4.0, 0.0]], []), [0.8, 0.6, 0.0], rtol=1e-6)
+    # only irrelevant: (1, 0, 0) - 0.15 (0, 0, 1) -> / sqrt(1.0225)
+    np.testing.assert_allclose(rocchio(q, np.zeros((0, 3)), [[0.0, 0.0, 9.0]]),
+                               np.array([1.0, 0.0, -0.15]) / math.sqrt(1.0225), rtol=1e-6)
+
+
+def test_errors_are_one_line_feedback_errors() -> None:
+    with pytest.raises(FeedbackError, match="zero vector"):
+        rocchio([1.0, 0.0], [], [[2.0, 0.0]], a=1.0, b=0.0, c=1.0)  # q - q = 0
+    with pytest.raises(FeedbackError, match="all zeros"):
+        rocchio([0.0, 0.0], [[1.0, 0.0]])
+    with pytest.raises(FeedbackError, match="3 dimensions, the query has 2"):
+        rocchio([1.0, 0.0], [[1.0, 0.0, 0.0]])
+    with pytest.raises(FeedbackError, match="NaN"):
+        rocchio([1.0, 0.0], [[np.nan, 0.0]])
+    with pytest.raises(FeedbackError, match="weight c"):
+        rocchio([1.0, 0.0], c=-0.1)
+    with pytest.raises(FeedbackError, match="all 0"):
+        RocchioWeights(0, 0, 0)
+    with pytest.raises(FeedbackError, match="weight a"):
+        RocchioWeights(True, 1, 1)
+    with pytest.raises(FeedbackError, match="scale"):
+        rocchio([1.0, 0.0], scale=0.0)
+    assert issubclass(FeedbackError, LandlensError)
+
+
+def test_rocchio_weights_parsing() -> None:
+    assert rocchio_weights(None) == RocchioWeights()
+    assert rocchio_weights({"b": 0.5}) == RocchioWeights(1.0, 0.5, 0.15)
+    assert rocchio_weights((2, 1, 0)) == RocchioWeights(2.0, 1.0, 0.0)
+    with pytest.raises(FeedbackError, match="'d'"):
+        rocchio_weights({"d": 1})
+    with pytest.raises(FeedbackError, match="three numbers"):
+        rocchio_weights([1, 2])
+
+
+# ---------------------------------------------------------------------- on a tiny archive
+
+K = 5
+
+
+@pytest.fixture(scope="module")
+def archive_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """4 classes x 6 images (64 px, UC Merced layout) indexed with LBP-RGB features."""
+    from landlens.retrieval.archive import Archive
+
+    tmp = tmp_path_factory.mktemp("feedback")
+    data = make_dataset(tmp / "data", "ucmerced", per_class=6, size=64, classes=4)
+    archive = Archive.build(data, tmp / "archive", backbone="lbp_rgb", progress=False)
+    return {"archive": archive, "data": data, "tmp": tmp}
+
+
+def _brute_force(vectors: np.ndarray, q: np.ndarray, k: int, exclude: int | None) -> list[int]:
+    """Rows of the ``k`` highest cosine similarities (NumPy, no index)."""
+    v = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    sim = v @ (q / np.linalg.norm(q))
+    if exclude is not None:
+        sim[exclude] = -np.inf
+    return [int(i) for i in np.argsort(-sim, kind="stable")[:k]]
+
+
+def test_feedback_brings_more_same_class_images_into_the_top_k(archive_env: dict[str, Any]) -> None:
+    archive = archive_env["archive"]
+    records = archive.records()
+    vectors = np.stack([archive.vector(r.id) for r in records])
+    row_of = {r.id: i for i, r in enumerate(records)}
+
+    def same(hits: list[Any], cls: str) -> int:
+        return sum(h.record.class_name == cls for h in hits)
+
+    # the query whose plain top k holds the fewest images of its own class
+    qrec = min(records, key=lambda r: (same(archive.search_id(r.id, K), r.class_name), r.id))
+    before = archive.search_id(qrec.id, K)
+    n_before = same(before, qrec.class_name)
+    assert 1 <= n_before < K - 1  # room to improve, something to mark relevant
+    relevant = [h.record.id for h in before if h.record.class_name == qrec.class_name]
+    irrelevant = [h.record.id for h in before if h.record.class_name != qrec.class_name]
+    assert len({archive.record(i).class_name for i in irrelevant}) >= 1
+
+    refined = rocchio(archive.vector(qrec.id), np.stack([archive.vector(i) for i in relevant]),
+                      np.stack([archive.vector(i) for i in irrelevant]))
+    after = archive.search_vectors(refined[None], K, exclude=[qrec.id])[0]
+    # the archive's answer is the brute-force cosine ranking of the refined query
+    assert [row_of[h.record.id] for h in after] == _brute_force(vectors, refined, K, row_of[qrec.id])
+    n_after = same(after, qrec.class_name)
+    assert n_after > n_before
+    assert (n_before, n_after) == (2, 4)  # this fixture: two more right answers in the top 5
+    # the marked relevant images stay in the results
+    assert set(relevant) <= {h.record.id for h in after}
+
+
+# ---------------------------------------------------------------------- the search command
+
+
+@pytest.fixture(scope="module")
+def index_env(archive_env: dict[str, Any]) -> dict[str, Any]:
+    """A search index over the archive's LBP-RGB feature store (``landlens retrieval index``)."""
+    from landlens.retrieval.index import SearchIndex
+
+    store = archive_env["archive"].info()["feature_store"]
+    out = archive_env["tmp"] / "index"
+    res = CliRunner().invoke(index_cmd, [store, "--out", str(out), "--kind", "exact"])
+    assert res.exit_code == 0, res.output
+    return {"dir": out, "index": SearchIndex.load(out), "store": store}
+
+
+def test_search_cli_with_relevance_feedback(archive_env: dict[str, Any], index_env: dict[str, Any]) -> None:
+    from landlens.features.store import FeatureStore
+
+    index, root = index_env["index"], Path(index_env["index"].meta["dataset"]["root"])
+    feats = FeatureStore(index_env["store"]).load().features
+    assert len(feats) == index.ntotal == 24
+    qrow = 3
+    query = root / index.paths_[qrow]
+    qclass = index.classes_[int(index.labels_[qrow])]
+    same = [i for i in range(index.ntotal) if index.labels_[i] == index.labels_[qrow] and i != qrow]
+    other = [i for i in range(index.ntotal) if index.labels_[i] != index.labels_[qrow]]
+    relevant, irrelevant = same[:2], other[:3]
+    args = [index_env["dir"], query, "--k", "8", "--json"]
+    for r in relevant:
+        args += ["--relevant", r]
+    for r in irrelevant:
+        args += ["--irrelevant", r]
+    res = CliRunner().invoke(search_cmd, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    (q,) = doc["results"]
+    assert doc["feedback"] == {"method": "rocchio", "weights": {"a": 1.0, "b": 0.75, "c": 0.15},
+                               "relevant": relevant, "irrelevant": irrelevant}
+    # the query is an archive image: its stored vector is the embedding the command computes
+    refined = rocchio(feats[qrow], feats[relevant], feats[irrelevant])
+    assert [h["row"] for h in q["hits"]] == _brute_force(feats, refined, 8, None)
+    plain = _brute_force(feats, feats[qrow], 8, None)
+    assert [h["row"] for h in q["hits"]] != plain  # the marks changed the answer
+    assert q["query_class"] == qclass and q["archive_row"] == qrow
+
+    # the table shows each hit's row, to mark in the next round
+    res = CliRunner().invoke(search_cmd, [str(a) for a in [index_env["dir"], query, "--k", "3",
+                                                             "--relevant", relevant[0], "--rocchio", 1, 0.5, 0]])
+    assert res.exit_code == 0, res.output
+    assert "refined by Rocchio (a=1, b=0.5, c=0) with 1 relevant and 0 non-relevant row(s)" in res.stdout
+    rows = _brute_force(feats, rocchio(feats[qrow], feats[[relevant[0]]], a=1, b=0.5, c=0), 3, None)
+    table = [line.strip("|").split("|") for line in res.stdout.splitlines() if line[:3] in ("| 1", "| 2", "| 3")]
+    assert [int(cells[-1]) for cells in table] == rows
+    assert [cells[-2].strip() for cells in table] == [index.paths_[r] for r in rows]
+
+
+def test_search_cli_feedback_errors(index_env: dict[str, Any]) -> None:
+    index = index_env["index"]
+    root = Path(index.meta["dataset"]["root"])
+    query = root / index.paths_[0]
+
+    def run(*extra: Any) -> Any:
+        return CliRunner().invoke(search_cmd, [str(a) for a in [index_env["dir"], query, *extra]])
+
+    res = run("--relevant", 99)
+    assert res.exit_code == 2 and "--relevant 99: not a row of the index (rows are 0..23)" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    res = run("--relevant", 1, "--irrelevant", 1)
+    assert res.exit_code == 2 and "row 1 is given both" in res.stderr
+    res = run(query, "--relevant", 1)
+    assert res.exit_code == 2 and "refine one query" in res.stderr
+    res = run("--irrelevant", 0, "--rocchio", 1, 0, 1)  # the query itself, a = c: nothing left
+    assert res.exit_code == 2 and "zero vector" in res.stderr
+
+
+def test_index_row_vectors_reads_the_store(index_env: dict[str, Any]) -> None:
+    from landlens.features.store import FeatureStore
+
+    feats = FeatureStore(index_env["store"]).load().features
+    np.testing.assert_array_equal(index_row_vectors(index_env["index"], [5, 0]), feats[[5, 0]])
+    assert index_row_vectors(index_env["index"], []).shape == (0, feats.shape[1])
+    with pytest.raises(FeedbackError, match="row -1"):
+        index_row_vectors(index_env["index"], [-1])
