@@ -52,6 +52,11 @@ def _parse_ks(text: str) -> tuple[int, ...]:
               show_default=True, help="what split queries search: the whole archive or the test part (self excluded)")
 @click.option("--pca", type=int, default=None, help="project the (fused) features to N PCA components learned on the database")
 @click.option("--whiten", is_flag=True, help="whiten the PCA components (PCA to all dimensions without --pca)")
+@click.option("--rerank", "rerank", default=None, metavar="SPEC",
+              help="unsupervised re-ranking on the database's k-NN graph (cosine base, no labels): "
+                   "aqe[:n=2,alpha=3,dba=0] (alpha query expansion), "
+                   "diffusion[:k=50,kq=10,gamma=3,alpha=0.99], kreciprocal[:k1=20,k2=6,lambda=0.3], "
+                   "or aqe+diffusion / aqe+kreciprocal")
 @click.option("--precision-at", "precision_at", default="5,10,50,100,1000", show_default=True,
               help="the k of P@k, comma-separated")
 @click.option("--confusion-k", type=int, default=10, show_default=True,
@@ -63,14 +68,16 @@ def _parse_ks(text: str) -> tuple[int, ...]:
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 def evaluate_cmd(data: Path, backbones: tuple[str, ...], weights: tuple[str, ...], dataset: str | None, distance: str,
                  matcher: Path | None, shortlist: int | None, protocol: str, split_path: Path | None, database: str, pca: int | None, whiten: bool,
-                 precision_at: str, confusion_k: int, cache_dir: Path, workers: int | None, out: Path,
-                 quiet: bool) -> None:
+                 rerank: str | None, precision_at: str, confusion_k: int, cache_dir: Path, workers: int | None,
+                 out: Path, quiet: bool) -> None:
     """Evaluate retrieval on the images under DATA (one sub-folder per class).
 
     Features are extracted into --cache-dir on the first run and reused afterwards. With
     several --backbone, each backbone's features are L2-normalised and concatenated (then
-    optionally PCA/whitened). Prints a summary table and writes --out (JSON) with the
-    command, versions, backbones, protocol and every metric.
+    optionally PCA/whitened). --rerank re-ranks every query without labels (learned on the
+    database only); the result records its settings and the query time it adds. Prints a
+    summary table and writes --out (JSON) with the command, versions, backbones, protocol and
+    every metric.
     """
     import numpy as np
     import torch
@@ -105,6 +112,12 @@ def evaluate_cmd(data: Path, backbones: tuple[str, ...], weights: tuple[str, ...
         raise LandlensError("--distance learned and --matcher DIR go together (the discriminator to rank with)")
     if shortlist is not None and (distance != "learned" or shortlist < 1):
         raise LandlensError("--shortlist K (K >= 1) applies to --distance learned")
+    if rerank is not None:
+        from landlens.retrieval.rerank import make_reranker
+
+        if distance != "cosine":
+            raise LandlensError(f"--rerank ranks by cosine similarity; drop --distance {distance} or --rerank")
+        make_reranker(rerank)  # a bad spec fails before any extraction
     manifest = SplitManifest.load(split_path) if split_path is not None else None
     per_backbone = list(weights) if len(weights) == len(backbones) else list(weights) * len(backbones)
 
@@ -153,9 +166,15 @@ def evaluate_cmd(data: Path, backbones: tuple[str, ...], weights: tuple[str, ...
             from landlens.retrieval.distances import get_distance
 
             dist = get_distance("learned", model=matcher, shortlist=shortlist, features=feature_identity(features))
-        result = evaluate(features, distance=dist, protocol=p, precision_at=ks, confusion_k=confusion_k)
+        result = evaluate(features, distance=dist, protocol=p, precision_at=ks, confusion_k=confusion_k,
+                          rerank=rerank)
     click.echo("")
     click.echo(result.to_markdown())
+    if result.rerank is not None:
+        r = result.rerank
+        click.echo(f"\nrerank  {r['spec']}: fitted in {r['fit_seconds']:.2f} s on {r['database_size']} database "
+                   f"images; {r['query_ms']:.3f} ms/query ({r['added_query_ms']:+.3f} ms/query over cosine "
+                   f"{r['cosine_query_ms']:.3f})")
 
     doc = {
         "command": command,
