@@ -1,15 +1,28 @@
-"""A scene classifier: a backbone's pooled features followed by a head that outputs log-probabilities.
+"""Trained models of a run: a scene classifier, or a metric-learning embedder; both saved without pickle.
+
+A :class:`Classifier` is a backbone's pooled features followed by a head that outputs
+log-probabilities; an :class:`Embedder` (metric learning, :mod:`landlens.training.metric`) is a
+backbone followed by an :class:`EmbeddingHead` that outputs L2-normalised embeddings.
 
 The trained model is saved as two files in a run directory, with no pickle anywhere:
 
-- ``model.safetensors``: every tensor of the classifier (backbone and head);
+- ``model.safetensors``: every tensor of the model (backbone and head);
 - ``model.json``: what is needed to rebuild the network and read its output: landlens and
-  file-format versions, backbone name, head settings, class names, preprocessing, and where the
-  backbone's starting weights came from.
+  file-format versions, backbone name, head settings, class names (for an embedder: the
+  training classes), preprocessing, where the backbone's starting weights came from, and the
+  sha256 of ``model.safetensors`` as written.
 
 :func:`load_classifier` rebuilds the network from ``model.json`` (backbone with random
 initialisation, then the head) and loads the tensors strictly, so a file from another backbone,
 another head or another number of classes is refused with one line naming the file.
+:func:`load_embedder` does the same for an embedder, :func:`load_model` for either.
+
+A run directory is also a feature extractor: :func:`run_backbone` (what
+``create_backbone("run:PATH")`` calls, so ``--backbone run:PATH`` works wherever a backbone
+name does) gives the fine-tuned backbone's pooled features of a classification run (the head
+dropped), or the L2-normalised embedding of a metric-learning run, under the run's recorded
+preprocessing, with weights identity ``source='run'``, ``ref=`` the resolved run directory and
+``digest=`` the sha256 of its ``model.safetensors``.
 """
 
 from __future__ import annotations
@@ -22,15 +35,18 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from landlens.errors import CheckpointError, LandlensError, first_line
+from landlens.errors import BackboneError, CheckpointError, LandlensError, WeightsError, first_line
 from landlens.models.preprocessing import Preprocessing
-from landlens.models.registry import Backbone, WeightsInfo
+from landlens.models.registry import Backbone, BackboneSpec, WeightsInfo
 
 MODEL_FORMAT = "landlens-classifier"
+EMBEDDER_FORMAT = "landlens-embedder"
 MODEL_FORMAT_VERSION = 1
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_META = "model.json"
+RUN_PREFIX = "run:"
 
 
 @dataclass(frozen=True)
@@ -110,17 +126,104 @@ class Classifier(nn.Module):
         }
 
 
-def save_classifier(model: Classifier, directory: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
+class EmbeddingHead(nn.Module):
+    """Linear projection (optionally followed by BatchNorm) to ``dim``, then L2 normalisation.
+
+    The embedding layer of deep metric learning (e.g. Kim et al., "Proxy Anchor Loss for Deep
+    Metric Learning", CVPR 2020, Sec. 4.1: a linear layer on the pooled backbone features);
+    ``forward`` returns unit-length rows, so cosine similarity is a dot product.
+    """
+
+    def __init__(self, in_features: int, dim: int, bn: bool = False) -> None:
+        super().__init__()
+        if int(dim) < 1:
+            raise LandlensError(f"embedding dimension must be >= 1, got {dim}")
+        self.fc = nn.Linear(int(in_features), int(dim))
+        self.bn = nn.BatchNorm1d(int(dim)) if bn else nn.Identity()
+        self.dim = int(dim)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.bn(self.fc(z)), dim=1)
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """Settings of an :class:`EmbeddingHead`: output length ``dim`` and a BatchNorm after the projection."""
+
+    dim: int = 128
+    bn: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "embedding", "dim": int(self.dim), "bn": bool(self.bn)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EmbeddingConfig":
+        return cls(dim=int(d["dim"]), bn=bool(d.get("bn", False)))
+
+
+class Embedder(nn.Module):
+    """Backbone + embedding head; ``forward`` maps normalised images (B, 3, H, W) to unit vectors (B, dim).
+
+    Attributes:
+        backbone: the feature extractor (:class:`~landlens.models.registry.Backbone`).
+        head: the :class:`EmbeddingHead`.
+        classes: the classes of the training part (recorded, not predicted).
+        embedding: how the head was built.
+    """
+
+    def __init__(self, backbone: Backbone, classes: list[str], embedding: EmbeddingConfig | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.classes = list(classes)
+        self.embedding = embedding or EmbeddingConfig()
+        self.head = EmbeddingHead(backbone.num_features, self.embedding.dim, self.embedding.bn)
+
+    @property
+    def dim(self) -> int:
+        return self.embedding.dim
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.backbone.preprocessing
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def describe(self) -> dict[str, Any]:
+        """Everything :func:`load_embedder` needs besides the tensors."""
+        from landlens import __version__
+
+        return {
+            "format": EMBEDDER_FORMAT,
+            "format_version": MODEL_FORMAT_VERSION,
+            "landlens_version": __version__,
+            "backbone": self.backbone.spec.name,
+            "num_features": self.backbone.num_features,
+            "embedding": self.embedding.to_dict(),
+            "classes": list(self.classes),
+            "preprocessing": self.backbone.preprocessing.to_dict(),
+            "initial_weights": self.backbone.weights.to_dict(),
+        }
+
+
+def save_classifier(model: "Classifier | Embedder", directory: str | os.PathLike[str],
+                    extra: dict[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` and ``model.json`` into ``directory`` (atomically, each file).
 
-    Returns the path of ``model.json``.
+    Works for a :class:`Classifier` and an :class:`Embedder`; ``model.json`` records the
+    sha256 of the tensors file it goes with. Returns the path of ``model.json``.
     """
+    from landlens.hashing import file_digest
     from landlens.models.tensorfile import save_module_tensors
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     save_module_tensors(model, d / MODEL_WEIGHTS)
     meta = model.describe()
+    meta["weights_sha256"] = file_digest(d / MODEL_WEIGHTS)
     if extra:
         meta["extra"] = extra
     tmp_meta = d / (MODEL_META + ".part")
@@ -129,8 +232,13 @@ def save_classifier(model: Classifier, directory: str | os.PathLike[str], extra:
     return d / MODEL_META
 
 
-def read_model_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check ``model.json`` of a run directory (or the file itself)."""
+def read_model_meta(directory: str | os.PathLike[str], *,
+                    formats: tuple[str, ...] = (MODEL_FORMAT,)) -> dict[str, Any]:
+    """Read and check ``model.json`` of a run directory (or the file itself).
+
+    ``formats``: the model kinds accepted (:data:`MODEL_FORMAT` for a classifier,
+    :data:`EMBEDDER_FORMAT` for an embedder).
+    """
     p = Path(directory)
     meta_path = p if p.suffix == ".json" else p / MODEL_META
     if not meta_path.is_file():
@@ -140,14 +248,21 @@ def read_model_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {meta_path}: {first_line(exc)}") from None
-    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+    kind = meta.get("format") if isinstance(meta, dict) else None
+    if kind not in formats:
+        if kind == EMBEDDER_FORMAT:
+            raise CheckpointError(f"{meta_path} holds a metric-learning embedder, not a classifier (it predicts no "
+                                  f"class); use it as a feature extractor: --backbone {RUN_PREFIX}{meta_path.parent}")
+        if kind == MODEL_FORMAT:
+            raise CheckpointError(f"{meta_path} holds a classifier, not a metric-learning embedder")
         raise CheckpointError(f"{meta_path} is not a landlens classifier file")
     version = meta.get("format_version")
     if version != MODEL_FORMAT_VERSION:
         raise CheckpointError(
             f"{meta_path} has model-file format {version!r} (written by landlens "
             f"{meta.get('landlens_version', '?')}); this landlens reads format {MODEL_FORMAT_VERSION}")
-    for key in ("backbone", "head", "classes", "preprocessing"):
+    needed = ("embedding",) if kind == EMBEDDER_FORMAT else ("head",)
+    for key in ("backbone", *needed, "classes", "preprocessing"):
         if key not in meta:
             raise CheckpointError(f"{meta_path} lacks {key!r}")
     return meta
@@ -170,22 +285,13 @@ def load_classifier(directory: str | os.PathLike[str], *, map_location: str = "c
         CheckpointError: missing or unreadable files, another format version, or tensors that do
             not fit the network described (another backbone, head or class count).
     """
-    from landlens.models.registry import build_body, get_spec
     from landlens.models.tensorfile import load_module_tensors
 
     p = Path(directory)
     d = p.parent if p.suffix == ".json" else p
     meta = read_model_meta(p)
-    try:
-        spec = get_spec(str(meta["backbone"]))
-    except LandlensError as exc:
-        raise CheckpointError(f"{d / MODEL_META}: {exc}") from None
-    body, dim = build_body(spec)
-    pre = Preprocessing.from_dict(meta["preprocessing"])
-    init = meta.get("initial_weights") or {}
-    info = WeightsInfo(source=str(init.get("source", "none")), ref=str(init.get("ref", "")),
-                       digest=init.get("digest"), file_sha256=init.get("file_sha256"))
-    backbone = Backbone(spec, body, dim, pre, info)
+    backbone = _rebuild_backbone(meta, d)
+    spec = backbone.spec
     model = Classifier(backbone, [str(c) for c in meta["classes"]], HeadConfig.from_dict(meta["head"]))
     load_module_tensors(model, d / MODEL_WEIGHTS, what="trained", map_location=map_location,
                         described=f"backbone {spec.name!r} with a {meta['head'].get('kind')} head "
@@ -194,12 +300,187 @@ def load_classifier(directory: str | os.PathLike[str], *, map_location: str = "c
     return model
 
 
+def _rebuild_backbone(meta: dict[str, Any], d: Path) -> Backbone:
+    """The backbone ``model.json`` describes, randomly initialised (the tensors come next)."""
+    from landlens.models.registry import build_body, get_spec
+
+    try:
+        spec = get_spec(str(meta["backbone"]))
+        pre = Preprocessing.from_dict(meta["preprocessing"])
+    except LandlensError as exc:
+        raise CheckpointError(f"{d / MODEL_META}: {exc}") from None
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{d / MODEL_META}: unusable preprocessing: {first_line(exc)}") from None
+    init = meta.get("initial_weights") or {}
+    info = WeightsInfo(source=str(init.get("source", "none")), ref=str(init.get("ref", "")),
+                       digest=init.get("digest"), file_sha256=init.get("file_sha256"))
+    if spec.family == "handcrafted":  # its length and input normalisation follow the preprocessing
+        from landlens.features.handcrafted import HandcraftedBackbone, build_descriptor
+
+        body, dim = build_descriptor(spec.arch, pre)
+        return HandcraftedBackbone(spec, body, dim, pre, info)
+    body, dim = build_body(spec)
+    return Backbone(spec, body, dim, pre, info)
+
+
+def load_embedder(directory: str | os.PathLike[str], *, map_location: str = "cpu") -> Embedder:
+    """Rebuild a trained metric-learning :class:`Embedder` from ``model.json`` + ``model.safetensors``.
+
+    Raises:
+        CheckpointError: missing or unreadable files, not an embedder, or tensors that do not fit.
+    """
+    from landlens.models.tensorfile import load_module_tensors
+
+    p = Path(directory)
+    d = p.parent if p.suffix == ".json" else p
+    meta = read_model_meta(p, formats=(EMBEDDER_FORMAT,))
+    backbone = _rebuild_backbone(meta, d)
+    try:
+        emb = EmbeddingConfig.from_dict(meta["embedding"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{d / MODEL_META}: unusable embedding settings: {first_line(exc)}") from None
+    model = Embedder(backbone, [str(c) for c in meta["classes"]], emb)
+    load_module_tensors(model, d / MODEL_WEIGHTS, what="trained", map_location=map_location,
+                        described=f"backbone {backbone.spec.name!r} with a {emb.dim}-d embedding head")
+    model.eval()
+    return model
+
+
+def load_model(directory: str | os.PathLike[str], *, map_location: str = "cpu") -> "Classifier | Embedder":
+    """The trained model of a run directory, whichever kind it is (classifier or embedder)."""
+    meta = read_model_meta(directory, formats=(MODEL_FORMAT, EMBEDDER_FORMAT))
+    if meta["format"] == EMBEDDER_FORMAT:
+        return load_embedder(directory, map_location=map_location)
+    return load_classifier(directory, map_location=map_location)
+
+
+# --------------------------------------------------------------------------- runs as backbones
+
+
+class _EmbeddingBody(nn.Module):
+    """A trained embedder as a backbone body: pooled features, projection, L2 normalisation."""
+
+    def __init__(self, body: nn.Module, head: EmbeddingHead) -> None:
+        super().__init__()
+        self.body = body
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).flatten(1))
+
+
+def is_run_reference(text: str | None) -> bool:
+    """``True`` for ``'run:PATH'`` (a trained run used as a backbone)."""
+    return isinstance(text, str) and text.strip().lower().startswith(RUN_PREFIX)
+
+
+def _split_pin(text: str) -> tuple[str, str | None]:
+    """``'PATH@DIGEST'`` -> (PATH, digest prefix); a trailing ``@`` + 8 to 64 hex digits pins the digest."""
+    head, sep, tail = text.rpartition("@")
+    if sep and 8 <= len(tail) <= 64 and all(c in "0123456789abcdefABCDEF" for c in tail):
+        return head, tail.lower()
+    return text, None
+
+
+def run_weights_argument(ref: str, digest: str | None = None) -> str:
+    """The ``create_backbone`` weights argument that rebuilds a run backbone recorded as
+    ``{'source': 'run', 'ref': ref, 'digest': digest}`` and refuses a run whose weights changed."""
+    return f"{RUN_PREFIX}{ref}" + (f"@{digest}" if digest else "")
+
+
+def run_backbone(name: str, weights: str = "auto", *, preprocessing: Preprocessing | None = None) -> Backbone:
+    """The feature extractor of a trained run directory (what ``create_backbone('run:PATH')`` returns).
+
+    - classification run: the fine-tuned backbone's pooled features (the head is dropped);
+    - metric-learning run: the L2-normalised embedding.
+
+    Args:
+        name: ``'run:PATH'`` (PATH: the run directory or its ``model.json``); may end with
+            ``@DIGEST`` (8 to 64 hex digits) to require that digest.
+        weights: ``'auto'`` (or ``'run'``): the run's own ``model.safetensors``; or
+            ``'run:PATH[@DIGEST]'``, which gives the run's location (and pinned digest) and
+            overrides the name's (how a search index rebuilds it: the name then only has to
+            name a run directory of the same base name).
+        preprocessing: overrides the run's recorded preprocessing.
+
+    The backbone's name is ``'run:'`` + the run directory's base name; its weights identity
+    is ``WeightsInfo('run', <resolved directory>, <sha256 of model.safetensors>)``.
+
+    Raises:
+        BackboneError: no such run directory, or no ``model.json`` in it.
+        WeightsError: a ``model.safetensors`` whose sha256 differs from the pinned digest or
+            from the one its ``model.json`` recorded, or a weights argument that does not apply.
+        CheckpointError: unreadable or mismatched model files.
+    """
+    from landlens.hashing import cached_file_digest
+
+    if not is_run_reference(name):
+        raise BackboneError(f"{name!r} is not a run reference (expected run:PATH)")
+    path_text, pin = _split_pin(name.strip()[len(RUN_PREFIX):])
+    w = (weights or "auto").strip()
+    if is_run_reference(w):
+        w_path, w_pin = _split_pin(w[len(RUN_PREFIX):])
+        if w_path:
+            if path_text and Path(path_text).name != Path(w_path).name:
+                raise BackboneError(f"backbone {name!r} and weights {weights!r} name different runs")
+            path_text = w_path
+        pin = w_pin or pin
+    elif w.lower() not in ("auto", "run"):
+        raise WeightsError(f"backbone {name!r} is a trained run: its weights are the run's {MODEL_WEIGHTS}; "
+                           f"--weights {weights!r} does not apply (use 'auto')")
+    if not path_text:
+        raise BackboneError(f"backbone {name!r}: give the run directory after 'run:' (run:PATH)")
+    d = Path(path_text).expanduser()
+    if d.suffix == ".json" and d.name == MODEL_META:
+        d = d.parent
+    if not d.exists():
+        raise BackboneError(f"run directory not found: {d} (backbone {name.strip()!r})")
+    if not d.is_dir():
+        raise BackboneError(f"backbone {name.strip()!r}: {d} is not a run directory")
+    if not (d / MODEL_META).is_file():
+        raise BackboneError(f"{d} is not a trained run: {MODEL_META} not found (train with 'landlens train run')")
+    d = d.resolve()
+    tensors = d / MODEL_WEIGHTS
+    if not tensors.is_file():
+        raise CheckpointError(f"no trained weights at {tensors}")
+    digest = cached_file_digest(tensors)
+    meta = read_model_meta(d, formats=(MODEL_FORMAT, EMBEDDER_FORMAT))
+    recorded = meta.get("weights_sha256")
+    if recorded and recorded != digest:
+        raise WeightsError(f"{tensors} has sha256 {digest[:12]}, but {MODEL_META} recorded {str(recorded)[:12]}: "
+                           f"the weights file was replaced after training")
+    if pin and not digest.startswith(pin):
+        raise WeightsError(f"run {d}: {MODEL_WEIGHTS} has digest {digest[:12]}, expected {pin[:12]} "
+                           f"(the run was retrained or its weights replaced since they were recorded)")
+    model = load_model(d)
+    inner = model.backbone
+    if isinstance(model, Embedder):
+        body: nn.Module = _EmbeddingBody(inner.body, model.head)
+        dim, kind = model.dim, f"{model.dim}-d metric-learning embedding"
+    else:
+        body, dim, kind = inner.body, inner.num_features, f"{inner.num_features}-d fine-tuned features"
+    spec = BackboneSpec(f"{RUN_PREFIX}{d.name}", "run", inner.spec.name, f"trained run {d.name} ({inner.spec.title})",
+                        note=f"{kind} of {inner.spec.name}, run {d}")
+    info = WeightsInfo("run", str(d), digest, digest)
+    return Backbone(spec, body.eval(), dim, preprocessing or inner.preprocessing, info).eval()
+
+
 __all__ = [
     "Classifier",
+    "EMBEDDER_FORMAT",
+    "EmbeddingConfig",
+    "EmbeddingHead",
+    "Embedder",
     "HeadConfig",
     "MODEL_FORMAT_VERSION",
+    "RUN_PREFIX",
     "build_classifier",
+    "is_run_reference",
     "load_classifier",
+    "load_embedder",
+    "load_model",
     "read_model_meta",
+    "run_backbone",
+    "run_weights_argument",
     "save_classifier",
 ]

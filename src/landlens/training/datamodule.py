@@ -4,7 +4,9 @@
 split manifest checked against the folder) and returns the parts' indices.
 :class:`SceneDataModule` feeds decoded, augmented images; :class:`FeatureDataModule` feeds
 cached frozen-backbone features instead (the fast path of the ``linear`` strategy without
-augmentation).
+augmentation). For metric learning both can draw class-balanced training batches
+(:class:`ClassBalancedSampler`) and also serve the train part without augmentation (the
+retrieval database of validation) and the whole split (the test evaluation).
 """
 
 from __future__ import annotations
@@ -111,6 +113,68 @@ class EpochShuffleSampler(Sampler[int]):
         return iter(torch.randperm(self.n, generator=g).tolist())
 
 
+class ClassBalancedSampler(Sampler[int]):
+    """Batches of ``m`` images of each of ``batch_size / m`` classes, in an order that depends
+    only on (seed, epoch).
+
+    pytorch-metric-learning's ``MPerClassSampler`` (an epoch of about ``len(labels)`` images,
+    a whole number of batches; a class with fewer than ``m`` images is sampled with
+    replacement) driven by a NumPy generator seeded with (seed, epoch), so a resumed run draws
+    the same batches as an uninterrupted one (the PML sampler alone uses NumPy's global state).
+
+    Raises:
+        ConfigError: ``batch_size`` not a multiple of ``m``, or more than ``m`` x the number of
+            classes.
+    """
+
+    def __init__(self, labels: Sequence[int] | np.ndarray, m: int, batch_size: int, seed: int) -> None:
+        from pytorch_metric_learning.samplers import MPerClassSampler
+
+        from landlens.errors import ConfigError
+
+        labels = np.asarray(labels, dtype=np.int64)
+        n_classes = len(np.unique(labels))
+        if batch_size % m:
+            raise ConfigError(f"data.batch_size={batch_size} must be a multiple of data.samples_per_class={m}")
+        if m * n_classes < batch_size:
+            raise ConfigError(f"data.batch_size={batch_size} exceeds data.samples_per_class={m} x {n_classes} "
+                              f"classes of the train part; use a batch size <= {m * n_classes}")
+        n = len(labels)
+        self._pml = MPerClassSampler(labels, m, batch_size=batch_size,
+                                     length_before_new_iter=max(batch_size, n - n % batch_size))
+        self._classes = list(self._pml.labels)
+        self.m, self.batch_size, self.seed, self.epoch = int(m), int(batch_size), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self._pml)
+
+    def __iter__(self):
+        from pytorch_metric_learning.utils import common_functions as c_f
+
+        self._pml.labels = list(self._classes)  # the PML sampler shuffles its class list in place
+        saved = c_f.NUMPY_RANDOM
+        c_f.NUMPY_RANDOM = np.random.RandomState([self.seed, self.epoch, 7])
+        try:
+            order = list(iter(self._pml))
+        finally:
+            c_f.NUMPY_RANDOM = saved
+        return iter([int(i) for i in order])
+
+
+def _train_sampler(labels: np.ndarray, batch_size: int, samples_per_class: int, seed: int) -> Sampler[int]:
+    if samples_per_class:
+        return ClassBalancedSampler(labels, samples_per_class, batch_size, seed)
+    return EpochShuffleSampler(len(labels), seed)
+
+
+def split_rows(parts: dict[str, np.ndarray]) -> np.ndarray:
+    """Every dataset position that some part of the split uses, ascending (the split's archive)."""
+    return np.unique(np.concatenate([np.asarray(v, dtype=np.int64) for v in parts.values()]))
+
+
 class SceneImages(Dataset):
     """Decoded images of a dataset subset with a transform: item ``i`` -> ``(tensor, label)``."""
 
@@ -138,10 +202,14 @@ class SceneImages(Dataset):
 
 
 class SceneDataModule(L.LightningDataModule):
-    """Images of the train / val / test parts, augmented for training only."""
+    """Images of the train / val / test parts, augmented for training only.
+
+    ``samples_per_class`` > 0 draws class-balanced training batches (:class:`ClassBalancedSampler`).
+    """
 
     def __init__(self, data: PreparedData, train_transform: Callable, eval_transform: Callable, *,
-                 batch_size: int, eval_batch_size: int, num_workers: int, seed: int) -> None:
+                 batch_size: int, eval_batch_size: int, num_workers: int, seed: int,
+                 samples_per_class: int = 0) -> None:
         super().__init__()
         self.data = data
         self.train_transform = train_transform
@@ -150,15 +218,28 @@ class SceneDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.samples_per_class = int(samples_per_class)
 
     def _loader(self, part: str, train: bool) -> DataLoader:
-        ds = SceneImages(self.data.dataset, self.data.parts[part],
-                         self.train_transform if train else self.eval_transform)
+        return self._rows_loader(self.data.parts[part], train)
+
+    def _rows_loader(self, rows: np.ndarray, train: bool) -> DataLoader:
+        ds = SceneImages(self.data.dataset, rows, self.train_transform if train else self.eval_transform)
+        sampler = _train_sampler(ds.labels, self.batch_size, self.samples_per_class, self.seed) if train else None
         return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size,
-                          sampler=EpochShuffleSampler(len(ds), self.seed) if train else None,
+                          sampler=sampler,
                           drop_last=train and len(ds) > self.batch_size, num_workers=self.num_workers,
                           persistent_workers=False, generator=torch.Generator().manual_seed(self.seed),
                           pin_memory=torch.cuda.is_available())
+
+    def database_dataloader(self) -> DataLoader:
+        """The train part without augmentation, in order (the retrieval database of validation)."""
+        return self._loader("train", False)
+
+    def split_dataloader(self) -> tuple[np.ndarray, DataLoader]:
+        """Every image of the split without augmentation, in dataset order, and their dataset positions."""
+        rows = split_rows(self.data.parts)
+        return rows, self._rows_loader(rows, False)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
@@ -171,10 +252,13 @@ class SceneDataModule(L.LightningDataModule):
 
 
 class FeatureDataModule(L.LightningDataModule):
-    """Cached frozen-backbone features of the train / val / test parts."""
+    """Cached frozen-backbone features of the train / val / test parts.
+
+    ``samples_per_class`` > 0 draws class-balanced training batches (:class:`ClassBalancedSampler`).
+    """
 
     def __init__(self, features: np.ndarray, labels: np.ndarray, parts: dict[str, np.ndarray], *,
-                 batch_size: int, eval_batch_size: int, seed: int) -> None:
+                 batch_size: int, eval_batch_size: int, seed: int, samples_per_class: int = 0) -> None:
         super().__init__()
         self.x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
         self.y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
@@ -182,14 +266,29 @@ class FeatureDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.seed = seed
+        self.samples_per_class = int(samples_per_class)
 
     def _loader(self, part: str, train: bool) -> DataLoader:
-        idx = torch.from_numpy(np.asarray(self.parts[part], dtype=np.int64))
+        return self._rows_loader(np.asarray(self.parts[part], dtype=np.int64), train)
+
+    def _rows_loader(self, rows: np.ndarray, train: bool) -> DataLoader:
+        idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
         ds = TensorDataset(self.x[idx], self.y[idx])
+        sampler = (_train_sampler(self.y[idx].numpy(), self.batch_size, self.samples_per_class, self.seed)
+                   if train else None)
         return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size,
-                          sampler=EpochShuffleSampler(len(ds), self.seed) if train else None,
+                          sampler=sampler,
                           drop_last=train and len(ds) > self.batch_size,
                           generator=torch.Generator().manual_seed(self.seed))
+
+    def database_dataloader(self) -> DataLoader:
+        """The train part in order (the retrieval database of validation)."""
+        return self._loader("train", False)
+
+    def split_dataloader(self) -> tuple[np.ndarray, DataLoader]:
+        """Every row of the split, in dataset order, and their dataset positions."""
+        rows = split_rows(self.parts)
+        return rows, self._rows_loader(rows, False)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
@@ -211,6 +310,7 @@ def feature_rows(store_paths: Sequence[str], dataset_paths: Sequence[str]) -> np
 
 
 __all__ = [
+    "ClassBalancedSampler",
     "EpochShuffleSampler",
     "FeatureDataModule",
     "PreparedData",
@@ -219,4 +319,5 @@ __all__ = [
     "check_images",
     "feature_rows",
     "prepare_data",
+    "split_rows",
 ]

@@ -14,6 +14,14 @@ precision where the hardware has them) and the test evaluation. A run directory 
     report.md              test accuracy with its bootstrap interval, per-class precision/recall/F1
     test_predictions.csv   every test image with its true and predicted class and probability
     confusion_matrix.png, learning_curves.png
+
+A metric-learning run (``model.embedding_dim`` set; :mod:`landlens.training.metric`) goes through
+the same steps and files, except that the model is an embedder (usable as
+``--backbone run:DIR``), the monitored metric is ``val_map``, and ``results.json`` /
+``report.md`` hold retrieval metrics: the test part with the ``split`` protocol (test queries,
+the whole archive minus the query as database, cosine), the val part against the train part,
+and the same numbers for the backbone's own features and for the embedding before training
+(no ``test_predictions.csv`` or confusion matrix).
 """
 
 from __future__ import annotations
@@ -34,7 +42,14 @@ import numpy as np
 import torch
 
 from landlens.errors import CheckpointError, ConfigError, DatasetError
-from landlens.models.classifier import Classifier, HeadConfig, build_classifier, save_classifier
+from landlens.models.classifier import (
+    Classifier,
+    Embedder,
+    EmbeddingConfig,
+    HeadConfig,
+    build_classifier,
+    save_classifier,
+)
 from landlens.training.config import TrainConfig, config_from_dict
 from landlens.training.datamodule import (
     FeatureDataModule,
@@ -45,7 +60,7 @@ from landlens.training.datamodule import (
     prepare_data,
 )
 from landlens.training.evaluation import ClassificationReport
-from landlens.training.task import ClassificationTask, head_param_groups
+from landlens.training.task import ClassificationTask, head_param_groups, monitor_mode
 
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
@@ -62,6 +77,11 @@ class RunResult:
     @property
     def accuracy(self) -> float | None:
         return (self.results.get("test") or {}).get("accuracy")
+
+    @property
+    def map(self) -> float | None:
+        """Test mAP of a metric-learning run (split protocol), ``None`` for a classifier."""
+        return ((self.results.get("test") or {}).get("metrics") or {}).get("mAP")
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
@@ -97,6 +117,7 @@ class _History(L.Callback):
     """Per-epoch metrics to ``history.csv`` / ``history.json`` (rewritten atomically each epoch)."""
 
     KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_s")
+    METRIC_KEYS = ("epoch", "train_loss", "val_map", "lr", "epoch_s")
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
@@ -117,7 +138,7 @@ class _History(L.Callback):
             return
         m = trainer.callback_metrics
         row: dict[str, Any] = {"epoch": int(trainer.current_epoch) + 1}
-        for k in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        for k in ("train_loss", "train_acc", "val_loss", "val_acc", "val_map"):
             if k in m:
                 row[k] = float(m[k])
         row["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None
@@ -129,7 +150,8 @@ class _History(L.Callback):
         _atomic_json(self.run_dir / "history.json", self.rows)
         tmp = self.run_dir / "history.csv.part"
         with tmp.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(self.KEYS), extrasaction="ignore")
+            keys = self.METRIC_KEYS if any("val_map" in r for r in self.rows) else self.KEYS
+            w = csv.DictWriter(fh, fieldnames=list(keys), extrasaction="ignore")
             w.writeheader()
             w.writerows(self.rows)
         os.replace(tmp, self.run_dir / "history.csv")
@@ -150,8 +172,10 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
         if saved.is_file():
             old = json.loads(saved.read_text())
             new = json.loads(json.dumps(cfg.to_dict()))
+            defaults = json.loads(json.dumps(TrainConfig().to_dict()))
+            # a key that a run saved by an older landlens lacks matches when the new value is its default
             diff = sorted(f"{s}.{k}" for s in new if isinstance(new[s], dict)
-                          for k in new[s] if (old.get(s) or {}).get(k) != new[s][k])
+                          for k in new[s] if (old.get(s) or {}).get(k, defaults[s].get(k)) != new[s][k])
             if diff:
                 raise ConfigError(f"cannot resume {run_dir} with a different config: {', '.join(diff[:5])} changed")
         return
@@ -160,11 +184,20 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
                           "or choose another out=")
 
 
-def build_model(cfg: TrainConfig, classes: Sequence[str]) -> Classifier:
-    """The classifier a config describes, with its starting weights and preprocessing."""
+def build_model(cfg: TrainConfig, classes: Sequence[str]) -> Classifier | Embedder:
+    """The classifier (or, with ``model.embedding_dim``, the embedder) a config describes, with
+    its starting weights and preprocessing."""
     m = cfg.model
-    model = build_classifier(m.backbone, list(classes), HeadConfig(m.head, m.dropout, m.hidden, m.reduction),
-                             weights=m.weights)
+    model: Classifier | Embedder
+    if cfg.is_metric:
+        from landlens.models.registry import create_backbone
+
+        assert m.embedding_dim is not None
+        model = Embedder(create_backbone(m.backbone, m.weights), list(classes),
+                         EmbeddingConfig(int(m.embedding_dim), bool(m.embedding_bn)))
+    else:
+        model = build_classifier(m.backbone, list(classes), HeadConfig(m.head, m.dropout, m.hidden, m.reduction),
+                                 weights=m.weights)
     changes: dict[str, Any] = {}
     if cfg.data.input_size is not None:
         changes["input_size"] = int(cfg.data.input_size)
@@ -175,7 +208,7 @@ def build_model(cfg: TrainConfig, classes: Sequence[str]) -> Classifier:
     return model
 
 
-def _use_feature_cache(cfg: TrainConfig, model: Classifier) -> bool:
+def _use_feature_cache(cfg: TrainConfig, model: Classifier | Embedder) -> bool:
     return (cfg.model.strategy == "linear" and cfg.data.augment == "none" and cfg.data.cache_features == "auto"
             and model.backbone.weights.digest is not None)
 
@@ -211,15 +244,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[L.Callb
     strategy = apply_strategy(model, cfg.model.strategy, unfreeze_stages=cfg.model.unfreeze_stages)
     use_cache = _use_feature_cache(cfg, model)
     o = cfg.optim
+    spc = cfg.samples_per_class()
     if use_cache:
         from landlens.features.cache import cached_features
 
-        fs = cached_features(data.dataset.root, data.dataset.name if data.dataset.spec else None, model.backbone,
-                             cache_dir=cache_dir, progress=progress, command=command)
+        # the RNG state after this point must not depend on whether the features were extracted now or reused
+        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+            fs = cached_features(data.dataset.root, data.dataset.name if data.dataset.spec else None, model.backbone,
+                                 cache_dir=cache_dir, progress=progress, command=command)
         rows = feature_rows(fs.paths, data.dataset.paths)
         dm: L.LightningDataModule = FeatureDataModule(fs.features[rows], data.dataset.labels, data.parts,
                                                       batch_size=cfg.data.batch_size,
-                                                      eval_batch_size=cfg.data.eval_batch_size, seed=cfg.trainer.seed)
+                                                      eval_batch_size=cfg.data.eval_batch_size, seed=cfg.trainer.seed,
+                                                      samples_per_class=spc)
         net: torch.nn.Module = model.head
         groups = head_param_groups(net, o.lr, o.weight_decay)
     else:
@@ -228,18 +265,34 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[L.Callb
         pre = model.backbone.preprocessing
         dm = SceneDataModule(data, build_train_transform(cfg.data.augment, pre), build_eval_transform(pre),
                              batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
-                             num_workers=cfg.data.num_workers, seed=cfg.trainer.seed)
+                             num_workers=cfg.data.num_workers, seed=cfg.trainer.seed, samples_per_class=spc)
         net = model
         groups = param_groups(model, o.lr, backbone_lr_mult=o.backbone_lr_mult, weight_decay=o.weight_decay)
+    if spc:  # the class-balanced sampler checks the batch size against the train part now, not mid-fit
+        dm.train_dataloader()
     has_val = data.val_part is not None
     monitor = cfg.trainer.monitor if has_val else "train_loss"
-    task = ClassificationTask(net, build_loss(cfg.loss.name, smoothing=cfg.loss.smoothing, eps=cfg.loss.eps,
-                                              ice_weight=cfg.loss.ice_weight),
-                              o, cfg.trainer.epochs, param_groups=groups, monitor=monitor)
+    start: dict[str, Any] | None = None
+    if cfg.is_metric:
+        from landlens.training.metric import MetricTask, metric_loss_from_config
+
+        assert cfg.model.embedding_dim is not None
+        n_train_classes = len(np.unique(np.asarray(data.dataset.labels)[data.parts["train"]]))
+        metric_loss = metric_loss_from_config(cfg.loss, len(data.classes), int(cfg.model.embedding_dim))
+        if n_train_classes < 2:
+            raise DatasetError(f"metric learning needs at least 2 classes in the train part, got {n_train_classes}")
+        groups = groups + metric_loss.param_groups(o.lr, cfg.loss.proxy_lr_mult)
+        start = _metric_start(net, dm, data, progress)
+        task: ClassificationTask = MetricTask(net, metric_loss, o, cfg.trainer.epochs, param_groups=groups,
+                                              monitor=monitor)
+    else:
+        task = ClassificationTask(net, build_loss(cfg.loss.name, smoothing=cfg.loss.smoothing, eps=cfg.loss.eps,
+                                                  ice_weight=cfg.loss.ice_weight),
+                                  o, cfg.trainer.epochs, param_groups=groups, monitor=monitor)
 
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    mode = "max" if monitor.endswith("acc") else "min"
+    mode = monitor_mode(monitor)
     ckpt_dir = run_dir / "checkpoints"
     cbs: list[L.Callback] = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_last=False,
@@ -289,6 +342,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[L.Callb
     task.to("cpu").eval()
     rgb = getattr(data.dataset.spec, "rgb_bands", None) if data.dataset.spec is not None else None
     save_classifier(model, run_dir, extra={"rgb_bands": list(rgb)} if rgb else None)
+    if cfg.is_metric:
+        return _finish_metric(cfg, task, dm, data, run_dir, model, strategy, start or {}, cbs[1], use_cache=use_cache,
+                              best_epoch=best_epoch, fit_s=fit_s, t_start=t_start, command=command)
 
     t_eval = time.perf_counter()
     try:
@@ -317,6 +373,93 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[L.Callb
     (run_dir / "report.md").write_text(report.to_markdown() + "\n")
     _atomic_json(run_dir / RESULTS_FILE, results)
     return RunResult(run_dir, "complete", results)
+
+
+def _metric_start(net: torch.nn.Module, dm: Any, data: PreparedData, progress: bool) -> dict[str, Any]:
+    """Retrieval before training: of the backbone's own features and of the initial embedding."""
+    from landlens.training.metric import embed_loader, evaluate_split
+
+    rows, loader = dm.split_dataloader()
+    try:
+        feats, emb, _ = embed_loader(net, loader)
+    except DatasetError as exc:
+        raise _unwrap_worker_error(exc) from None
+    out = {}
+    for key, x in (("backbone", feats), ("embedding", emb)):
+        rep = evaluate_split(x, rows, data, key)
+        out[key] = {"val": rep.val_metrics(), "test": rep.test.metrics}
+    return out
+
+
+def _finish_metric(cfg: TrainConfig, task: ClassificationTask, dm: Any, data: PreparedData, run_dir: Path,
+                   model: Embedder, strategy: Any, start: dict[str, Any], history_cb: Any, *, use_cache: bool,
+                   best_epoch: int | None, fit_s: float, t_start: float, command: str | None) -> RunResult:
+    """Evaluate a metric-learning run's (best) embedding and write results.json and report.md."""
+    from landlens.training.metric import embed_loader, evaluate_split
+
+    t_eval = time.perf_counter()
+    rows, loader = dm.split_dataloader()
+    try:
+        _, emb, _ = embed_loader(task.net, loader)
+    except DatasetError as exc:
+        raise _unwrap_worker_error(exc) from None
+    name = f"run:{run_dir.name}"
+    rep = evaluate_split(emb, rows, data, name)
+    eval_s = time.perf_counter() - t_eval
+    history = history_cb.rows if isinstance(history_cb, _History) else []
+    if history:
+        from landlens.reports.figures import plot_learning_curves
+
+        plot_learning_curves(history, run_dir / "learning_curves.png")
+    test = rep.test.to_dict()
+    m = rep.test.metrics
+    summary = (f"test retrieval (split protocol, {rep.test.protocol.n_queries} test queries, archive minus query): "
+               f"mAP {100 * m['mAP']:.2f}, ANMRR {m['ANMRR']:.4f}, P@10 {100 * m.get('P@10', float('nan')):.2f}")
+    val = rep.val_metrics()
+    if val is not None:
+        summary += f"; val mAP {100 * val['mAP']:.2f}"
+    results = {
+        "command": command or " ".join(sys.argv),
+        "environment": environment(),
+        "config": cfg.to_dict(),
+        "task": "metric",
+        "data": data.summary(),
+        "model": model.describe(),
+        "loss": task.loss_fn.describe(),
+        "samples_per_class": cfg.samples_per_class(),
+        "strategy": strategy.to_dict(),
+        "feature_cache": use_cache,
+        "epochs_run": len(history),
+        "best_epoch": best_epoch,
+        "timing_s": {"fit": round(fit_s, 2), "test": round(eval_s, 2),
+                     "total": round(time.perf_counter() - t_start, 2)},
+        "val": rep.to_dict()["val"],
+        "test": test,
+        "start": start,
+        "test_summary": summary,
+        "backbone": f"run:{run_dir.resolve()}",
+    }
+    (run_dir / "report.md").write_text(_metric_markdown(rep, start, name) + "\n")
+    _atomic_json(run_dir / RESULTS_FILE, results)
+    return RunResult(run_dir, "complete", results)
+
+
+def _metric_markdown(rep: Any, start: dict[str, Any], name: str) -> str:
+    def pct(v: Any) -> str:
+        return "-" if v is None or v != v else f"{100 * float(v):.2f}"
+
+    rows = [("backbone features (no training)", start.get("backbone") or {}),
+            ("embedding before training", start.get("embedding") or {}),
+            (f"trained embedding ({name})", {"val": rep.val_metrics(), "test": rep.test.metrics})]
+    lines = ["| features | val mAP | test mAP | test ANMRR | test P@10 |", "|---|---|---|---|---|"]
+    for label, r in rows:
+        t = r.get("test") or {}
+        anmrr = t.get("ANMRR")
+        lines.append(f"| {label} | {pct((r.get('val') or {}).get('mAP'))} | {pct(t.get('mAP'))} | "
+                     f"{'-' if anmrr is None else f'{anmrr:.4f}'} | {pct(t.get('P@10'))} |")
+    lines += ["", "val: the val part queries the train part; test: split protocol, the test part queries the whole "
+              "archive minus the query; cosine similarity, relevance = same class.", "", rep.test.to_markdown()]
+    return "\n".join(lines)
 
 
 def _unwrap_worker_error(exc: DatasetError) -> DatasetError:

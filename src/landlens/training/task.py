@@ -17,6 +17,11 @@ from landlens.training.config import OptimConfig
 _RNG_KEY = "landlens_rng"
 
 
+def monitor_mode(monitor: str) -> str:
+    """``'max'`` for accuracy and mAP monitors, ``'min'`` for losses."""
+    return "max" if monitor.endswith(("acc", "map")) else "min"
+
+
 def _no_decay(name: str, p: nn.Parameter) -> bool:
     return p.ndim <= 1 or name.endswith(".bias")
 
@@ -130,7 +135,7 @@ class ClassificationTask(RNGStateCheckpoint, L.LightningModule):
         if o.schedule == "step":
             sched = torch.optim.lr_scheduler.StepLR(opt, step_size=o.step_size, gamma=o.gamma)
         elif o.schedule == "plateau":
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max" if self.monitor.endswith("acc") else "min",
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=monitor_mode(self.monitor),
                                                                factor=o.gamma, patience=o.plateau_patience)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.monitor,
                                                        "interval": "epoch", "strict": False}}
@@ -145,4 +150,4 @@ class ClassificationTask(RNGStateCheckpoint, L.LightningModule):
 
 
 
-__all__ = ["ClassificationTask", "RNGStateCheckpoint", "head_param_groups"]
+__all__ = ["ClassificationTask", "RNGStateCheckpoint", "head_param_groups", "monitor_mode"]
