@@ -269,3 +269,51 @@ def test_cli_build_add_remove_info_list(data: Path, tmp_path: Path) -> None:
     assert res.exit_code == 2 and res.output.strip().splitlines()[-1] == "landlens: error: no image with id 77 in the archive"
     res = runner.invoke(cli, ["index", "info", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "no archive at" in res.output
+
+
+def _aqe1_order(db: np.ndarray, row: int) -> np.ndarray:
+    """Independent reference of alpha-QE with n=1, alpha=0 for the archive row ``row``: the query
+    plus its nearest *other* row, renormalised, ranks every row by cosine (float64 numpy)."""
+    dbn = db / np.linalg.norm(db, axis=1, keepdims=True)
+    s = dbn @ dbn[row]
+    s[row] = -np.inf
+    qe = dbn[row] + dbn[int(np.argmax(s))]
+    qe /= np.linalg.norm(qe)
+    return np.argsort(-(dbn @ qe), kind="stable")
+
+
+def test_rerank_follows_query_expansion_and_keeps_cosine_scores(arch: Archive) -> None:
+    feats, _ = _store_features(arch)
+    recs = arch.records()
+    arch.set_rerank("aqe:n=1,alpha=0")
+    assert arch.rerank == "aqe:n=1,alpha=0" and arch.rerank_info()["database_size"] == len(recs)
+    for row in (0, 5, 11):
+        hits = arch.search_id(recs[row].id, 6)
+        want = [recs[r].id for r in _aqe1_order(feats, row) if r != row][:6]
+        assert [h.record.id for h in hits] == want
+        qn = feats[row] / np.linalg.norm(feats[row])
+        for h in hits:  # the score stays the plain cosine of query and hit
+            v = feats[[r.id for r in recs].index(h.record.id)]
+            assert h.score == pytest.approx(float(qn @ v / np.linalg.norm(v)), abs=1e-5)
+    # a class filter keeps the re-ranked order within the class
+    cls = recs[0].class_name
+    filtered = arch.search_id(recs[0].id, 3, class_name=cls)
+    order = [recs[r] for r in _aqe1_order(feats, 0) if r != 0 and recs[r].class_name == cls][:3]
+    assert [h.record.id for h in filtered] == [r.id for r in order]
+    arch.set_rerank(None)
+    plain = arch.search_id(recs[0].id, 6)
+    assert [h.record.id for h in plain] == [recs[r].id for r in _brute_force(feats, feats[0]) if r != 0][:6]
+
+
+def test_rerank_refits_after_an_update_and_refuses_bad_specs(arch: Archive, data: Path, tmp_path: Path) -> None:
+    from landlens.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="nosuch"):
+        arch.set_rerank("nosuch")
+    assert arch.rerank is None
+    arch.set_rerank("diffusion:k=3,kq=2")
+    before = arch.rerank_info()["database_size"]
+    (new,) = arch.add([_image(tmp_path / "extra.png", 1, 50, (48, 48))], ["forest"])
+    hits = arch.search_id(new.id, 3)
+    assert arch.rerank_info()["database_size"] == before + 1
+    assert new.id not in [h.record.id for h in hits] and len(hits) == 3

@@ -177,3 +177,33 @@ def test_commands_work_through_the_landlens_group(archive, tmp_path):
     bad.write_bytes(b"")
     res = CliRunner().invoke(cli, ["search", str(out), str(bad)])
     assert res.exit_code == 2 and res.stderr.count("\n") == 1 and str(bad) in res.stderr
+
+
+def test_rerank_option_ranks_by_query_expansion(archive):
+    """--rerank aqe:n=2,alpha=0 equals an independent numpy reference over the store's features
+    (two neighbours, not one: with one, the query and its neighbour tie exactly)."""
+    from landlens.features.store import FeatureStore
+
+    root, _, store, idx = archive
+    fs = FeatureStore(store).load()
+    db = np.asarray(fs.features, np.float64)
+    dbn = db / np.linalg.norm(db, axis=1, keepdims=True)
+    row = list(fs.paths).index("urban/urban_1.png")
+    s = dbn @ dbn[row]
+    s[row] = -np.inf
+    qe = dbn[row] + dbn[np.argsort(-s, kind="stable")[:2]].sum(axis=0)
+    want = [fs.paths[i] for i in np.argsort(-(dbn @ (qe / np.linalg.norm(qe))), kind="stable")[:6]]
+    res = _search([idx, root / "urban" / "urban_1.png", "--k", "6", "--json", "--rerank", "aqe:n=2,alpha=0"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["rerank"] == "aqe:n=2,alpha=0"
+    assert [h["path"] for h in doc["results"][0]["hits"]] == want
+
+
+def test_rerank_option_refuses_bad_specs_and_the_matcher(archive, tmp_path):
+    root, _, _, idx = archive
+    q = root / "urban" / "urban_1.png"
+    res = _search([idx, q, "--rerank", "aqe:n=zero"])
+    assert res.exit_code == 2 and "aqe" in res.output and "Traceback" not in res.output
+    res = _search([idx, q, "--rerank", "aqe", "--matcher", tmp_path])
+    assert res.exit_code == 2 and "--rerank and --matcher" in res.output

@@ -28,7 +28,7 @@ def test_health_reports_the_loaded_archive(read_client: Any, service_archive: An
     r = read_client.get("/api/health")
     assert r.status_code == 200
     assert r.json() == {"status": "ok", "images": len(service_archive), "backbone": "lbp_rgb",
-                        "classifier": True, "generation": service_archive.generation, "writable": False}
+                        "classifier": True, "generation": service_archive.generation, "writable": False, "rerank": None}
 
 
 def test_classes_match_the_fixture(read_client: Any, service_setup: dict[str, Any], classifier_run: Path) -> None:
@@ -385,3 +385,22 @@ def test_images_added_by_another_process_are_picked_up(make_client: Any, writabl
     assert {"name": "lake", "count": 1} in client.get("/api/classes").json()["classes"]
     hits = client.get(f"/api/search/{new[0].id}?k=3").json()["results"]
     assert [h["id"] for h in hits] == [h.record.id for h in other.search_id(new[0].id, 3)]
+
+
+def test_rerank_service_equals_the_archive_reranker(make_client: Any, service_archive_dir: Path) -> None:
+    """`create_app(rerank=...)`: health reports the re-ranker, search by id follows the archive's
+    own re-ranked search (an independently opened archive with the same spec)."""
+    from landlens.retrieval.archive import Archive
+
+    client = make_client(service_archive_dir, rerank="aqe:n=2,alpha=3")
+    health = client.get("/api/health").json()
+    assert health["rerank"]["spec"].startswith("aqe:n=2,alpha=3")
+    ref = Archive.open(service_archive_dir)
+    ref.set_rerank("aqe:n=2,alpha=3")
+    for rec in ref.records()[:3]:
+        body = client.get(f"/api/search/{rec.id}", params={"k": 5}).json()
+        want = ref.search_id(rec.id, 5)
+        assert [r["id"] for r in body["results"]] == [h.record.id for h in want]
+        assert [r["score"] for r in body["results"]] == pytest.approx([h.score for h in want], abs=1e-6)
+    plain = make_client(service_archive_dir).get("/api/health").json()
+    assert plain["rerank"] is None

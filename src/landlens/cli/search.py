@@ -87,10 +87,13 @@ def index_cmd(store: Path, out: Path, kind: str, metric: str, nprobe: int | None
               help="relevance feedback: an index row marked not relevant; repeatable")
 @click.option("--rocchio", "rocchio_weights", type=float, nargs=3, default=(1.0, 0.75, 0.15), show_default=True,
               metavar="A B C", help="Rocchio weights of the query, the relevant and the non-relevant centroid")
+@click.option("--rerank", "rerank", default=None, metavar="SPEC",
+              help="unsupervised re-ranking of the whole archive, fitted on the index's features (no labels): "
+                   "aqe, diffusion, kreciprocal, aqe+diffusion, ... with settings as in `retrieval evaluate --rerank`")
 def search_cmd(index_dir: Path, queries: tuple[Path, ...], k: int, as_json: bool, gallery: Path | None,
                query_class: tuple[str, ...], weights: str | None, nprobe: int | None,
                ef_search: int | None, matcher: Path | None, shortlist: int, relevant: tuple[int, ...],
-               irrelevant: tuple[int, ...], rocchio_weights: tuple[float, float, float]) -> None:
+               irrelevant: tuple[int, ...], rocchio_weights: tuple[float, float, float], rerank: str | None) -> None:
     """Find the K archive images most similar to each QUERY image in the search index INDEX.
 
     The backbone the index was built with is rebuilt from its recorded weights (and checked
@@ -102,6 +105,10 @@ def search_cmd(index_dir: Path, queries: tuple[Path, ...], k: int, as_json: bool
     Rocchio's formula q' = A q + B mean(relevant) - C mean(not relevant) on L2-normalised
     vectors (Manning, Raghavan & Schutze 2008, eq. 9.3; default A B C = 1 0.75 0.15), reading
     the marked rows' vectors from the index's feature store, and print the refined hits.
+
+    --rerank SPEC re-ranks the whole archive without labels (alpha query expansion, diffusion,
+    k-reciprocal; see `landlens retrieval evaluate --help`), fitted on the index's feature
+    store each time; it combines with relevance feedback (the refined query is re-ranked).
     """
     from landlens.retrieval.index import (SearchIndex, SearchIndexError, archive_root, backbone_for_index,
                                           decode_queries, search_images)
@@ -120,6 +127,12 @@ def search_cmd(index_dir: Path, queries: tuple[Path, ...], k: int, as_json: bool
         classes = list(query_class) * len(queries) if len(query_class) == 1 else list(query_class)
     if gallery is not None and gallery.suffix.lower() != ".png":
         raise SearchIndexError(f"{gallery}: a gallery is written as PNG; give a file name ending in .png")
+    if rerank is not None:
+        from landlens.retrieval.rerank import make_reranker
+
+        if matcher is not None:
+            raise SearchIndexError("--rerank and --matcher cannot be combined; choose one")
+        make_reranker(rerank)  # a bad spec fails before any work
     feedback = bool(relevant or irrelevant)
     if feedback:
         if len(queries) != 1:
@@ -137,13 +150,13 @@ def search_cmd(index_dir: Path, queries: tuple[Path, ...], k: int, as_json: bool
     if feedback:
         results = [_feedback_search(index, backbone, queries[0], images[0], k, classes[0] if classes else None,
                                     list(dict.fromkeys(relevant)), list(dict.fromkeys(irrelevant)),
-                                    rocchio_weights)]
+                                    rocchio_weights, rerank)]
         a, b, c = rocchio_weights
         feedback_doc = {"method": "rocchio", "weights": {"a": a, "b": b, "c": c},
                         "relevant": list(dict.fromkeys(relevant)), "irrelevant": list(dict.fromkeys(irrelevant))}
     else:
         results = search_images(index, backbone, [str(q) for q in queries], k, query_classes=classes,
-                                images=images, matcher=matcher, shortlist=shortlist)
+                                images=images, matcher=matcher, shortlist=shortlist, rerank=rerank)
     if gallery is not None:
         from landlens.retrieval.gallery import write_gallery
 
@@ -151,6 +164,7 @@ def search_cmd(index_dir: Path, queries: tuple[Path, ...], k: int, as_json: bool
         write_gallery(results, gallery, lambda rel: (root / rel) if root is not None else Path(rel))
     if as_json:
         echo_json({"index": str(index_dir), "k": k, "metric": index.metric, "factory": index.factory_,
+                   "rerank": rerank,
                    "gallery": str(gallery) if gallery is not None else None,
                    **({"feedback": feedback_doc} if feedback_doc is not None else {}),
                    "results": [r.to_dict() for r in results]})
@@ -174,12 +188,14 @@ def search_cmd(index_dir: Path, queries: tuple[Path, ...], k: int, as_json: bool
 
 
 def _feedback_search(index: Any, backbone: Any, query: Path, image: Any, k: int, query_class: str | None,
-                     relevant: list[int], irrelevant: list[int], weights: tuple[float, float, float]) -> Any:
+                     relevant: list[int], irrelevant: list[int], weights: tuple[float, float, float],
+                     rerank: str | None = None) -> Any:
     """The hits of one query image after Rocchio relevance feedback on index rows."""
     import numpy as np
 
     from landlens.retrieval.feedback import index_row_vectors, rocchio
-    from landlens.retrieval.index import Hit, QueryResult, SearchIndexError, archive_row, check_backbone, embed_images
+    from landlens.retrieval.index import (QueryResult, SearchIndexError, archive_row, check_backbone, embed_images,
+                                          index_hits, search_features)
 
     check_backbone(index, backbone)
     known = set(index.classes_ or [])
@@ -192,24 +208,12 @@ def _feedback_search(index: Any, backbone: Any, query: Path, image: Any, k: int,
     scale = 1.0 if index.metric == "cosine" else (float(np.linalg.norm(q)) or 1.0)
     a, b, c = weights
     refined = rocchio(q, rel, irr, a=a, b=b, c=c, scale=scale)
-    dist, rows = index.search(refined[None], k)
+    # the refined vector is no archive row: a re-ranker treats it as an outside query
+    dist, rows = search_features(index, refined[None], k, rerank=rerank)
     row = archive_row(index, query)
-
-    def class_of(i: int) -> str | None:
-        if index.labels_ is None or i < 0:
-            return None
-        label = int(index.labels_[i])
-        classes = index.classes_ or []
-        return classes[label] if 0 <= label < len(classes) else str(label)
-
     if query_class is None and row is not None:
-        query_class = class_of(row)
-    hits = [Hit(rank=r + 1, row=int(i), distance=float(d),
-                path=index.paths_[i] if index.paths_ is not None and i >= 0 else None,
-                label=int(index.labels_[i]) if index.labels_ is not None and i >= 0 else None,
-                class_name=class_of(int(i)))
-            for r, (d, i) in enumerate(zip(dist[0], rows[0]))]
-    return QueryResult(str(query), query_class, hits, row)
+        query_class = index_hits(index, np.zeros(1), np.array([row]))[0].class_name
+    return QueryResult(str(query), query_class, index_hits(index, dist[0], rows[0]), row)
 
 
 __all__ = ["index_cmd", "search_cmd"]

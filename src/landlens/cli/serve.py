@@ -90,13 +90,16 @@ def server_url(host: str, port: int) -> str:
               help="most results a search may ask for")
 @click.option("--query-cache", default=256, show_default=True, type=click.IntRange(min=0),
               help="uploaded query vectors kept for relevance feedback (0: no feedback on uploads)")
+@click.option("--rerank", default=None, metavar="SPEC",
+              help="re-rank every search without labels (aqe, diffusion, aqe+diffusion, ...; see "
+                   "`landlens retrieval evaluate --help`), fitted on the archive at start-up and after each update")
 @click.option("--workers-threads", default=None, type=click.IntRange(min=1),
               help="threads for decoding, search and thumbnails (default 40)")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
 def serve_cmd(archive_dir: Path, host: str, port: int, run_dir: Path | None, token_file: Path | None,
               cors_origins: Sequence[str], max_upload_mb: float, max_pixels: int, max_k: int,
-              query_cache: int, workers_threads: int | None, log_level: str) -> None:
+              query_cache: int, rerank: str | None, workers_threads: int | None, log_level: str) -> None:
     """Serve the search API and web page over the archive DIR (`landlens index build`).
 
     Open the printed address in a browser: drop an image to find the most similar archive
@@ -108,11 +111,12 @@ def serve_cmd(archive_dir: Path, host: str, port: int, run_dir: Path | None, tok
     app = create_app(archive_dir, classifier_run=run_dir, token=token,
                      max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
                      cors_origins=tuple(cors_origins), max_k=max_k, threads=workers_threads,
-                     query_cache=query_cache)
+                     query_cache=query_cache, rerank=rerank)
     service = app.state.service
     config = serve_config(app, host=host, port=port, log_level=log_level)
     click.echo(f"landlens: serving {archive_dir} ({len(service.archive)} images, {service.archive.backbone_name}"
-               + (f", classifier {run_dir}" if run_dir is not None else "") + ")")
+               + (f", classifier {run_dir}" if run_dir is not None else "")
+               + (f", re-ranked by {rerank}" if rerank else "") + ")")
     click.echo(f"landlens: writes {'enabled (token)' if token else 'disabled (no token)'}"
                + (f"; CORS origins: {', '.join(cors_origins)}" if cors_origins else ""))
     click.echo(f"landlens: open {server_url(host, port)}")

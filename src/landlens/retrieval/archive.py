@@ -106,7 +106,9 @@ class ArchiveHit:
     """One search result: rank (1-based), the image, its distance and a similarity score.
 
     ``score`` is higher for more similar images: the cosine similarity (``1 - distance``) under
-    the cosine metric, ``1 / (1 + distance)`` under the Euclidean one.
+    the cosine metric, ``1 / (1 + distance)`` under the Euclidean one. With a re-ranker
+    (:meth:`Archive.set_rerank`) ``distance`` is the re-ranked one (its order is the ranking)
+    and ``score`` stays the plain cosine similarity of the query and the image.
     """
 
     rank: int
@@ -316,6 +318,9 @@ class Archive:
         self._write_lock = threading.Lock()
         self._backbone_lock = threading.Lock()
         self._backbone: Any = None
+        self._rerank_spec: str | None = None
+        self._rerank_lock = threading.Lock()
+        self._reranker: tuple[int, Any] | None = None  # (generation, fitted re-ranker)
 
     # ------------------------------------------------------------------ creating and opening
     @classmethod
@@ -522,6 +527,69 @@ class Archive:
             return 0.0
         return float(1.0 - distance) if self.metric == "cosine" else float(1.0 / (1.0 + distance))
 
+    # ------------------------------------------------------------------ re-ranking
+    @property
+    def rerank(self) -> str | None:
+        """The unsupervised re-ranking spec searches use, or ``None`` (plain index search)."""
+        return self._rerank_spec
+
+    def set_rerank(self, spec: str | None) -> None:
+        """Re-rank every search without labels (:mod:`landlens.retrieval.rerank`: ``"aqe"``,
+        ``"diffusion"``, ``"aqe+diffusion"``, ...), fitted now on the archive's vectors and
+        again after each update; ``None`` turns it off. Ranks the whole archive per query
+        (cost stated by :meth:`rerank_info`); needs the cosine metric."""
+        if spec is None:
+            self._rerank_spec, self._reranker = None, None
+            return
+        from landlens.retrieval.rerank import make_reranker
+
+        if self.metric != "cosine":
+            raise ArchiveError(f"re-ranking ranks by cosine similarity; this archive uses {self.metric}")
+        make_reranker(spec)  # a bad spec is refused before anything changes
+        self._rerank_spec, self._reranker = spec, None
+        self._fitted_reranker(self._state)
+
+    def _fitted_reranker(self, state: _State) -> Any:
+        from landlens.retrieval.rerank import make_reranker
+
+        with self._rerank_lock:
+            cached = self._reranker
+            if cached is not None and cached[0] == state.generation:
+                return cached[1]
+            rr = make_reranker(str(self._rerank_spec)).fit(np.asarray(state.vectors, dtype=np.float32))
+            self._reranker = (state.generation, rr)
+            return rr
+
+    def rerank_info(self) -> dict[str, Any] | None:
+        """The live re-ranker's settings, database size and fit time (``None`` when off)."""
+        cached = self._reranker
+        return None if self._rerank_spec is None or cached is None else cached[1].to_dict()
+
+    def _reranked(self, state: _State, q: np.ndarray, k: int, class_name: str | None,
+                  exclude: Sequence[int | None] | None) -> list[list[ArchiveHit]]:
+        """Hits ranked by the re-ranker over the whole archive (filters applied after ranking)."""
+        import torch
+
+        rr = self._fitted_reranker(state)
+        rows = np.array([state.row_of.get(int(x), -1) if x is not None else -1
+                         for x in (exclude if exclude is not None else [None] * len(q))], dtype=np.int64)
+        dist = rr.distances(q, rows)
+        cos = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(q)), dim=1) @ rr.database_.T
+        order = torch.sort(dist, dim=1, stable=True).indices.numpy()
+        out = []
+        for qi in range(len(q)):
+            skip = exclude[qi] if exclude is not None else None
+            hits: list[ArchiveHit] = []
+            for r in order[qi]:
+                rec = state.records[int(r)]
+                if rec.id == skip or (class_name is not None and rec.class_name != class_name):
+                    continue
+                hits.append(ArchiveHit(len(hits) + 1, rec, float(dist[qi, r]), float(cos[qi, r])))
+                if len(hits) == k:
+                    break
+            out.append(hits)
+        return out
+
     def search_vectors(self, vectors: Any, k: int, *, class_name: str | None = None,
                        exclude: Sequence[int | None] | None = None) -> list[list[ArchiveHit]]:
         """The ``k`` most similar images of each query vector (fewer when a filter leaves fewer).
@@ -530,7 +598,8 @@ class Archive:
             vectors: (nq, dim) or (dim,) features from :meth:`embed`.
             k: hits per query (at least 1).
             class_name: keep only images of this class (must be a class of the archive).
-            exclude: per query, an image id to leave out (the query itself when it is indexed).
+            exclude: per query, an image id to leave out (the query itself when it is indexed;
+                with a re-ranker, that image's node of the graph is the query's).
         """
         state = self._state
         q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
@@ -541,6 +610,8 @@ class Archive:
         if class_name is not None and class_name not in set(state.classes.tolist()):
             raise ArchiveError(f"class {class_name!r} is not in the archive "
                                f"({', '.join(self.classes) or 'it has no classes'})")
+        if self._rerank_spec is not None and len(state.records) >= 2:
+            return self._reranked(state, q, int(k), class_name, exclude)
         n = len(state.records)
         eligible = int((state.classes == class_name).sum()) if class_name is not None else n
         out: list[list[ArchiveHit]] = []

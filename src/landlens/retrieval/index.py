@@ -776,13 +776,9 @@ def decode_queries(index: SearchIndex, paths: Sequence[str | Path]) -> list[Any]
     return [load_rgb(p, draft_size=(need, need), rgb_bands=bands) for p in paths]
 
 
-def _rerank_with_matcher(index: SearchIndex, feats: np.ndarray, k: int, matcher: str | Path,
-                         shortlist: int) -> tuple[np.ndarray, np.ndarray]:
-    """The index's ``shortlist`` nearest rows of each query, re-ranked by a matching discriminator."""
-    import torch
-
+def _index_features(index: SearchIndex) -> Any:
+    """The index's feature store, loaded, with exactly the index's rows (else one clear error)."""
     from landlens.features.store import FeatureStore
-    from landlens.retrieval.distances import get_distance
 
     store_dir = (index.meta or {}).get("feature_store")
     if not store_dir or not Path(store_dir).is_dir():
@@ -790,6 +786,29 @@ def _rerank_with_matcher(index: SearchIndex, feats: np.ndarray, k: int, matcher:
     fs = FeatureStore(store_dir).load().only_valid()
     if len(fs) != index.ntotal or (index.paths_ is not None and list(fs.paths) != list(index.paths_)):
         raise SearchIndexError(f"the feature store {store_dir} no longer matches the index's rows; rebuild the index")
+    return fs
+
+
+def _rerank_unsupervised(index: SearchIndex, feats: np.ndarray, k: int, spec: str,
+                         query_rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best rows of each query after an unsupervised re-ranking of the whole archive
+    (:mod:`landlens.retrieval.rerank`, fitted on the index's features; no labels)."""
+    from landlens.retrieval.rerank import make_reranker
+
+    if index.metric != "cosine":
+        raise SearchIndexError(f"--rerank ranks by cosine similarity; this index uses {index.metric}")
+    rr = make_reranker(spec).fit(_index_features(index).features)
+    return rr.rerank(feats, k, query_rows=np.asarray(query_rows, dtype=np.int64))
+
+
+def _rerank_with_matcher(index: SearchIndex, feats: np.ndarray, k: int, matcher: str | Path,
+                         shortlist: int) -> tuple[np.ndarray, np.ndarray]:
+    """The index's ``shortlist`` nearest rows of each query, re-ranked by a matching discriminator."""
+    import torch
+
+    from landlens.retrieval.distances import get_distance
+
+    fs = _index_features(index)
     ident = (fs.meta or {}).get("identity") or {}
     identity = {key: ident[key] for key in ("backbone", "weights_digest", "preprocessing") if ident.get(key) is not None}
     identity["dim"] = int(fs.features.shape[1])
@@ -850,7 +869,7 @@ def archive_row(index: SearchIndex, path: str | Path) -> int | None:
 def search_images(index: SearchIndex, backbone: Any, paths: Sequence[str | Path], k: int = 10, *,
                   query_classes: Sequence[str | None] | None = None,
                   images: Sequence[Any] | None = None, matcher: str | Path | None = None,
-                  shortlist: int = 100) -> list[QueryResult]:
+                  shortlist: int = 100, rerank: str | None = None) -> list[QueryResult]:
     """Search the index with query images: decode, embed with ``backbone``, find the ``k``
     nearest database rows of each.
 
@@ -866,6 +885,9 @@ def search_images(index: SearchIndex, backbone: Any, paths: Sequence[str | Path]
             features: the index's ``shortlist`` nearest rows are re-ranked by match probability
             (distance ``1 - P(match)``); it refuses features other than those it was trained on.
         shortlist: rows re-ranked per query with ``matcher`` (at least ``k``).
+        rerank: an unsupervised re-ranking spec (:func:`landlens.retrieval.rerank.make_reranker`,
+            e.g. ``"aqe+diffusion"``): fitted on the index's features (no labels), it ranks the
+            whole archive for each query (a query that is an archive image uses its own node).
     """
     check_backbone(index, backbone)
     index.check_k(k)
@@ -879,23 +901,42 @@ def search_images(index: SearchIndex, backbone: Any, paths: Sequence[str | Path]
                                        f"({', '.join(sorted(known)) or 'it has no classes'})")
     imgs = list(images) if images is not None else decode_queries(index, paths)
     feats = embed_images(backbone, imgs)
-    if matcher is not None:
-        dist, rows = _rerank_with_matcher(index, feats, k, matcher, max(int(shortlist), k))
-    else:
-        dist, rows = index.search(feats, k)
+    own = [archive_row(index, p) for p in paths]
+    dist, rows = search_features(index, feats, k, matcher=matcher, shortlist=shortlist, rerank=rerank,
+                                 query_rows=[-1 if r is None else r for r in own])
     results = []
     for qi, p in enumerate(paths):
-        row = archive_row(index, p)
+        row = own[qi]
         qclass = query_classes[qi] if query_classes is not None else None
         if qclass is None and row is not None:
             qclass = _class_of(index, row)
-        hits = [Hit(rank=r + 1, row=int(i), distance=float(d),
-                    path=index.paths_[i] if index.paths_ is not None and i >= 0 else None,
-                    label=int(index.labels_[i]) if index.labels_ is not None and i >= 0 else None,
-                    class_name=_class_of(index, int(i)) if i >= 0 else None)
-                for r, (d, i) in enumerate(zip(dist[qi], rows[qi]))]
-        results.append(QueryResult(str(p), qclass, hits, row))
+        results.append(QueryResult(str(p), qclass, index_hits(index, dist[qi], rows[qi]), row))
     return results
+
+
+def search_features(index: SearchIndex, feats: np.ndarray, k: int, *, matcher: str | Path | None = None,
+                    shortlist: int = 100, rerank: str | None = None,
+                    query_rows: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(distances, rows)``, both ``(nq, k)``, of query features: the index's nearest rows, or
+    the discriminator's re-ranking of a shortlist (``matcher``), or an unsupervised re-ranking
+    of the whole archive (``rerank``; ``query_rows``: each query's own archive row or -1)."""
+    if matcher is not None and rerank is not None:
+        raise SearchIndexError("a matching discriminator and an unsupervised re-ranking cannot be combined; choose one")
+    if matcher is not None:
+        return _rerank_with_matcher(index, feats, k, matcher, max(int(shortlist), k))
+    if rerank is not None:
+        rows = [-1] * len(feats) if query_rows is None else list(query_rows)
+        return _rerank_unsupervised(index, feats, k, rerank, rows)
+    return index.search(feats, k)
+
+
+def index_hits(index: SearchIndex, dist: np.ndarray, rows: np.ndarray) -> list[Hit]:
+    """One query's ranked :class:`Hit` list from its row of distances and index rows."""
+    return [Hit(rank=r + 1, row=int(i), distance=float(d),
+                path=index.paths_[i] if index.paths_ is not None and i >= 0 else None,
+                label=int(index.labels_[i]) if index.labels_ is not None and i >= 0 else None,
+                class_name=_class_of(index, int(i)) if i >= 0 else None)
+            for r, (d, i) in enumerate(zip(dist, rows))]
 
 
 def _class_of(index: SearchIndex, row: int) -> str | None:
@@ -924,5 +965,7 @@ __all__ = [
     "default_nlist",
     "default_pq_m",
     "embed_images",
+    "index_hits",
+    "search_features",
     "search_images",
 ]

@@ -672,7 +672,8 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
                cors_origins: Sequence[str] = (), max_k: int = 100, threads: int | None = None,
                max_batch: int = 16, max_wait: float = 0.005, thumbnail_cache: int = 1024,
-               refresh_interval: float = 1.0, query_cache: int = DEFAULT_QUERY_CACHE) -> FastAPI:
+               refresh_interval: float = 1.0, query_cache: int = DEFAULT_QUERY_CACHE,
+               rerank: str | None = None) -> FastAPI:
     """The search service app over an archive folder (or an open ``Archive``).
 
     Args:
@@ -692,6 +693,9 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
             another process (``landlens index add`` while the server runs).
         query_cache: uploaded query vectors kept (LRU) so ``POST /api/search/feedback`` can
             refine them by their ``query_token``; 0 disables tokens (``query_token`` is null).
+        rerank: unsupervised re-ranking of every search (``"aqe"``, ``"diffusion"``,
+            ``"aqe+diffusion"``, ...; :meth:`~landlens.retrieval.archive.Archive.set_rerank`),
+            fitted at start-up on the archive's vectors and again after each update.
 
     Raises:
         ArchiveError, CheckpointError, LandlensError: the archive, its backbone or the
@@ -704,6 +708,8 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
     if max_upload_bytes < 1 or max_pixels < 1:
         raise LandlensError("upload limits must be positive")
     arch = _open_archive(archive)
+    if rerank is not None:
+        arch.set_rerank(rerank)
     predictor = _open_predictor(classifier_run)
     service = SearchService(arch, predictor, token=token.strip() if token else None,
                             max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, max_k=max_k,
@@ -819,7 +825,7 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
         a = service.archive
         return {"status": "ok", "images": len(a), "backbone": a.backbone_name,
                 "classifier": service.predictor is not None, "generation": a.generation,
-                "writable": service.token is not None}
+                "writable": service.token is not None, "rerank": a.rerank_info()}
 
     @app.get("/api/classes", tags=["archive"])
     async def classes() -> dict[str, Any]:
