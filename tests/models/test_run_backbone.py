@@ -189,3 +189,27 @@ def test_errors_are_one_line_and_name_the_thing(classifier_run, embedder_run, tm
         load_classifier(other)
     with pytest.raises(CheckpointError, match="holds a classifier, not a metric-learning embedder"):
         load_embedder(d)
+
+
+def test_a_run_backbone_serves_an_archive(embedder_run, tmp_path):
+    """index build / search by image with a metric-learning run as the backbone: the archive
+    rebuilds the run's embedder from the recorded run (pinned to its digest), and an archive
+    image searched by its file comes back first with its stored vector."""
+    from landlens.data.io import load_rgb
+    from landlens.models.preprocessing import preprocess_images
+    from landlens.retrieval.archive import Archive
+
+    d, model = embedder_run
+    folder = make_folder_dataset(tmp_path / "scenes", CLASSES, per_class=2, size=40)
+    arch = Archive.build(folder, tmp_path / "arch", backbone=f"run:{d}", cache_dir=tmp_path / "cache",
+                         progress=False, workers=1)
+    again = Archive.open(tmp_path / "arch")
+    rec = again.records()[3]
+    image = again.load_query(rec.path)
+    vec = again.embed([image])
+    with torch.inference_mode():
+        direct = model(preprocess_images([load_rgb(rec.path)], PRE)).numpy()
+    np.testing.assert_allclose(vec, direct, rtol=1e-4, atol=1e-5)
+    hits = again.search_vectors(vec, 2)[0]
+    assert hits[0].record.id == rec.id and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert again.info()["backbone"] == arch.info()["backbone"]

@@ -697,6 +697,10 @@ def _weights_argument(recorded: dict[str, Any]) -> str:
         return "package"
     if source == "builtin":  # hand-crafted descriptors: nothing to load
         return "auto"
+    if source == "run":  # a trained run directory: its location, pinned to the recorded digest
+        from landlens.models.classifier import run_weights_argument
+
+        return run_weights_argument(ref, recorded.get("digest"))
     if source == "file":
         return ref
     if source == "hub":
