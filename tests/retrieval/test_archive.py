@@ -317,3 +317,14 @@ def test_rerank_refits_after_an_update_and_refuses_bad_specs(arch: Archive, data
     hits = arch.search_id(new.id, 3)
     assert arch.rerank_info()["database_size"] == before + 1
     assert new.id not in [h.record.id for h in hits] and len(hits) == 3
+
+
+def test_optimized_forward_gives_the_eager_features(arch: Archive, data: Path) -> None:
+    """Archive.optimize('jit') (what the service does at start-up) embeds as eager mode does."""
+    paths = sorted(data.rglob("*.png"))[:3] or sorted(p for p in data.rglob("*") if p.is_file())[:3]
+    images = [arch.load_query(p) for p in paths]
+    eager = arch.embed(images)
+    assert arch.optimize("jit") in ("jit", "eager")
+    np.testing.assert_allclose(arch.embed(images), eager, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ArchiveError, match="forward-pass mode"):
+        arch.optimize("fast")

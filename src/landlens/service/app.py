@@ -433,13 +433,15 @@ class SearchService:
         max_batch, max_wait: micro-batching settings of the embedding batcher.
         thumbnail_cache: thumbnails kept in memory.
         query_cache: uploaded query vectors kept for relevance feedback (LRU).
+        optimize: the backbone's forward pass: ``jit`` (traced and frozen once at start-up,
+            checked against eager mode; eager when that fails), ``compile``, or ``none``.
     """
 
     def __init__(self, archive: Any, predictor: Any = None, *, token: str | None = None,
                  max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
                  max_k: int = 100, max_batch: int = 16, max_wait: float = 0.005,
                  thumbnail_cache: int = 1024, refresh_interval: float = 1.0,
-                 query_cache: int = DEFAULT_QUERY_CACHE) -> None:
+                 query_cache: int = DEFAULT_QUERY_CACHE, optimize: str = "jit") -> None:
         self.archive = archive
         self.refresh_interval = float(refresh_interval)
         self._last_refresh = time.monotonic()
@@ -449,6 +451,7 @@ class SearchService:
         self.max_pixels = int(max_pixels)
         self.max_k = int(max_k)
         self.backbone = archive.backbone()  # load (and check) the extractor now, not on the first request
+        self.forward = archive.optimize(optimize) if optimize != "none" else "eager"
         self._warm_up()
         self.batcher: MicroBatcher = MicroBatcher(self._embed_batch, max_batch=max_batch, max_wait=max_wait,
                                                   name="landlens-embed")
@@ -673,7 +676,7 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
                cors_origins: Sequence[str] = (), max_k: int = 100, threads: int | None = None,
                max_batch: int = 16, max_wait: float = 0.005, thumbnail_cache: int = 1024,
                refresh_interval: float = 1.0, query_cache: int = DEFAULT_QUERY_CACHE,
-               rerank: str | None = None) -> FastAPI:
+               rerank: str | None = None, optimize: str = "jit") -> FastAPI:
     """The search service app over an archive folder (or an open ``Archive``).
 
     Args:
@@ -696,6 +699,9 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
         rerank: unsupervised re-ranking of every search (``"aqe"``, ``"diffusion"``,
             ``"aqe+diffusion"``, ...; :meth:`~landlens.retrieval.archive.Archive.set_rerank`),
             fitted at start-up on the archive's vectors and again after each update.
+        optimize: how the backbone runs: ``jit`` (default; traced and frozen at start-up and
+            checked against eager mode), ``compile`` (``torch.compile``, slower start-up) or
+            ``none`` (eager).
 
     Raises:
         ArchiveError, CheckpointError, LandlensError: the archive, its backbone or the
@@ -714,7 +720,7 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
     service = SearchService(arch, predictor, token=token.strip() if token else None,
                             max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, max_k=max_k,
                             max_batch=max_batch, max_wait=max_wait, thumbnail_cache=thumbnail_cache,
-                            refresh_interval=refresh_interval, query_cache=query_cache)
+                            refresh_interval=refresh_interval, query_cache=query_cache, optimize=optimize)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
@@ -825,7 +831,7 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
         a = service.archive
         return {"status": "ok", "images": len(a), "backbone": a.backbone_name,
                 "classifier": service.predictor is not None, "generation": a.generation,
-                "writable": service.token is not None, "rerank": a.rerank_info()}
+                "writable": service.token is not None, "rerank": a.rerank_info(), "forward": service.forward}
 
     @app.get("/api/classes", tags=["archive"])
     async def classes() -> dict[str, Any]:
