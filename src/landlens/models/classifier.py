@@ -74,7 +74,47 @@ class HeadConfig:
         return cls(**{k: d[k] for k in ("kind", "dropout", "hidden", "reduction") if k in d})
 
 
-class Classifier(nn.Module):
+class _BackboneWithHead(nn.Module):
+    """What a classifier and an embedder share: a backbone, a head on its pooled features, the
+    class names, and the description :func:`save_classifier` writes (``_head_description``
+    names the head)."""
+
+    backbone: Backbone
+    head: nn.Module
+    classes: list[str]
+    _format: str
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.backbone.preprocessing
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def _head_description(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Everything the loader needs besides the tensors."""
+        from landlens import __version__
+
+        return {
+            "format": self._format,
+            "format_version": MODEL_FORMAT_VERSION,
+            "landlens_version": __version__,
+            "backbone": self.backbone.spec.name,
+            "num_features": self.backbone.num_features,
+            **self._head_description(),
+            "classes": list(self.classes),
+            "preprocessing": self.backbone.preprocessing.to_dict(),
+            "initial_weights": self.backbone.weights.to_dict(),
+        }
+
+
+class Classifier(_BackboneWithHead):
     """Backbone + head; ``forward`` maps normalised images (B, 3, H, W) to log-probabilities (B, C).
 
     Attributes:
@@ -99,31 +139,10 @@ class Classifier(nn.Module):
     def num_classes(self) -> int:
         return len(self.classes)
 
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return self.backbone.preprocessing
+    _format = MODEL_FORMAT
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
-
-    def describe(self) -> dict[str, Any]:
-        """Everything :func:`load_classifier` needs besides the tensors."""
-        from landlens import __version__
-
-        return {
-            "format": MODEL_FORMAT,
-            "format_version": MODEL_FORMAT_VERSION,
-            "landlens_version": __version__,
-            "backbone": self.backbone.spec.name,
-            "num_features": self.backbone.num_features,
-            "head": self.head_config.to_dict(),
-            "classes": list(self.classes),
-            "preprocessing": self.backbone.preprocessing.to_dict(),
-            "initial_weights": self.backbone.weights.to_dict(),
-        }
+    def _head_description(self) -> dict[str, Any]:
+        return {"head": self.head_config.to_dict()}
 
 
 class EmbeddingHead(nn.Module):
@@ -161,7 +180,7 @@ class EmbeddingConfig:
         return cls(dim=int(d["dim"]), bn=bool(d.get("bn", False)))
 
 
-class Embedder(nn.Module):
+class Embedder(_BackboneWithHead):
     """Backbone + embedding head; ``forward`` maps normalised images (B, 3, H, W) to unit vectors (B, dim).
 
     Attributes:
@@ -182,31 +201,10 @@ class Embedder(nn.Module):
     def dim(self) -> int:
         return self.embedding.dim
 
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return self.backbone.preprocessing
+    _format = EMBEDDER_FORMAT
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
-
-    def describe(self) -> dict[str, Any]:
-        """Everything :func:`load_embedder` needs besides the tensors."""
-        from landlens import __version__
-
-        return {
-            "format": EMBEDDER_FORMAT,
-            "format_version": MODEL_FORMAT_VERSION,
-            "landlens_version": __version__,
-            "backbone": self.backbone.spec.name,
-            "num_features": self.backbone.num_features,
-            "embedding": self.embedding.to_dict(),
-            "classes": list(self.classes),
-            "preprocessing": self.backbone.preprocessing.to_dict(),
-            "initial_weights": self.backbone.weights.to_dict(),
-        }
+    def _head_description(self) -> dict[str, Any]:
+        return {"embedding": self.embedding.to_dict()}
 
 
 def save_classifier(model: "Classifier | Embedder", directory: str | os.PathLike[str],

@@ -356,17 +356,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[L.Callb
     history = cbs[1].rows if isinstance(cbs[1], _History) else []
     _plots(run_dir, history, test, data.classes)
     results = {
-        "command": command or " ".join(sys.argv),
-        "environment": environment(),
-        "config": cfg.to_dict(),
-        "data": data.summary(),
-        "model": model.describe(),
-        "strategy": strategy.to_dict(),
-        "feature_cache": use_cache,
-        "epochs_run": len(history),
-        "best_epoch": best_epoch,
-        "timing_s": {"fit": round(fit_s, 2), "test": round(eval_s, 2),
-                     "total": round(time.perf_counter() - t_start, 2)},
+        **_run_record(command, cfg, data, model, strategy, use_cache, history, best_epoch, fit_s, eval_s, t_start),
         "test": test,
         "test_summary": report.summary_line(),
     }
@@ -389,6 +379,25 @@ def _metric_start(net: torch.nn.Module, dm: Any, data: PreparedData, progress: b
         rep = evaluate_split(x, rows, data, key)
         out[key] = {"val": rep.val_metrics(), "test": rep.test.metrics}
     return out
+
+
+def _run_record(command: str | None, cfg: TrainConfig, data: PreparedData, model: Classifier | Embedder,
+                strategy: Any, use_cache: bool, history: list[dict[str, Any]], best_epoch: int | None,
+                fit_s: float, eval_s: float, t_start: float) -> dict[str, Any]:
+    """The part of ``results.json`` every run has: command, environment, config, data, model, timings."""
+    return {
+        "command": command or " ".join(sys.argv),
+        "environment": environment(),
+        "config": cfg.to_dict(),
+        "data": data.summary(),
+        "model": model.describe(),
+        "strategy": strategy.to_dict(),
+        "feature_cache": use_cache,
+        "epochs_run": len(history),
+        "best_epoch": best_epoch,
+        "timing_s": {"fit": round(fit_s, 2), "test": round(eval_s, 2),
+                     "total": round(time.perf_counter() - t_start, 2)},
+    }
 
 
 def _finish_metric(cfg: TrainConfig, task: ClassificationTask, dm: Any, data: PreparedData, run_dir: Path,
@@ -419,20 +428,10 @@ def _finish_metric(cfg: TrainConfig, task: ClassificationTask, dm: Any, data: Pr
     if val is not None:
         summary += f"; val mAP {100 * val['mAP']:.2f}"
     results = {
-        "command": command or " ".join(sys.argv),
-        "environment": environment(),
-        "config": cfg.to_dict(),
+        **_run_record(command, cfg, data, model, strategy, use_cache, history, best_epoch, fit_s, eval_s, t_start),
         "task": "metric",
-        "data": data.summary(),
-        "model": model.describe(),
         "loss": task.loss_fn.describe(),
         "samples_per_class": cfg.samples_per_class(),
-        "strategy": strategy.to_dict(),
-        "feature_cache": use_cache,
-        "epochs_run": len(history),
-        "best_epoch": best_epoch,
-        "timing_s": {"fit": round(fit_s, 2), "test": round(eval_s, 2),
-                     "total": round(time.perf_counter() - t_start, 2)},
         "val": rep.to_dict()["val"],
         "test": test,
         "start": start,
