@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--k", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--optimize", choices=["jit", "compile", "none"], default="jit",
+                    help="the server's forward pass (landlens serve --optimize)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "service_load")
     args = ap.parse_args(argv)
 
@@ -184,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("LANDLENS_TOKEN", None)
-    cmd = [sys.executable, "-m", "landlens.cli.main", "serve", str(args.archive), "--port", str(port)]
+    cmd = [sys.executable, "-m", "landlens.cli.main", "serve", str(args.archive), "--port", str(port),
+           "--optimize", args.optimize]
     log = open(args.out.with_suffix(".server.log"), "w") if args.out.parent.is_dir() else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     levels = []
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python benchmarks/service_load.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "archive": {"path": str(args.archive), "images": len(arch), "backbone": arch.backbone_name,
                     "index": arch.factory, "build_or_open_s": build_s},
-        "server": {"command": "landlens serve ARCHIVE --port PORT",
+        "server": {"command": f"landlens serve ARCHIVE --port PORT --optimize {args.optimize}",
                    "startup_s": startup_s, "health": health},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads()},
@@ -225,6 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(_markdown(doc))
     print(f"wrote {args.out.with_suffix('.md')}")
+    failed = sum(r["errors"] for r in levels)
+    if failed:  # the results are written either way; a load run with errors is a failed run
+        raise SystemExit(f"service_load: {failed} request(s) failed (see the error examples in {args.out.with_suffix('.md')})")
 
 
 def _markdown(doc: dict[str, Any]) -> str:
@@ -235,8 +241,9 @@ def _markdown(doc: dict[str, Any]) -> str:
         f"`{doc['command']}`",
         "",
         f"Archive: {a['images']} UC Merced images, {a['backbone']} features, FAISS `{a['index']}`; server "
-        f"`landlens serve` in its own process on 127.0.0.1 (started and healthy in {doc['server']['startup_s']:.1f} s, "
-        f"model and index loaded once). Machine: {doc['machine']['platform']}, {doc['machine']['cpus']} CPUs, "
+        f"`{doc['server']['command']}` in its own process on 127.0.0.1 (started and healthy in "
+        f"{doc['server']['startup_s']:.1f} s, model and index loaded once; forward pass: "
+        f"{doc['server']['health'].get('forward', 'eager')}). Machine: {doc['machine']['platform']}, {doc['machine']['cpus']} CPUs, "
         f"torch {doc['machine']['torch']}; the clients run on the same 2 cores as the server.",
         "",
         "Client latency is from sending the request to reading the whole response; server timings are the "
