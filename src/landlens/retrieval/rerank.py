@@ -81,7 +81,8 @@ def _as_matrix(x: Any, what: str) -> np.ndarray:
 
 def _unit(a: np.ndarray) -> torch.Tensor:
     """Rows scaled to unit length (zero rows stay zero), float32 tensor."""
-    return torch.nn.functional.normalize(torch.from_numpy(a), dim=1).contiguous()
+    t = torch.from_numpy(a) if a.flags.writeable else torch.tensor(a)  # a read-only memmap is copied
+    return torch.nn.functional.normalize(t, dim=1).contiguous()
 
 
 def _row_digests(a: np.ndarray) -> list[bytes]:

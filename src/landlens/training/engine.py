@@ -172,10 +172,13 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
         if saved.is_file():
             old = json.loads(saved.read_text())
             new = json.loads(json.dumps(cfg.to_dict()))
-            defaults = json.loads(json.dumps(TrainConfig().to_dict()))
+            try:  # the defaults of the config's own type (classification or matching)
+                defaults = json.loads(json.dumps(type(cfg)().to_dict()))
+            except TypeError:
+                defaults = {}
             # a key that a run saved by an older landlens lacks matches when the new value is its default
             diff = sorted(f"{s}.{k}" for s in new if isinstance(new[s], dict)
-                          for k in new[s] if (old.get(s) or {}).get(k, defaults[s].get(k)) != new[s][k])
+                          for k in new[s] if (old.get(s) or {}).get(k, (defaults.get(s) or {}).get(k)) != new[s][k])
             if diff:
                 raise ConfigError(f"cannot resume {run_dir} with a different config: {', '.join(diff[:5])} changed")
         return
