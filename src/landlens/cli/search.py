@@ -195,7 +195,7 @@ def _feedback_search(index: Any, backbone: Any, query: Path, image: Any, k: int,
 
     from landlens.retrieval.feedback import index_row_vectors, rocchio
     from landlens.retrieval.index import (QueryResult, SearchIndexError, archive_row, check_backbone, embed_images,
-                                          index_hits, search_features)
+                                          index_hits, row_class, search_features)
 
     check_backbone(index, backbone)
     known = set(index.classes_ or [])
@@ -212,7 +212,7 @@ def _feedback_search(index: Any, backbone: Any, query: Path, image: Any, k: int,
     dist, rows = search_features(index, refined[None], k, rerank=rerank)
     row = archive_row(index, query)
     if query_class is None and row is not None:
-        query_class = index_hits(index, np.zeros(1), np.array([row]))[0].class_name
+        query_class = row_class(index, row)
     return QueryResult(str(query), query_class, index_hits(index, dist[0], rows[0]), row)
 
 

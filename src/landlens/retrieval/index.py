@@ -913,7 +913,7 @@ def search_images(index: SearchIndex, backbone: Any, paths: Sequence[str | Path]
         row = own[qi]
         qclass = query_classes[qi] if query_classes is not None else None
         if qclass is None and row is not None:
-            qclass = _class_of(index, row)
+            qclass = row_class(index, row)
         results.append(QueryResult(str(p), qclass, index_hits(index, dist[qi], rows[qi]), row))
     return results
 
@@ -939,11 +939,12 @@ def index_hits(index: SearchIndex, dist: np.ndarray, rows: np.ndarray) -> list[H
     return [Hit(rank=r + 1, row=int(i), distance=float(d),
                 path=index.paths_[i] if index.paths_ is not None and i >= 0 else None,
                 label=int(index.labels_[i]) if index.labels_ is not None and i >= 0 else None,
-                class_name=_class_of(index, int(i)) if i >= 0 else None)
+                class_name=row_class(index, int(i)) if i >= 0 else None)
             for r, (d, i) in enumerate(zip(dist, rows))]
 
 
-def _class_of(index: SearchIndex, row: int) -> str | None:
+def row_class(index: SearchIndex, row: int) -> str | None:
+    """The class name of an index row (``None`` when the index holds no labels)."""
     if index.labels_ is None:
         return None
     label = int(index.labels_[row])
@@ -970,6 +971,7 @@ __all__ = [
     "default_pq_m",
     "embed_images",
     "index_hits",
+    "row_class",
     "search_features",
     "search_images",
 ]
