@@ -115,6 +115,14 @@ def _compile(model: nn.Module, example: torch.Tensor) -> Callable:
     return fast
 
 
+def noise_batch(pre: Preprocessing, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` seeded noise images at the backbone's input size, normalised as ``pre`` says: the
+    example a graph is prepared and checked on."""
+    size = pre.input_size
+    pixels = np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    return normalize_batch(torch.from_numpy(pixels), pre)
+
+
 def optimize_for_inference(model: nn.Module, example: torch.Tensor, mode: Optimize = "auto",
                            n_images: int | None = None) -> Callable:
     """Return a faster callable computing the same function as ``model`` (eval mode).
@@ -239,10 +247,9 @@ def _run(root, paths, backbone, store, todo, chunk_size, n, batch_size, workers,
         torch.utils.data.Subset(ds, todo), batch_size=batch_size, shuffle=False, num_workers=workers,
         collate_fn=_collate, prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
     )
-    size = pre.input_size
-    example = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8))
+    example = noise_batch(pre, batch_size)
     t_prep = time.perf_counter()
-    model = optimize_for_inference(backbone, normalize_batch(example, pre), optimize, n_images=len(todo))
+    model = optimize_for_inference(backbone, example, optimize, n_images=len(todo))
     prepare = time.perf_counter() - t_prep
 
     buffers: dict[int, dict[str, Any]] = {}
@@ -295,4 +302,5 @@ def _run(root, paths, backbone, store, todo, chunk_size, n, batch_size, workers,
     return prepare
 
 
-__all__ = ["DecodeDataset", "ExtractResult", "default_workers", "extract_features", "optimize_for_inference"]
+__all__ = ["DecodeDataset", "ExtractResult", "default_workers", "extract_features", "noise_batch",
+           "optimize_for_inference"]

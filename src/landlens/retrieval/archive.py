@@ -318,6 +318,7 @@ class Archive:
         self._write_lock = threading.Lock()
         self._backbone_lock = threading.Lock()
         self._backbone: Any = None
+        self._fast: Any = None  # a prepared forward pass of the backbone (:meth:`optimize`)
         self._rerank_spec: str | None = None
         self._rerank_lock = threading.Lock()
         self._reranker: tuple[int, Any] | None = None  # (generation, fitted re-ranker)
@@ -521,45 +522,26 @@ class Archive:
 
         ``mode`` is that of :func:`landlens.features.extract.optimize_for_inference` (``jit``:
         traced, frozen, batch-norm folded, channels-last; ``compile``; ``none``); the prepared
-        graph is checked against eager mode on a seeded noise image first, and a graph that
-        cannot be prepared leaves eager mode in place (``jit`` and ``auto`` only). Returns
-        the mode in use: ``'jit'``, ``'compile'`` or ``'eager'``.
+        graph is checked against eager mode on seeded noise images first, and a ``jit`` graph
+        that cannot be prepared leaves eager mode in place. Returns the mode in use:
+        ``'jit'``, ``'compile'`` or ``'eager'``.
         """
-        import torch
-        from PIL import Image
+        from landlens.features.extract import noise_batch, optimize_for_inference
 
-        from landlens.features.extract import optimize_for_inference
-        from landlens.models.preprocessing import preprocess_images
-
-        bb = self.backbone()
-        pre = bb.preprocessing
-        side = int(pre.input_size if pre.resize_mode == "squash" else pre.resize_size)
-        noise = np.random.default_rng(0).integers(0, 256, (2, side, side, 3), dtype=np.uint8)
-        example = preprocess_images([Image.fromarray(a) for a in noise], pre)
         if mode not in ("jit", "compile", "none"):
             raise ArchiveError(f"unknown forward-pass mode {mode!r}: use jit, compile or none")
+        bb = self.backbone()
         # 'auto' without an image count is jit with eager as the fallback; 'compile' fails loudly
-        fast = optimize_for_inference(bb, example.contiguous(memory_format=torch.channels_last),
-                                      mode="auto" if mode == "jit" else mode)  # type: ignore[arg-type]
+        fast = optimize_for_inference(bb, noise_batch(bb.preprocessing, 2), mode="auto" if mode == "jit" else mode)  # type: ignore[arg-type]
         self._fast = None if fast is bb else fast
-        if self._fast is None:
-            return "eager"
-        return mode
+        return "eager" if self._fast is None else mode
 
     def embed(self, images: Sequence[Any]) -> np.ndarray:
-        """Features (n, dim) float32 of RGB PIL images under the archive's extractor."""
-        fast = getattr(self, "_fast", None)
-        if fast is None:
-            from landlens.retrieval.index import embed_images
+        """Features (n, dim) float32 of RGB PIL images under the archive's extractor (the
+        prepared forward pass after :meth:`optimize`)."""
+        from landlens.retrieval.index import embed_images
 
-            return np.ascontiguousarray(embed_images(self.backbone(), list(images)), dtype=np.float32)
-        import torch
-
-        from landlens.models.preprocessing import preprocess_images
-
-        x = preprocess_images(list(images), self.backbone().preprocessing).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            return np.ascontiguousarray(fast(x).float().flatten(1).numpy(), dtype=np.float32)
+        return np.ascontiguousarray(embed_images(self.backbone(), list(images), forward=self._fast), dtype=np.float32)
 
     def _score(self, distance: float) -> float:
         if not np.isfinite(distance):

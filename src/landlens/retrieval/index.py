@@ -833,17 +833,25 @@ def _rerank_with_matcher(index: SearchIndex, feats: np.ndarray, k: int, matcher:
     return out_d, out_r
 
 
-def embed_images(backbone: Any, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
-    """Backbone features (n, num_features) of RGB PIL images, under the backbone's preprocessing."""
+def embed_images(backbone: Any, images: Sequence[Any], batch_size: int = 32,
+                 forward: Any = None) -> np.ndarray:
+    """Backbone features (n, num_features) of RGB PIL images, under the backbone's preprocessing.
+
+    ``forward``: a prepared graph of the backbone
+    (:func:`landlens.features.extract.optimize_for_inference`) to run instead of eager mode; it
+    gets channels-last batches, the layout it was prepared for.
+    """
     import torch
 
     from landlens.models.preprocessing import preprocess_images
 
-    model = backbone.eval()
+    model = backbone.eval() if forward is None else forward
     out = []
     with torch.inference_mode():
         for s in range(0, len(images), batch_size):
             x = preprocess_images(list(images[s:s + batch_size]), backbone.preprocessing)
+            if forward is not None:
+                x = x.contiguous(memory_format=torch.channels_last)
             out.append(model(x).float().flatten(1).numpy())
     return np.concatenate(out) if out else np.zeros((0, backbone.num_features), np.float32)
 

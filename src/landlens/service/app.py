@@ -451,7 +451,7 @@ class SearchService:
         self.max_pixels = int(max_pixels)
         self.max_k = int(max_k)
         self.backbone = archive.backbone()  # load (and check) the extractor now, not on the first request
-        self.forward = archive.optimize(optimize) if optimize != "none" else "eager"
+        self.forward = archive.optimize(optimize)
         self._warm_up()
         self.batcher: MicroBatcher = MicroBatcher(self._embed_batch, max_batch=max_batch, max_wait=max_wait,
                                                   name="landlens-embed")
