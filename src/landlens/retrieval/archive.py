@@ -532,7 +532,11 @@ class Archive:
             raise ArchiveError(f"unknown forward-pass mode {mode!r}: use jit, compile or none")
         bb = self.backbone()
         # 'auto' without an image count is jit with eager as the fallback; 'compile' fails loudly
-        fast = optimize_for_inference(bb, noise_batch(bb.preprocessing, 2), mode="auto" if mode == "jit" else mode)  # type: ignore[arg-type]
+        import torch
+
+        # traced on the channels-last layout that embed_images gives a prepared graph
+        example = noise_batch(bb.preprocessing, 2).contiguous(memory_format=torch.channels_last)
+        fast = optimize_for_inference(bb, example, mode="auto" if mode == "jit" else mode)  # type: ignore[arg-type]
         self._fast = None if fast is bb else fast
         return "eager" if self._fast is None else mode
 
