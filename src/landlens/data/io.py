@@ -16,10 +16,14 @@ is left alone and must stay ``False``).
 TIFF files (recognised by their magic bytes, whatever the extension) are read with
 ``tifffile``, which handles any number of bands, 16-bit and float samples and planar
 (``C x H x W``) storage; compressions that ``tifffile`` cannot decode without
-``imagecodecs`` (LZW, JPEG) fall back to Pillow. Everything else is read with Pillow.
+``imagecodecs`` (LZW, JPEG) fall back to Pillow. A TIFF's pages after the first (a stack,
+a pyramid's overviews) are ignored. Everything else is read with Pillow.
 
 Size limit: ``max_pixels`` (width x height) is checked from the header before any pixel
-data is decoded, so a decompression bomb costs nothing. Pillow's own process-wide limit
+data is decoded, so a decompression bomb costs nothing. Bands count too: an image with more
+than :data:`BANDS_PER_PIXEL` bands counts as ``width x height x bands / 4`` pixels, so a
+100-sample TIFF cannot slip under a limit meant for RGB. Only the first page of a
+multi-page TIFF (or the first frame of an animation) is read; the others are never decoded. Pillow's own process-wide limit
 (``Image.MAX_IMAGE_PIXELS``) is replaced by this per-call limit while a header is parsed
 (under a lock, for the duration of ``Image.open`` only), so that a user can raise or
 lower the limit per call and the message names the real size; a
@@ -62,6 +66,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -70,6 +75,7 @@ from PIL import Image, UnidentifiedImageError
 from landlens.errors import ImageReadError, first_line
 
 __all__ = [
+    "BANDS_PER_PIXEL",
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "SENTINEL2_SCALE",
@@ -91,6 +97,11 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 DEFAULT_MAX_PIXELS = 178_956_970
 """Default limit on width x height: twice Pillow's ``MAX_IMAGE_PIXELS``, i.e. Pillow's own
 hard limit (about 13,377 x 13,377 pixels)."""
+
+BANDS_PER_PIXEL = 4
+"""Bands one pixel of ``max_pixels`` stands for: an image of more bands counts as
+``width x height x bands / 4`` pixels, so every image within the limit decodes to at most
+as many samples as an RGBA image of ``max_pixels`` pixels."""
 
 SENTINEL2_SCALE = 3000.0
 """Divisor mapping Sentinel-2 L1C digital numbers (reflectance x 10000) to 0-1 for display."""
@@ -123,6 +134,7 @@ class ImageInfo:
         bands: number of channels of the decoded array.
         dtype: numpy sample type name of the decoded array.
         format: container format as Pillow names it (``"JPEG"``, ``"PNG"``, ``"TIFF"``...).
+        pages: pages or frames in the file; only the first is ever decoded.
     """
 
     width: int
@@ -130,6 +142,7 @@ class ImageInfo:
     bands: int
     dtype: str
     format: str
+    pages: int = 1
 
 
 def is_image_file(path: str | os.PathLike[str]) -> bool:
@@ -181,17 +194,25 @@ def _is_tiff(head: bytes) -> bool:
     return head[:4] in _TIFF_MAGIC
 
 
-def _too_large(path: Path, width: int, height: int, max_pixels: int) -> ImageReadError:
-    return ImageReadError(
-        path,
-        f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels} "
-        "(--max-pixels)",
-    )
-
-
-def _check_pixels(path: Path, width: int, height: int, max_pixels: int | None) -> None:
-    if max_pixels is not None and width * height > max_pixels:
-        raise _too_large(path, width, height, max_pixels)
+def _check_pixels(
+    path: Path, width: int, height: int, max_pixels: int | None, bands: int = 1
+) -> None:
+    """Refuse an image whose decoded size exceeds the limit (see :data:`BANDS_PER_PIXEL`)."""
+    if max_pixels is None:
+        return
+    if width * height > max_pixels:
+        raise ImageReadError(
+            path,
+            f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels} "
+            "(--max-pixels)",
+        )
+    if width * height * bands > max_pixels * BANDS_PER_PIXEL:
+        raise ImageReadError(
+            path,
+            f"image too large: {width}x{height} pixels x {bands} bands counts as "
+            f"{width * height * bands // BANDS_PER_PIXEL} pixels, over the limit of {max_pixels} "
+            "(--max-pixels)",
+        )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -281,24 +302,31 @@ def _pil_array(path: Path, im: Image.Image, max_pixels: int | None) -> tuple[np.
     return np.ascontiguousarray(arr), alpha
 
 
-def _tiff_yx(axes: str, shape: Sequence[int]) -> tuple[int, int]:
-    return int(shape[axes.index("Y")]), int(shape[axes.index("X")])
+def _tiff_page(path: Path, tf: tifffile.TiffFile, max_pixels: int | None) -> tuple[Any, str, tuple[int, ...]]:
+    """The first page of a TIFF, its axes and shape, after the size check (nothing decoded).
+
+    Only the first page is ever read: the pages after it (a multi-page TIFF, a pyramid's
+    overviews, a stack) are ignored, so they cost neither time nor memory.
+    """
+    if not tf.pages:
+        raise ImageReadError(path, "corrupt image data (TIFF holds no image)")
+    page = tf.pages.first
+    axes, shape = str(page.axes), tuple(int(v) for v in page.shape)
+    if "Y" not in axes or "X" not in axes:
+        raise ImageReadError(path, f"unsupported TIFF layout (axes {axes})")
+    height, width = shape[axes.index("Y")], shape[axes.index("X")]
+    bands = int(np.prod(shape)) // max(width * height, 1)
+    _check_pixels(path, width, height, max_pixels, bands)
+    return page, axes, shape
 
 
 def _read_tiff(path: Path, max_pixels: int | None) -> tuple[np.ndarray, bool] | None:
-    """Decode a TIFF with tifffile, or ``None`` when it needs a codec only Pillow has."""
+    """Decode a TIFF's first page with tifffile, or ``None`` when it needs a codec only
+    Pillow has."""
     try:
         with tifffile.TiffFile(path) as tf:
-            if not tf.pages or not tf.series:
-                raise ImageReadError(path, "corrupt image data (TIFF holds no image)")
-            series = tf.series[0]
-            axes, shape = series.axes, series.shape
-            if "Y" not in axes or "X" not in axes:
-                raise ImageReadError(path, f"unsupported TIFF layout (axes {axes})")
-            height, width = _tiff_yx(axes, shape)
-            _check_pixels(path, width, height, max_pixels)
-            page = tf.pages[0]
-            arr = series.asarray()
+            page, axes, shape = _tiff_page(path, tf, max_pixels)
+            arr = page.asarray()
             photometric = int(getattr(page, "photometric", -1))
             colormap = getattr(page, "colormap", None)
             extrasamples = tuple(int(e) for e in (getattr(page, "extrasamples", ()) or ()))
@@ -315,9 +343,10 @@ def _read_tiff(path: Path, max_pixels: int | None) -> tuple[np.ndarray, bool] | 
             raise ImageReadError(path, _reason(exc)) from None
         raise
 
-    arr = np.asarray(arr)
-    # Put Y, X first and fold every other axis (samples, planes, pages) into channels.
+    arr = np.asarray(arr).reshape(shape)
+    # Put Y, X first and fold every other axis (samples, depth) into channels.
     yi, xi = axes.index("Y"), axes.index("X")
+    height, width = shape[yi], shape[xi]
     rest = [i for i in range(arr.ndim) if i not in (yi, xi)]
     arr = arr.transpose([yi, xi, *rest]).reshape(height, width, -1)
     if photometric == 3 and colormap is not None and arr.shape[-1] == 1:  # PALETTE
@@ -514,19 +543,17 @@ def probe_image(path: str | os.PathLike[str]) -> ImageInfo:
     if _is_tiff(head):
         try:
             with tifffile.TiffFile(p) as tf:
-                if tf.pages and tf.series:
-                    series = tf.series[0]
-                    axes, shape = series.axes, series.shape
-                    if "Y" in axes and "X" in axes:
-                        height, width = _tiff_yx(axes, shape)
-                        bands = int(np.prod(shape)) // max(width * height, 1)
-                        page = tf.pages[0]
-                        dtype = np.dtype(series.dtype)
-                        if int(getattr(page, "photometric", -1)) == 3 and bands == 1:
-                            bands, dtype = 3, np.dtype(np.uint8)
-                        if dtype.kind == "b":
-                            dtype = np.dtype(np.uint8)
-                        return ImageInfo(width, height, bands, dtype.name, "TIFF")
+                page, axes, shape = _tiff_page(p, tf, None)
+                height, width = shape[axes.index("Y")], shape[axes.index("X")]
+                bands = int(np.prod(shape)) // max(width * height, 1)
+                dtype = np.dtype(page.dtype)
+                if int(getattr(page, "photometric", -1)) == 3 and bands == 1:
+                    bands, dtype = 3, np.dtype(np.uint8)
+                if dtype.kind == "b":
+                    dtype = np.dtype(np.uint8)
+                return ImageInfo(width, height, bands, dtype.name, "TIFF", len(tf.pages))
+        except ImageReadError:
+            pass  # a layout tifffile cannot read: Pillow may (or will report the problem)
         except MemoryError:
             raise ImageReadError(p, "not enough memory to read the header") from None
         except Exception as exc:
