@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.make_datasets import class_image, make_folder_dataset, write_image
-from landlens.retrieval.archive import PAUSE_ENV, Archive
+from landlens.retrieval.archive import Archive
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and flock are POSIX")
 
@@ -24,13 +24,33 @@ def arch(tmp_path: Path) -> Archive:
     return Archive.build(data, tmp_path / "arch", backbone="lbp_rgb", progress=False)
 
 
+# Fault injection from the test, not a hook in landlens: the child wraps the archive's commit
+# step so that it announces itself and sleeps there (the parent kills it at that moment).
+_PAUSED_ADD = """
+import sys, time
+import landlens.retrieval.archive as archive
+from landlens.cli.main import main
+
+commit = archive.commit_generation
+pause = float(sys.argv.pop(1))
+
+def paused(directory, name):
+    print(f"generation {name} written, pausing before commit", file=sys.stderr, flush=True)
+    time.sleep(pause)
+    commit(directory, name)
+
+archive.commit_generation = paused
+sys.argv[0] = "landlens"
+main()
+"""
+
+
 def _add_process(arch_dir: Path, image: Path, pause: float | None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop(PAUSE_ENV, None)
-    if pause is not None:
-        env[PAUSE_ENV] = str(pause)
-    return subprocess.Popen([sys.executable, "-m", "landlens.cli.main", "index", "add", str(arch_dir), str(image),
-                             "--class", "lake"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["index", "add", str(arch_dir), str(image), "--class", "lake"]
+    cmd = ([sys.executable, "-c", _PAUSED_ADD, str(pause), *args] if pause is not None
+           else [sys.executable, "-m", "landlens.cli.main", *args])
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _snapshot(arch: Archive) -> list[tuple[int, str, str | None]]:

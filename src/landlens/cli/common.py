@@ -46,6 +46,23 @@ def backbone_options(f):
     return f
 
 
+def max_pixels_option(f):
+    """--max-pixels: the decode size limit of :mod:`landlens.data.io` (header checked first)."""
+    from landlens.data.io import DEFAULT_MAX_PIXELS
+
+    return click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
+                        help="refuse images larger than this many pixels (width x height; images of more than "
+                             "4 bands count width x height x bands / 4), checked on the header before decoding")(f)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (a newline in a file name) escaped as ``\\n``, ``\\x1b``..., so
+    one record stays on one line of tab-separated output."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def make_backbone(backbone: str, weights: str, input_size: int | None, resize_mode: str | None):
     from landlens.models.registry import create_backbone
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from landlens.cli.common import OneLineErrorCommand, OneLineErrorGroup, echo_json
+from landlens.cli.common import OneLineErrorCommand, OneLineErrorGroup, echo_json, max_pixels_option, printable
 
 
 @click.group("index", cls=OneLineErrorGroup)
@@ -52,8 +52,9 @@ def build_cmd(data: Path, out: Path, dataset: str | None, backbone: str, weights
 @click.option("--class", "class_name", default=None, help="class of every added image")
 @click.option("--class-from-folder", is_flag=True, help="each image's class is the name of its folder")
 @click.option("--json", "as_json", is_flag=True, help="print the new records as JSON")
+@max_pixels_option
 def add_cmd(archive: Path, images: tuple[Path, ...], class_name: str | None, class_from_folder: bool,
-            as_json: bool) -> None:
+            as_json: bool, max_pixels: int) -> None:
     """Add IMAGES (files, or folders searched recursively) to ARCHIVE.
 
     Every image is read before anything changes: one unreadable file refuses the whole update.
@@ -69,7 +70,7 @@ def add_cmd(archive: Path, images: tuple[Path, ...], class_name: str | None, cla
     classes = [p.parent.name for p in files] if class_from_folder else [class_name] * len(files)
     arch = Archive.open(archive)
     before = len(arch)
-    new = arch.add(files, classes, progress=not as_json and len(files) > 64)
+    new = arch.add(files, classes, progress=not as_json and len(files) > 64, max_pixels=max_pixels)
     if as_json:
         echo_json({"added": [r.to_dict() for r in new], "skipped": len(files) - len(new),
                    "generation": arch.generation, "images": len(arch)})
@@ -117,7 +118,7 @@ def list_cmd(archive: Path, class_name: str | None, as_json: bool) -> None:
         echo_json([{**r.to_dict(), "path": r.path} for r in recs])
         return
     for r in recs:
-        click.echo(f"{r.id}\t{r.class_name or '-'}\t{r.width}x{r.height}\t{r.path}")
+        click.echo(f"{r.id}\t{printable(r.class_name or '-')}\t{r.width}x{r.height}\t{printable(r.path)}")
 
 
 def _id_range(records: list) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from landlens.cli.common import OneLineErrorCommand, echo_json
+from landlens.cli.common import OneLineErrorCommand, echo_json, max_pixels_option
 
 
 KIND_HELP = ("auto (exact below 50,000 vectors, else the benchmarked large-archive index) | exact | hnsw | "
@@ -90,10 +90,12 @@ def index_cmd(store: Path, out: Path, kind: str, metric: str, nprobe: int | None
 @click.option("--rerank", "rerank", default=None, metavar="SPEC",
               help="unsupervised re-ranking of the whole archive, fitted on the index's features (no labels): "
                    "aqe, diffusion, kreciprocal, aqe+diffusion, ... with settings as in `retrieval evaluate --rerank`")
+@max_pixels_option
 def search_cmd(index_dir: Path, queries: tuple[Path, ...], k: int, as_json: bool, gallery: Path | None,
                query_class: tuple[str, ...], weights: str | None, nprobe: int | None,
                ef_search: int | None, matcher: Path | None, shortlist: int, relevant: tuple[int, ...],
-               irrelevant: tuple[int, ...], rocchio_weights: tuple[float, float, float], rerank: str | None) -> None:
+               irrelevant: tuple[int, ...], rocchio_weights: tuple[float, float, float], rerank: str | None,
+               max_pixels: int) -> None:
     """Find the K archive images most similar to each QUERY image in the search index INDEX.
 
     The backbone the index was built with is rebuilt from its recorded weights (and checked
@@ -142,7 +144,7 @@ def search_cmd(index_dir: Path, queries: tuple[Path, ...], k: int, as_json: bool
         both = sorted(set(relevant) & set(irrelevant))
         if both:
             raise SearchIndexError(f"row {both[0]} is given both as --relevant and as --irrelevant")
-    images = decode_queries(index, [str(q) for q in queries])
+    images = decode_queries(index, [str(q) for q in queries], max_pixels=max_pixels)
     backbone = backbone_for_index(index, weights)
     if shortlist < 1:
         raise SearchIndexError(f"--shortlist {shortlist}: must be >= 1")

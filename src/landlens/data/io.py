@@ -57,6 +57,7 @@ worker processes.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import struct
@@ -80,6 +81,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "SENTINEL2_SCALE",
     "ImageInfo",
+    "file_problem",
     "is_image_file",
     "load_rgb",
     "probe_image",
@@ -168,15 +170,42 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def _check_file(path: str | os.PathLike[str]) -> tuple[Path, bytes]:
-    """The path, after checking it is a non-empty regular file, and its first 16 bytes."""
+def file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` is not a non-empty regular file an image can be read from, in a few words
+    ("no such file", "symbolic link loop", "not a regular file: a named pipe (FIFO)"...), or
+    ``None`` when it is one. Only ``stat`` is called: a FIFO or a device is never opened."""
     p = Path(path)
     try:
         st = p.stat()
-        if not stat.S_ISREG(st.st_mode):
-            raise ImageReadError(p, "not a regular file")
-        if st.st_size == 0:
-            raise ImageReadError(p, "empty file")
+    except FileNotFoundError:
+        return "broken symbolic link" if p.is_symlink() else "file not found"
+    except PermissionError:
+        return "permission denied"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        return f"cannot read file ({exc.strerror or exc})"
+    mode = st.st_mode
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"))  # fmt: skip
+    for test, what in kinds:
+        if test(mode):
+            return f"not a regular file: {what}"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    if st.st_size == 0:
+        return "empty file"
+    return None
+
+
+def _check_file(path: str | os.PathLike[str]) -> tuple[Path, bytes]:
+    """The path, after checking it is a non-empty regular file, and its first 16 bytes."""
+    p = Path(path)
+    problem = file_problem(p)
+    if problem is not None:
+        raise ImageReadError(p, problem)
+    try:
         with open(p, "rb") as fh:
             head = fh.read(16)
     except FileNotFoundError:

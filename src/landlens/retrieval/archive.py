@@ -13,12 +13,19 @@ An archive folder holds everything a search service needs to answer queries by e
       features/            the feature store extracted at build time (reused by a rebuild)
       uploads/             images added through the service, named by their sha256
       .lock                serialises writers across processes (``fcntl.flock``)
+      .readers             readers hold it shared while loading a generation; the writer's
+                           clean-up holds it exclusive, so a load never sees its files vanish
 
 Every update (:meth:`Archive.add`, :meth:`Archive.remove`, a rebuild over an existing archive)
 writes a complete new generation beside the live one, flushes it to disk, and only then
 replaces ``CURRENT`` with a rename. A crash at any point leaves ``CURRENT`` naming a complete
 generation: the previous one until the rename, the new one after it. Left-over partial
-generations are ignored on open and deleted by the next update.
+generations are ignored on open and deleted by the next update, as are uploaded files that
+no live image references (an upload stored by an update that crashed before its commit).
+Readers load under a shared lock (``.readers``) that the clean-up takes exclusively, so a
+reader that read ``CURRENT`` just before a writer committed still loads the generation it
+named; once loaded, a generation needs none of its files but ``vectors.npy``, which stays
+readable through its memory map after deletion.
 
 Image ids are stable integers that are never reused; FAISS rows are positions in
 ``vectors.npy`` and change when images are removed. Adding appends to a copy of the live
@@ -36,10 +43,8 @@ import json
 import os
 import shutil
 import sqlite3
-import sys
 import tempfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +52,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from landlens.data.io import file_problem
 from landlens.errors import ImageReadError, LandlensError, first_line
-from landlens.features.store import atomic_write_bytes, atomic_write_json
+from landlens.features.store import atomic_write_bytes
 
 FORMAT_VERSION = 1
 CURRENT = "CURRENT"
@@ -56,9 +62,7 @@ GEN_PREFIX = "gen-"
 LOCK = ".lock"
 UPLOADS = "uploads"
 FEATURES = "features"
-PAUSE_ENV = "LANDLENS_TEST_PAUSE_BEFORE_COMMIT"
-"""Testing hook: seconds to sleep after a new generation is on disk and before ``CURRENT``
-moves to it (the crash test kills the process there)."""
+READERS = ".readers"
 
 _SCHEMA = """
 CREATE TABLE images (
@@ -78,8 +82,32 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
+UPLOAD_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp"}
+"""File suffix of an uploaded image kept in ``uploads/``, by format."""
+
+CLASS_NAME_LIMIT = 200
+"""Longest class name an archive accepts (characters)."""
+
+
 class ArchiveError(LandlensError):
     """A user error about an archive: a missing or damaged folder, an unknown id, a bad update."""
+
+
+def validate_class_name(name: str | None) -> str | None:
+    """A class name as archives store it: surrounding space stripped, ``None`` or ``""`` for
+    none; refused (:class:`ArchiveError`) when longer than :data:`CLASS_NAME_LIMIT` characters
+    or holding a character that is not printable (a control character, a newline)."""
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise ArchiveError(f"bad class name {name!r}: not text")
+    name = name.strip()
+    if not name:
+        return None
+    if len(name) > CLASS_NAME_LIMIT or not name.isprintable():
+        raise ArchiveError(f"bad class name {name[:60]!r}: use printable text of at most "
+                           f"{CLASS_NAME_LIMIT} characters")
+    return name
 
 
 @dataclass(frozen=True)
@@ -184,17 +212,36 @@ def _fsync_tree(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _file_lock(directory: Path) -> Iterator[None]:
-    """Exclusive lock on ``directory/.lock`` for the duration of an update (one writer at a time)."""
+def _file_lock(directory: Path, name: str = LOCK, shared: bool = False) -> Iterator[None]:
+    """``fcntl.flock`` on ``directory/name``: exclusive (one writer at a time) or shared.
+
+    A shared lock on a folder this process may not write (a read-only archive, which no writer
+    can change either) is skipped.
+    """
     import fcntl
 
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / LOCK, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    if not shared:
+        directory.mkdir(parents=True, exist_ok=True)
+    try:
+        f = open(directory / name, "a+b")
+    except OSError:
+        if not shared:
+            raise
+        yield
+        return
+    with f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _load_current(directory: Path) -> _State | None:
+    """The live generation, loaded under the shared readers' lock (``None``: no ``CURRENT``)."""
+    with _file_lock(directory, READERS, shared=True):
+        name = _read_current(directory)
+        return None if name is None else _load_state(directory, name)
 
 
 def _gen_name(n: int) -> str:
@@ -286,21 +333,31 @@ def _write_generation(directory: Path, state: _State, parent: int | None) -> Non
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    pause = os.environ.get(PAUSE_ENV)
-    if pause:
-        print(f"landlens: archive: generation {name} written, pausing before commit", file=sys.stderr, flush=True)
-        time.sleep(float(pause))
+    commit_generation(directory, name)
+
+
+def commit_generation(directory: Path, name: str) -> None:
+    """Make the complete generation folder ``name`` the live one: replace ``CURRENT`` atomically."""
     atomic_write_bytes(directory / CURRENT, (name + "\n").encode())
     _fsync_dir(directory)
 
 
-def _collect_garbage(directory: Path, keep: str) -> None:
-    """Delete every generation and temporary folder except ``keep`` (writers hold the lock)."""
-    for p in directory.iterdir():
-        stale_gen = p.name.startswith(GEN_PREFIX) and p.name != keep
-        stale_tmp = p.name.startswith(f".{GEN_PREFIX}") and p.name.endswith(".tmp")
-        if (stale_gen or stale_tmp) and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+def _collect_garbage(directory: Path, state: _State) -> None:
+    """Delete every generation and temporary folder but the live one, and uploaded files no
+    live image references (writers call it holding the writer's lock)."""
+    keep = _gen_name(state.generation)
+    with _file_lock(directory, READERS):  # waits for readers loading an older generation
+        for p in directory.iterdir():
+            stale_gen = p.name.startswith(GEN_PREFIX) and p.name != keep
+            stale_tmp = p.name.startswith(f".{GEN_PREFIX}") and p.name.endswith(".tmp")
+            if (stale_gen or stale_tmp) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+        uploads = directory / UPLOADS
+        if uploads.is_dir():
+            for p in uploads.iterdir():  # named <sha256><suffix>, or .<name>.part while copied
+                if p.name.startswith(".") or p.stem not in state.id_of_sha:
+                    with contextlib.suppress(OSError):
+                        p.unlink()
 
 
 class Archive:
@@ -330,10 +387,10 @@ class Archive:
         d = Path(directory)
         if not d.is_dir():
             raise ArchiveError(f"no archive at {d} (not a folder)")
-        name = _read_current(d)
-        if name is None:
+        state = _load_current(d)
+        if state is None:
             raise ArchiveError(f"no archive at {d} (missing {CURRENT}); create one with `landlens index build`")
-        return cls(d, _load_state(d, name))
+        return cls(d, state)
 
     @classmethod
     def build(cls, data: str | os.PathLike[str], out: str | os.PathLike[str], *, dataset: str | None = None,
@@ -383,7 +440,7 @@ class Archive:
             gen = int(old[len(GEN_PREFIX):]) + 1 if old else 1
             state = _State(gen, index, np.asarray(fs.features, dtype=np.float32), records, len(records), meta)
             _write_generation(outp, state, int(old[len(GEN_PREFIX):]) if old else None)
-            _collect_garbage(outp, _gen_name(gen))
+            _collect_garbage(outp, state)
         return cls.open(outp)
 
     def reload(self) -> bool:
@@ -392,7 +449,10 @@ class Archive:
         if name is None or int(name[len(GEN_PREFIX):]) == self._state.generation:
             return False
         with self._write_lock:
-            self._state = _load_state(self.directory, name)
+            state = _load_current(self.directory)
+            if state is None or state.generation == self._state.generation:
+                return False
+            self._state = state
         return True
 
     # ------------------------------------------------------------------ describing
@@ -488,7 +548,7 @@ class Archive:
             "created": state.meta.get("created"),
             "updated": state.meta.get("updated", state.meta.get("created")),
             "generation_bytes": disk,
-            "uploads": sum(1 for _ in uploads.iterdir()) if uploads.is_dir() else 0,
+            "uploads": sum(1 for p in uploads.iterdir() if p.stem in state.id_of_sha) if uploads.is_dir() else 0,
         }
 
     # ------------------------------------------------------------------ embedding and searching
@@ -679,9 +739,9 @@ class Archive:
             if name is None:
                 raise ArchiveError(f"archive {self.directory} lost its {CURRENT} file; rebuild it")
             if int(name[len(GEN_PREFIX):]) != self._state.generation:
-                self._state = _load_state(self.directory, name)
+                self._state = _load_state(self.directory, name)  # writers hold the lock: no clean-up runs
             yield self._state
-            _collect_garbage(self.directory, _gen_name(self._state.generation))
+            _collect_garbage(self.directory, self._state)
 
     def _publish(self, old: _State, index: Any, vectors: np.ndarray, records: list[ImageRecord], next_id: int) -> None:
         meta = {**old.meta, "updated": _now()}
@@ -691,60 +751,96 @@ class Archive:
         self._state = new
 
     def add(self, paths: Sequence[str | os.PathLike[str]], classes: Sequence[str | None] | None = None,
-            *, batch_size: int = 32, progress: bool = False) -> list[ImageRecord]:
+            *, batch_size: int = 32, progress: bool = False, max_pixels: int | None = None) -> list[ImageRecord]:
         """Index image files; returns the new records (duplicates of indexed files are skipped).
 
         Every file is decoded before anything is written: one unreadable file refuses the
         whole update (:class:`~landlens.errors.ImageReadError` naming it) and leaves the
-        archive as it was. ``classes`` gives each file's class (``None``: unlabelled).
+        archive as it was. ``classes`` gives each file's class (``None``: unlabelled), each checked
+        by :func:`validate_class_name`. ``max_pixels`` is the decode limit of :func:`load_query`.
         """
         files = [Path(p) for p in paths]
         if classes is not None and len(classes) != len(files):
             raise ArchiveError(f"{len(classes)} classes for {len(files)} images")
-        labels = list(classes) if classes is not None else [None] * len(files)
-        for c in labels:
-            if c is not None and (not isinstance(c, str) or not c.strip() or len(c) > 200):
-                raise ArchiveError(f"bad class name {c!r}: use a non-empty name of at most 200 characters")
+        labels = [validate_class_name(c) for c in classes] if classes is not None else [None] * len(files)
         for f in files:
             if not f.is_file():
-                raise ImageReadError(f, "no such file")
+                raise ImageReadError(f, file_problem(f) or "no such file")
         described = [_describe_file(f) for f in files]
         with self._updating() as state:
-            seen = dict(state.id_of_sha)
-            todo = []
-            for f, c, (w, h, s, n) in zip(files, labels, described):
-                if s in seen:
-                    continue
-                seen[s] = -1
-                todo.append((f, c, w, h, s, n))
-            if not todo:
-                return []
-            feats = []
-            it = range(0, len(todo), batch_size)
-            if progress:
-                from tqdm import tqdm
+            return self._add_locked(state, files, labels, described, batch_size, progress, max_pixels)
 
-                it = tqdm(it, desc="embedding", unit="batch")
-            for s0 in it:
-                imgs = [self.load_query(t[0]) for t in todo[s0:s0 + batch_size]]
-                feats.append(self.embed(imgs))
-            x = np.concatenate(feats)
-            index = copy.copy(state.index)
-            from landlens.retrieval.index import _faiss
+    def _add_locked(self, state: _State, files: list[Path], labels: list[str | None],
+                    described: list[tuple[int, int, str, int]], batch_size: int, progress: bool,
+                    max_pixels: int | None) -> list[ImageRecord]:
+        seen = dict(state.id_of_sha)
+        todo = []
+        for f, c, (w, h, s, n) in zip(files, labels, described):
+            if s in seen:
+                continue
+            seen[s] = -1
+            todo.append((f, c, w, h, s, n))
+        if not todo:
+            return []
+        feats = []
+        it = range(0, len(todo), batch_size)
+        if progress:
+            from tqdm import tqdm
 
-            index.index_ = _faiss().clone_index(state.index.index_)
-            index.add(x)
-            added = _now()
-            new = [ImageRecord(state.next_id + i, str(f.resolve()), f.name, c, w, h, s, n, added)
-                   for i, (f, c, w, h, s, n) in enumerate(todo)]
-            vectors = np.concatenate([np.asarray(state.vectors, dtype=np.float32), x])
-            self._publish(state, index, vectors, [*state.records, *new], state.next_id + len(new))
-            return new
+            it = tqdm(it, desc="embedding", unit="batch")
+        for s0 in it:
+            imgs = [self.load_query(t[0], max_pixels=max_pixels) for t in todo[s0:s0 + batch_size]]
+            feats.append(self.embed(imgs))
+        x = np.concatenate(feats)
+        index = copy.copy(state.index)
+        from landlens.retrieval.index import _faiss
+
+        index.index_ = _faiss().clone_index(state.index.index_)
+        index.add(x)
+        added = _now()
+        new = [ImageRecord(state.next_id + i, str(f.resolve()), f.name, c, w, h, s, n, added)
+               for i, (f, c, w, h, s, n) in enumerate(todo)]
+        vectors = np.concatenate([np.asarray(state.vectors, dtype=np.float32), x])
+        self._publish(state, index, vectors, [*state.records, *new], state.next_id + len(new))
+        return new
+
+    def add_upload(self, path: str | os.PathLike[str], class_name: str | None = None, *,
+                   max_pixels: int | None = None) -> ImageRecord | None:
+        """Keep a copy of the image file ``path`` in the archive (``uploads/<sha256><ext>``) and
+        index it; ``None`` when an image with the same content is already indexed.
+
+        The copy is made under the writers' lock, so the clean-up of an update running in
+        another process never deletes it, and a crash before the commit leaves a file that the
+        next clean-up deletes.
+        """
+        from landlens.data.io import probe_image
+
+        src = Path(path)
+        labels = [validate_class_name(class_name)]
+        if not src.is_file():
+            raise ImageReadError(src, file_problem(src) or "no such file")
+        info = probe_image(src)
+        suffix = UPLOAD_SUFFIXES.get(info.format)
+        if suffix is None:
+            raise ArchiveError(f"{src}: {info.format} images cannot be stored in an archive")
+        sha, size = _sha256(src)
+        with self._updating() as state:
+            if sha in state.id_of_sha:
+                return None
+            dest = self.upload_path(sha, suffix)
+            if not dest.is_file():
+                part = dest.with_name(f".{dest.name}.part")
+                shutil.copyfile(src, part)
+                os.replace(part, dest)
+            added = self._add_locked(state, [dest], labels, [(info.width, info.height, sha, size)], 32, False,
+                                     max_pixels)
+            return added[0]
 
     def remove(self, ids: Sequence[int]) -> int:
         """Drop images by id (the index is rebuilt over the rest); returns how many were removed.
 
-        Uploaded files (under ``uploads/``) of removed images are deleted after the update.
+        Uploaded files (under ``uploads/``) of removed images are deleted by the clean-up
+        that follows the update.
         """
         from landlens.retrieval.index import SearchIndex
 
@@ -766,19 +862,13 @@ class Archive:
             index.fit(vectors)
             gone = [r for r in state.records if r.id in want]
             self._publish(state, index, vectors, [state.records[i] for i in keep], state.next_id)
-        uploads = (self.directory / UPLOADS).resolve()
-        for r in gone:
-            p = Path(r.path)
-            if p.parent == uploads and r.sha256 not in self._state.id_of_sha:
-                with contextlib.suppress(OSError):
-                    p.unlink()
-        return len(gone)
+        return len(gone)  # the clean-up after the update deleted their uploaded files
 
     def upload_path(self, sha256: str, suffix: str) -> Path:
         """Where an uploaded image with this content hash is kept (``uploads/<sha256><suffix>``)."""
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
             raise ArchiveError(f"not a sha256 digest: {sha256[:80]!r}")
-        if suffix not in (".jpg", ".png", ".tif", ".gif", ".bmp", ".webp"):
+        if suffix not in UPLOAD_SUFFIXES.values():
             raise ArchiveError(f"unsupported upload suffix {suffix!r}")
         d = self.directory / UPLOADS
         d.mkdir(exist_ok=True)

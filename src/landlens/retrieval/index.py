@@ -763,21 +763,23 @@ def backbone_for_index(index: SearchIndex, weights: str | None = None) -> Any:
     return bb
 
 
-def decode_queries(index: SearchIndex, paths: Sequence[str | Path]) -> list[Any]:
+def decode_queries(index: SearchIndex, paths: Sequence[str | Path], *, max_pixels: int | None = None) -> list[Any]:
     """Decode query images to RGB exactly as the indexed features were decoded (same JPEG draft
     size and band choice), ready for the backbone's preprocessing.
 
     Raises:
-        ImageReadError: a query that is missing or not a readable image (names the file).
+        ImageReadError: a query that is missing or not a readable image, or larger than
+            ``max_pixels`` (default :data:`~landlens.data.io.DEFAULT_MAX_PIXELS`), naming the file.
     """
-    from landlens.data.io import load_rgb
+    from landlens.data.io import DEFAULT_MAX_PIXELS, load_rgb
     from landlens.models.preprocessing import Preprocessing
 
     ident = _identity(index)
     pre = Preprocessing.from_dict(ident["preprocessing"])
     need = pre.input_size if pre.resize_mode == "squash" else pre.resize_size
     bands = ident.get("rgb_bands")
-    return [load_rgb(p, draft_size=(need, need), rgb_bands=bands) for p in paths]
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    return [load_rgb(p, draft_size=(need, need), rgb_bands=bands, max_pixels=limit) for p in paths]
 
 
 def _index_features(index: SearchIndex) -> Any:

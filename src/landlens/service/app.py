@@ -64,7 +64,6 @@ import math
 import os
 import re
 import secrets
-import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -112,7 +111,6 @@ _MEDIA_TYPES = {
     ".woff2": "font/woff2",
 }  # fmt: skip
 _WRITE_ROUTE = re.compile(r"^/api/images(/[^/]*)?/?$")
-_CLASS_NAME_LIMIT = 200
 
 WRITES_DISABLED = "writes are disabled: start the server with a token"
 
@@ -177,15 +175,14 @@ def _hit_dict(hit: Any) -> dict[str, Any]:
 
 
 def _class_param(value: str | None) -> str | None:
-    """A class name from a form or query field: ``""`` means none; long or odd names -> 422."""
-    if value is None:
-        return None
-    value = value.strip()
-    if not value:
-        return None
-    if len(value) > _CLASS_NAME_LIMIT or not value.isprintable():
-        raise ServiceError(422, f"class: must be printable text of at most {_CLASS_NAME_LIMIT} characters")
-    return value
+    """A class name from a form or query field, checked as archives check class names
+    (:func:`~landlens.retrieval.archive.validate_class_name`): ``""`` means none; odd names -> 422."""
+    from landlens.retrieval.archive import validate_class_name
+
+    try:
+        return validate_class_name(value)
+    except LandlensError as exc:
+        raise ServiceError(422, f"class: {first_line(exc)}") from None
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -604,23 +601,11 @@ class SearchService:
             if existing is not None:
                 raise ServiceError(409, f"this image is already in the archive as id {existing}")
             self.decode(saved)  # a truncated or corrupt file is refused before anything is written
-            dest = Path(self.archive.upload_path(saved.sha256, saved.extension))
-            created = False
-            if not dest.is_file():
-                part = dest.with_name(f".{dest.name}.part")
-                shutil.copyfile(saved.path, part)
-                os.replace(part, dest)
-                created = True
-            try:
-                added = self.archive.add([dest], [class_name])
-            except BaseException:
-                if created and self.archive.id_of_sha256(saved.sha256) is None:
-                    dest.unlink(missing_ok=True)
-                raise
-            if not added:
+            record = self.archive.add_upload(saved.path, class_name, max_pixels=self.max_pixels)
+            if record is None:
                 existing = self.archive.id_of_sha256(saved.sha256)
                 raise ServiceError(409, f"this image is already in the archive as id {existing}")
-            return added[0]
+            return record
 
     def remove(self, image_id: int) -> int:
         with self.write_lock:

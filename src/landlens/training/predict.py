@@ -85,7 +85,7 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
         DatasetError: an input that does not exist, or a folder that holds no image file.
     """
     from landlens.data.folder import natural_key
-    from landlens.data.io import is_image_file
+    from landlens.data.io import file_problem, is_image_file
 
     out: list[Path] = []
     for item in inputs:
@@ -109,10 +109,10 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
                 raise DatasetError(f"{p}: folder holds no image files")
             found.sort(key=lambda t: (natural_key(t[0]), t[0]))
             out.extend(full for _, full in found)
-        elif p.exists():
-            out.append(p)
-        else:
+        elif file_problem(p) == "file not found":
             raise DatasetError(f"{p}: no such file or folder")
+        else:
+            out.append(p)  # decoding names any other problem (a FIFO, a link loop, a device)
     return out
 
 
