@@ -78,13 +78,13 @@ def quickstart(data: Path | None, dataset: str | None, backbone: str, weights: s
     summ = ev.metrics
     cw = ev.scores.classwise_map()
     click.echo("")
-    click.echo(f"| dataset | backbone | images | mAP | ANMRR | P@5 | P@10 | P@50 | P@100 |")
+    click.echo("| dataset | backbone | images | mAP | ANMRR | P@5 | P@10 | P@50 | P@100 |")
     click.echo("|---|---|---|---|---|---|---|---|---|")
     click.echo(f"| {ds.name or data.name} | {bb.name} | {len(fs)} | {100 * summ['mAP']:.2f} | {summ['ANMRR']:.4f} | "
                + " | ".join(f"{100 * summ[f'P@{k}']:.2f}" for k in (5, 10, 50, 100)) + " |")
     best = sorted(cw.items(), key=lambda kv: -kv[1])
-    click.echo(f"\nbest classes:  " + ", ".join(f"{k} {100 * v:.1f}" for k, v in best[:3]))
-    click.echo(f"worst classes: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in best[-3:]))
+    click.echo("\nbest classes:  " + ", ".join(f"{k} {100 * v:.1f}" for k, v in best[:3]))
+    click.echo("worst classes: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in best[-3:]))
     result = {
         "command": command_line(),
         "landlens": __version__,

@@ -7,11 +7,39 @@ discriminator): each keeps its own JSON description and uses these two functions
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
 
-from landlens.errors import CheckpointError, first_line
+from landlens.errors import CheckpointError, WeightsError, first_line
+
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def load_tensors_only(path: str | os.PathLike[str], *, what: str = "weights file") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, failures as one :class:`WeightsError` line.
+
+    A file that holds Python objects besides tensors and plain containers is refused naming the
+    first such object. The message never passes on PyTorch's advice to re-run with
+    ``weights_only=False``: that executes the file's code, never right for a file of unknown
+    origin.
+    """
+    p = Path(path)
+    try:
+        return torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = _UNSAFE_GLOBAL.search(str(exc))
+        obj = f" ({found.group(1)})" if found else ""
+        raise WeightsError(
+            f"cannot read {what} {p}: it holds Python objects besides tensors{obj}, which landlens "
+            "never unpickles; save its state dict as .safetensors (or a plain torch.save of the "
+            "state dict) where you trust the file") from None
+    except Exception as exc:  # noqa: BLE001 - corrupt file, not a torch checkpoint
+        raise WeightsError(f"cannot read {what} {p}: {first_line(exc, 200)}") from None
 
 
 def save_module_tensors(model: nn.Module, path: str | os.PathLike[str]) -> Path:

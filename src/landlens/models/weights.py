@@ -31,6 +31,7 @@ from torch import nn
 
 from landlens.errors import WeightsError, first_line
 from landlens.hashing import cached_file_digest
+from landlens.models.tensorfile import load_tensors_only
 from landlens.models.preprocessing import Preprocessing
 from landlens.models.registry import (
     HEAD_PREFIXES,
@@ -71,7 +72,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
             obj: Any = load_file(str(p))
         else:
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+            obj = load_tensors_only(p)
     except WeightsError:
         raise
     except Exception as exc:  # noqa: BLE001 - any decoding failure is the user's file

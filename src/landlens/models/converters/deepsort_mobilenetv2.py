@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from landlens.errors import WeightsError
+from landlens.models.tensorfile import load_tensors_only
 
 _SKIP = "num_batches_tracked"
 
@@ -66,10 +67,7 @@ def convert(path: Path) -> dict[str, torch.Tensor]:
     network's output equals ``MobileNetV2_bottle.forward`` (global mean of the 1280 maps).
     """
     path = Path(path)
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, not a torch checkpoint, unsafe content
-        raise WeightsError(f"{path}: cannot read MobileNetV2 checkpoint: {exc}") from exc
+    sd = load_tensors_only(path, what="MobileNetV2 checkpoint")
     if not isinstance(sd, dict):
         raise WeightsError(f"{path}: expected a state dict, got {type(sd).__name__}")
     return convert_state_dict(dict(sd), source=str(path))

@@ -29,16 +29,14 @@ from pathlib import Path
 import torch
 
 from landlens.errors import WeightsError
+from landlens.models.tensorfile import load_tensors_only
 
 _BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var")
 _BLOCK_RE = re.compile(r"^_blocks\.(\d+)\.")
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, not a torch checkpoint, unsafe content
-        raise WeightsError(f"{path}: cannot read EfficientNet-Lite checkpoint: {exc}") from exc
+    sd = load_tensors_only(path, what="EfficientNet-Lite checkpoint")
     if not isinstance(sd, dict) or "_conv_stem.weight" not in sd:
         raise WeightsError(f"{path}: not an EfficientNet-PyTorch state dict (no _conv_stem.weight)")
     return dict(sd)
