@@ -198,9 +198,8 @@ def evaluate_cmd(run: Path, data: Path, dataset: str | None, class_map: Path | N
 def feature_maps_cmd(run: Path, image: Path, layers: tuple[str, ...], list_only: bool, max_channels: int,
                      out_dir: Path) -> None:
     """Save activation grids of a trained model's layers for one IMAGE (one PNG per layer)."""
-    from landlens.data.io import load_rgb
     from landlens.models.classifier import load_classifier
-    from landlens.models.preprocessing import preprocess_images, resize_and_crop
+    from landlens.models.preprocessing import decode_image, preprocess_images, resize_and_crop
     from landlens.training.feature_maps import capture_feature_maps, list_layers, save_feature_maps
 
     model = load_classifier(run)
@@ -209,7 +208,7 @@ def feature_maps_cmd(run: Path, image: Path, layers: tuple[str, ...], list_only:
         click.echo("\n".join(names))
         return
     chosen = list(layers) or _default_layers(model, names)
-    img = load_rgb(image)
+    img = decode_image(image, model.preprocessing)
     x = preprocess_images([img], model.preprocessing).contiguous()
     maps = capture_feature_maps(model.backbone, x, chosen)
     for path in save_feature_maps(maps, out_dir, max_channels=max_channels,

@@ -52,7 +52,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode, v2
 
 from landlens.errors import ConfigError
-from landlens.models.preprocessing import Preprocessing, resize_and_crop
+from landlens.models.preprocessing import Preprocessing, normalize_batch, resize_and_crop
 
 AUGMENT_PRESETS: tuple[str, ...] = ("none", "crop-flip", "colour", "geometric", "dihedral")
 """The augmentation presets :func:`build_train_transform` accepts (``color`` = ``colour``)."""
@@ -201,11 +201,22 @@ def _to_normalised(pre: Preprocessing) -> list[Callable]:
     return steps
 
 
+class _NormaliseAsExtraction(nn.Module):
+    """uint8 ``(3, H, W)`` -> the float32 tensor :func:`normalize_batch` makes of it (bit for bit)."""
+
+    def __init__(self, pre: Preprocessing) -> None:
+        super().__init__()
+        self.pre = pre
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize_batch(x.permute(1, 2, 0)[None], self.pre)[0].contiguous()
+
+
 def build_eval_transform(pre: Preprocessing) -> Callable[[Image.Image], torch.Tensor]:
     """The evaluation transform: ``resize_and_crop(img, pre)``, then to a normalised float32
-    ``(3, S, S)`` tensor. Equal (to float rounding) to
-    ``landlens.models.preprocessing.preprocess_images([img], pre)[0]``."""
-    return v2.Compose([_ToRGB(), _ResizeCrop(pre), v2.PILToTensor(), *_to_normalised(pre)])
+    ``(3, S, S)`` tensor, bit for bit ``landlens.models.preprocessing.preprocess_images([img], pre)[0]``
+    (the features of extraction and the search service)."""
+    return v2.Compose([_ToRGB(), _ResizeCrop(pre), v2.PILToTensor(), _NormaliseAsExtraction(pre)])
 
 
 def build_train_transform(preset: str, pre: Preprocessing) -> Callable[[Image.Image], torch.Tensor]:

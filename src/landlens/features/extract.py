@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from landlens.errors import ImageReadError, LandlensError, first_line
 from landlens.features.store import FeatureStore
-from landlens.models.preprocessing import Preprocessing, normalize_batch, resize_and_crop, to_uint8_array
+from landlens.models.preprocessing import Preprocessing, load_resized, normalize_batch
 from landlens.models.registry import Backbone
 
 Optimize = Literal["auto", "jit", "compile", "none"]
@@ -40,22 +40,17 @@ class DecodeDataset(Dataset):
         self.pre = pre
         self.max_pixels = max_pixels
         self.rgb_bands = tuple(rgb_bands) if rgb_bands is not None else None
-        need = pre.input_size if pre.resize_mode == "squash" else pre.resize_size
-        self.draft = (need, need)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray | None, int, str | None]:
-        from landlens.data.io import load_rgb
-
         path = self.root / self.paths[i]
         try:
-            kwargs: dict[str, Any] = {"draft_size": self.draft, "rgb_bands": self.rgb_bands}
+            kwargs: dict[str, Any] = {"rgb_bands": self.rgb_bands}
             if self.max_pixels is not None:
                 kwargs["max_pixels"] = self.max_pixels
-            img = load_rgb(path, **kwargs)
-            return to_uint8_array(resize_and_crop(img, self.pre)), i, None
+            return load_resized(path, self.pre, **kwargs), i, None
         except ImageReadError as exc:
             return None, i, exc.reason
 

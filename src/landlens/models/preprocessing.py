@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from landlens.data.io import DEFAULT_MAX_PIXELS, load_rgb
+
 ResizeMode = Literal["crop", "squash"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -71,6 +73,13 @@ class Preprocessing:
         """Shorter side before the centre crop (``'crop'`` mode)."""
         return int(math.floor(self.input_size / self.crop_pct))
 
+    @property
+    def draft_side(self) -> int:
+        """The smallest side a decoded image may have before :func:`resize_and_crop` (the
+        JPEG draft request of :func:`decode_image`): ``input_size`` when squashing, else
+        ``resize_size``."""
+        return self.input_size if self.resize_mode == "squash" else self.resize_size
+
     def replace(self, **changes: Any) -> "Preprocessing":
         values = self.to_dict()
         values.update(changes)
@@ -102,6 +111,28 @@ class Preprocessing:
             mean=tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN)),
             std=tuple(float(v) for v in cfg.get("std", IMAGENET_STD)),
         )
+
+
+def decode_image(path: Any, pre: Preprocessing, *, rgb_bands: Sequence[int] | None = None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image file for a network with preprocessing ``pre``: the one decode path.
+
+    Extraction, archive queries and the service, training, prediction, feature maps and the
+    matching autoencoder all decode through here, so the same file gives the same pixels
+    everywhere. :func:`landlens.data.io.load_rgb` does the work (bands, bit depth, alpha,
+    ``max_pixels`` checked on the header); a JPEG is decoded at the smallest DCT scale whose
+    result still has both sides at least :attr:`Preprocessing.draft_side`, which the resize
+    that follows would reach anyway.
+    """
+    side = pre.draft_side
+    return load_rgb(path, draft_size=(side, side), rgb_bands=rgb_bands, max_pixels=max_pixels)
+
+
+def load_resized(path: Any, pre: Preprocessing, *, rgb_bands: Sequence[int] | None = None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """``(S, S, 3)`` uint8 network input of an image file: :func:`decode_image`, then
+    :func:`resize_and_crop` (the form images travel in between processes)."""
+    return to_uint8_array(resize_and_crop(decode_image(path, pre, rgb_bands=rgb_bands, max_pixels=max_pixels), pre))
 
 
 def resize_and_crop(img: Image.Image, pre: Preprocessing) -> Image.Image:
@@ -168,6 +199,8 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "Preprocessing",
+    "decode_image",
+    "load_resized",
     "normalize_batch",
     "preprocess_images",
     "resize_and_crop",

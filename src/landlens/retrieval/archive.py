@@ -569,13 +569,12 @@ class Archive:
             ImageReadError: the file is missing or not a readable image, or has more than
                 ``max_pixels`` pixels (checked on the header before decoding).
         """
-        from landlens.data.io import DEFAULT_MAX_PIXELS, load_rgb
+        from landlens.data.io import DEFAULT_MAX_PIXELS
+        from landlens.models.preprocessing import decode_image
 
-        pre = self.preprocessing
-        need = pre.input_size if pre.resize_mode == "squash" else pre.resize_size
         bands = self._state.index.meta.get("identity", {}).get("rgb_bands")
-        return load_rgb(path, draft_size=(need, need), rgb_bands=bands,
-                        max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
+        return decode_image(path, self.preprocessing, rgb_bands=bands,
+                            max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
 
     def optimize(self, mode: str = "jit") -> str:
         """Prepare a faster forward pass for :meth:`embed` (what a long-running service wants).

@@ -771,15 +771,14 @@ def decode_queries(index: SearchIndex, paths: Sequence[str | Path], *, max_pixel
         ImageReadError: a query that is missing or not a readable image, or larger than
             ``max_pixels`` (default :data:`~landlens.data.io.DEFAULT_MAX_PIXELS`), naming the file.
     """
-    from landlens.data.io import DEFAULT_MAX_PIXELS, load_rgb
-    from landlens.models.preprocessing import Preprocessing
+    from landlens.data.io import DEFAULT_MAX_PIXELS
+    from landlens.models.preprocessing import Preprocessing, decode_image
 
     ident = _identity(index)
     pre = Preprocessing.from_dict(ident["preprocessing"])
-    need = pre.input_size if pre.resize_mode == "squash" else pre.resize_size
     bands = ident.get("rgb_bands")
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
-    return [load_rgb(p, draft_size=(need, need), rgb_bands=bands, max_pixels=limit) for p in paths]
+    return [decode_image(p, pre, rgb_bands=bands, max_pixels=limit) for p in paths]
 
 
 def _index_features(index: SearchIndex) -> Any:

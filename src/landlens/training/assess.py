@@ -67,7 +67,8 @@ def evaluate_run(run_dir: str | os.PathLike[str], data: str | os.PathLike[str], 
         targets = check_same_classes(ds, model.classes)
     if len(ds) == 0:
         raise DatasetError(f"no image of {data} is left to evaluate")
-    images = SceneImages(ds, np.arange(len(ds)), build_eval_transform(model.preprocessing), labels=targets)
+    images = SceneImages(ds, np.arange(len(ds)), build_eval_transform(model.preprocessing), model.preprocessing,
+                         labels=targets)
     loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers)
     t0 = time.perf_counter()
     probs_list, ys = [], []

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from landlens.data.folder import ImageFolderDataset, scan_folder
 from landlens.data.splits import SplitManifest, make_split
 from landlens.errors import DatasetError, ImageReadError
+from landlens.models.preprocessing import Preprocessing, decode_image
 from landlens.training.config import DataConfig
 
 
@@ -179,8 +180,9 @@ class SceneImages(Dataset):
     """Decoded images of a dataset subset with a transform: item ``i`` -> ``(tensor, label)``."""
 
     def __init__(self, dataset: ImageFolderDataset, indices: np.ndarray, transform: Callable[[Any], torch.Tensor],
-                 labels: np.ndarray | None = None) -> None:
+                 preprocessing: Preprocessing, labels: np.ndarray | None = None) -> None:
         self.files = [str(dataset.absolute_path(int(i))) for i in indices]
+        self.preprocessing = preprocessing
         self.labels = (np.asarray(labels, dtype=np.int64) if labels is not None
                        else np.asarray(dataset.labels, dtype=np.int64)[np.asarray(indices, dtype=np.int64)])
         self.transform = transform
@@ -191,10 +193,8 @@ class SceneImages(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from landlens.data.io import load_rgb
-
         try:
-            img = load_rgb(self.files[i], rgb_bands=self.rgb_bands)
+            img = decode_image(self.files[i], self.preprocessing, rgb_bands=self.rgb_bands)
         except ImageReadError as exc:
             # a single-argument error survives the trip out of a DataLoader worker
             raise DatasetError(f"unreadable image {exc}") from None
@@ -208,10 +208,11 @@ class SceneDataModule(L.LightningDataModule):
     """
 
     def __init__(self, data: PreparedData, train_transform: Callable, eval_transform: Callable, *,
-                 batch_size: int, eval_batch_size: int, num_workers: int, seed: int,
+                 preprocessing: Preprocessing, batch_size: int, eval_batch_size: int, num_workers: int, seed: int,
                  samples_per_class: int = 0) -> None:
         super().__init__()
         self.data = data
+        self.preprocessing = preprocessing
         self.train_transform = train_transform
         self.eval_transform = eval_transform
         self.batch_size = batch_size
@@ -224,7 +225,8 @@ class SceneDataModule(L.LightningDataModule):
         return self._rows_loader(self.data.parts[part], train)
 
     def _rows_loader(self, rows: np.ndarray, train: bool) -> DataLoader:
-        ds = SceneImages(self.data.dataset, rows, self.train_transform if train else self.eval_transform)
+        ds = SceneImages(self.data.dataset, rows, self.train_transform if train else self.eval_transform,
+                         self.preprocessing)
         sampler = _train_sampler(ds.labels, self.batch_size, self.samples_per_class, self.seed) if train else None
         return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size,
                           sampler=sampler,

@@ -267,7 +267,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[L.Callb
 
         pre = model.backbone.preprocessing
         dm = SceneDataModule(data, build_train_transform(cfg.data.augment, pre), build_eval_transform(pre),
-                             batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
+                             preprocessing=pre, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
                              num_workers=cfg.data.num_workers, seed=cfg.trainer.seed, samples_per_class=spc)
         net = model
         groups = param_groups(model, o.lr, backbone_lr_mult=o.backbone_lr_mult, weight_decay=o.weight_decay)

@@ -3,10 +3,9 @@
 A run directory holds ``model.json`` + ``model.safetensors`` written by
 :func:`landlens.models.classifier.save_classifier`. :class:`Predictor` rebuilds the network with
 :func:`~landlens.models.classifier.load_classifier` (no pickle) and applies the evaluation view of
-the model's own :class:`~landlens.models.preprocessing.Preprocessing`, exactly as
-:func:`~landlens.models.preprocessing.preprocess_images` does: each file is decoded to 8-bit RGB
-with :func:`~landlens.data.io.load_rgb` (full resolution, no JPEG draft shortcut, so the pixels are
-those the evaluation transform sees), resized and centre-cropped with
+the model's own :class:`~landlens.models.preprocessing.Preprocessing`: each file is decoded to
+8-bit RGB by the one decode path, :func:`~landlens.models.preprocessing.decode_image` (the same
+pixels training, extraction and the search service get), resized and centre-cropped with
 :func:`~landlens.models.preprocessing.resize_and_crop`, and normalised per batch with
 :func:`~landlens.models.preprocessing.normalize_batch`. The classifier outputs log-probabilities;
 a prediction reports ``exp`` of them for the ``top_k`` most probable classes.
@@ -31,7 +30,7 @@ import torch
 from PIL import Image
 
 from landlens.errors import ConfigError, DatasetError, ImageReadError, LandlensError
-from landlens.models.preprocessing import Preprocessing, normalize_batch, resize_and_crop, to_uint8_array
+from landlens.models.preprocessing import Preprocessing, load_resized, normalize_batch, resize_and_crop, to_uint8_array
 
 
 @dataclass(frozen=True)
@@ -128,11 +127,8 @@ class _DecodeDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str | None]:
-        from landlens.data.io import load_rgb
-
         try:
-            img = load_rgb(self.paths[i], rgb_bands=self.rgb_bands)
-            return i, to_uint8_array(resize_and_crop(img.convert("RGB"), self.pre)), None
+            return i, load_resized(self.paths[i], self.pre, rgb_bands=self.rgb_bands), None
         except LandlensError as exc:  # ImageReadError names the file; keep the others going
             msg = str(exc)
             if not isinstance(exc, ImageReadError) and str(self.paths[i]) not in msg:
