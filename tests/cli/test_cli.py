@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -60,8 +61,9 @@ def test_quickstart_on_a_catalog_layout(tmp_path):
     pytest.importorskip("geoembed", reason="packaged geoembed weights not installed")
     root = make_dataset(tmp_path / "ds", "ucmerced", per_class=5, classes=4, size=64)
     out = tmp_path / "run"
+    cache = tmp_path / "cache"
     res = CliRunner().invoke(cli, ["quickstart", str(root), "--dataset", "ucmerced", "-b", "geoembed_v3",
-                                   "--out", str(out), "--workers", "0", "-q"])
+                                   "--out", str(out), "--cache-dir", str(cache), "--workers", "0", "-q"])
     assert res.exit_code == 0, res.output
     assert "PROBLEMS" in res.output  # only 4 of 21 classes and 5 of 100 images: verify says so
     result = json.loads((out / "results.json").read_text())
@@ -70,6 +72,16 @@ def test_quickstart_on_a_catalog_layout(tmp_path):
     assert result["backbone"]["weights"]["source"] == "package"
     assert result["metrics"]["mAP"] > 0.6
     assert set(result["classwise_map"]) == {"agricultural", "airplane", "baseballdiamond", "beach"}
+    # one feature cache: retrieval evaluate on the same folder reuses the main job's store
+    store = Path(result["extraction"]["store"])
+    assert store.is_relative_to(cache) and result["extraction"]["images"] == 20
+    stamps = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
+    res = CliRunner().invoke(cli, ["retrieval", "evaluate", str(root), "-d", "ucmerced", "-b", "geoembed_v3",
+                                   "--cache-dir", str(cache), "--out", str(tmp_path / "r.json"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()} == stamps
+    again = json.loads((tmp_path / "r.json").read_text())
+    assert abs(again["metrics"]["mAP"] - result["metrics"]["mAP"]) < 1e-9
 
 
 def test_models_list_shows_offline_weights():

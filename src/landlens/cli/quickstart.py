@@ -27,10 +27,12 @@ def _default_data() -> Path | None:
 @backbone_options
 @click.option("--distance", type=click.Choice(["cosine", "euclidean", "manhattan"]), default="cosine", show_default=True)
 @click.option("--out", "-o", default=Path("runs/quickstart"), type=click.Path(path_type=Path), show_default=True)
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="feature cache shared with every other command [default: runs/features]")
 @click.option("--workers", type=int, default=None)
 @click.option("--quiet", "-q", is_flag=True)
 def quickstart(data: Path | None, dataset: str | None, backbone: str, weights: str, input_size, resize_mode,
-               distance: str, out: Path, workers, quiet: bool) -> None:
+               distance: str, out: Path, cache_dir: Path | None, workers, quiet: bool) -> None:
     """Verify DATA, extract features and evaluate archive retrieval (every image queries the rest).
 
     DATA defaults to ../shared/data/UCMerced_LandUse when that folder exists.
@@ -39,6 +41,7 @@ def quickstart(data: Path | None, dataset: str | None, backbone: str, weights: s
     from landlens.data.folder import scan_folder
     from landlens.data.verify import verify_dataset
     from landlens.errors import LandlensError
+    from landlens.features.cache import DEFAULT_CACHE_DIR, ensure_features
     from landlens.features.extract import extract_features
     from landlens.features.store import FeatureStore
     from landlens.retrieval.evaluate import evaluate
@@ -61,13 +64,18 @@ def quickstart(data: Path | None, dataset: str | None, backbone: str, weights: s
 
     ds = scan_folder(data, dataset)
     bb = make_backbone(backbone, weights, input_size, resize_mode)
-    store_dir = out / f"features-{bb.name}"
-    click.echo(f"[2/3] extracting {bb.name} features ({bb.weights.source}: {bb.weights.ref}) -> {store_dir}")
-    rgb = getattr(ds.spec, "rgb_bands", None) if ds.spec is not None else None
-    res = extract_features(ds.root, ds.paths, ds.labels, ds.classes, bb, store_dir, dataset_name=ds.name,
-                           workers=workers, rgb_bands=rgb, progress=not quiet,
-                           extra_meta={"command": command_line()})
-    if res.n_extracted:
+    click.echo(f"[2/3] extracting {bb.name} features ({bb.weights.source}: {bb.weights.ref})")
+    if bb.weights.digest is not None:  # the feature cache every command shares
+        store_dir, res = ensure_features(ds, bb, cache_dir=cache_dir or DEFAULT_CACHE_DIR, workers=workers,
+                                         progress=not quiet, command=command_line())
+    else:  # random weights: nothing to share, kept with this run
+        store_dir = out / f"features-{bb.name}"
+        rgb = getattr(ds.spec, "rgb_bands", None) if ds.spec is not None else None
+        res = extract_features(ds.root, ds.paths, ds.labels, ds.classes, bb, store_dir, dataset_name=ds.name,
+                               workers=workers, rgb_bands=rgb, progress=not quiet,
+                               extra_meta={"command": command_line()})
+    click.echo(f"      -> {store_dir}")
+    if res is not None and res.n_extracted:
         click.echo(f"      {res.n_extracted} images in {res.seconds:.1f} s ({res.images_per_second:.1f} img/s)")
     else:
         click.echo("      features already extracted; reusing them")
@@ -94,7 +102,8 @@ def quickstart(data: Path | None, dataset: str | None, backbone: str, weights: s
         "dataset": {"name": ds.name, "root": str(ds.root), "images": len(fs), "classes": fs.classes},
         "verify": {k: v for k, v in report.to_dict().items() if k not in ("off_size", "non_image_files")},
         "backbone": bb.describe(),
-        "extraction": {"images": res.n_extracted, "seconds": round(res.seconds, 2)},
+        "extraction": {"images": res.n_extracted if res else 0, "seconds": round(res.seconds, 2) if res else 0.0,
+                       "store": str(store_dir)},
         "metrics": summ,
         "classwise_map": cw,
         "evaluation_seconds": round(ev.seconds, 3),

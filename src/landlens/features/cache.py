@@ -1,8 +1,10 @@
 """Reuse extracted features: one feature store per (image list, backbone, weights, preprocessing).
 
-Commands that evaluate or fuse features call :func:`cached_features`; the first call extracts
-into ``CACHE/<dataset>-<items digest>/<backbone>-<weights digest>-<preprocessing digest>``,
-later calls (and an interrupted first call) reuse that store.
+Every command that needs the features of a folder (``landlens quickstart``, ``retrieval
+evaluate``, ``train baseline``, ``index build``, matching) calls :func:`cached_features` or
+:func:`ensure_features`; the first call extracts into
+``CACHE/<dataset>-<items digest>/<backbone>-<weights digest>-<preprocessing digest>``
+(``runs/features`` by default), later calls (and an interrupted first call) reuse that store.
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from landlens.features.extract import Optimize, extract_features
+from landlens.features.extract import ExtractResult, Optimize, extract_features
 from landlens.features.store import FeatureSet, FeatureStore, items_digest
 from landlens.models.registry import Backbone, create_backbone
 
@@ -57,14 +59,26 @@ def cached_features(
     bb = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, weights)
     if bb.weights.digest is None:
         raise LandlensError(f"features of randomly initialised {bb.name!r} cannot be cached; pass real --weights")
-    out = store_path(cache_dir, ds.name, ds.paths, ds.labels, bb)
+    out, _ = ensure_features(ds, bb, cache_dir=cache_dir, workers=workers, optimize=optimize, progress=progress,
+                             command=command)
+    return FeatureStore(out).load().only_valid()
+
+
+def ensure_features(ds: Any, backbone: Backbone, *, cache_dir: str | Path = DEFAULT_CACHE_DIR,
+                    workers: int | None = None, optimize: Optimize = "auto", progress: bool = True,
+                    command: str | None = None) -> tuple[Path, ExtractResult | None]:
+    """The cache's store of the scanned dataset ``ds`` under ``backbone``, extracted (or
+    finished, after an interruption) when not complete yet: ``(store folder, what this call
+    extracted or None)``."""
+    out = store_path(cache_dir, ds.name, ds.paths, ds.labels, backbone)
     store = FeatureStore(out)
-    if not (store.exists() and store.read_meta().get("status") == "complete"):
-        rgb = getattr(ds.spec, "rgb_bands", None) if ds.spec is not None else None
-        extract_features(ds.root, ds.paths, ds.labels, ds.classes, bb, out, dataset_name=ds.name,
-                         workers=workers, optimize=optimize, rgb_bands=rgb, progress=progress,
-                         extra_meta={"command": command} if command else None)
-    return store.load().only_valid()
+    if store.exists() and store.read_meta().get("status") == "complete":
+        return out, None
+    rgb = getattr(ds.spec, "rgb_bands", None) if ds.spec is not None else None
+    res = extract_features(ds.root, ds.paths, ds.labels, ds.classes, backbone, out, dataset_name=ds.name,
+                           workers=workers, optimize=optimize, rgb_bands=rgb, progress=progress,
+                           extra_meta={"command": command} if command else None)
+    return out, res
 
 
-__all__ = ["DEFAULT_CACHE_DIR", "cached_features", "store_path"]
+__all__ = ["DEFAULT_CACHE_DIR", "cached_features", "ensure_features", "store_path"]
