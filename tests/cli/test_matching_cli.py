@@ -128,16 +128,16 @@ def test_retrieval_evaluate_ranks_with_a_discriminator(tmp_path):
         hits = json.loads(res.output)["results"][0]["hits"]
         plain = json.loads(runner.invoke(landlens, ["search", str(tmp_path / "idx"), str(query), "-k", "10",
                                                     "--json"]).output)["results"][0]["hits"]
-        assert {h["row"] for h in hits} <= {h["row"] for h in plain}
+        assert {h["id"] for h in hits} <= {h["id"] for h in plain}
         from landlens.features.store import FeatureStore
         from landlens.matching.scoring import learned
 
         fs = FeatureStore(store).load()
         qrow = fs.paths.index("beach/beach_1.jpg")
-        rows = [h["row"] for h in plain]
+        rows = [h["id"] for h in plain]
         d = learned(tmp_path / "dml")(torch.from_numpy(fs.features[[qrow]]), torch.from_numpy(fs.features[rows]))[0]
         expect = [rows[i] for i in torch.argsort(d, stable=True)[:5].tolist()]
-        assert [h["row"] for h in hits] == expect
+        assert [h["id"] for h in hits] == expect
         assert [h["distance"] for h in hits] == pytest.approx(sorted(d.tolist())[:5], abs=1e-5)
     finally:
         torch.set_num_threads(before)

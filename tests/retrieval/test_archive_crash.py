@@ -28,10 +28,10 @@ def arch(tmp_path: Path) -> Archive:
 # step so that it announces itself and sleeps there (the parent kills it at that moment).
 _PAUSED_ADD = """
 import sys, time
-import landlens.retrieval.archive as archive
+import landlens.retrieval.generations as generations
 from landlens.cli.main import main
 
-commit = archive.commit_generation
+commit = generations.commit_generation
 pause = float(sys.argv.pop(1))
 
 def paused(directory, name):
@@ -39,7 +39,7 @@ def paused(directory, name):
     time.sleep(pause)
     commit(directory, name)
 
-archive.commit_generation = paused
+generations.commit_generation = paused
 sys.argv[0] = "landlens"
 main()
 """

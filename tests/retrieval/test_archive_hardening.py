@@ -24,11 +24,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import landlens.retrieval.archive as archive_mod
+import landlens.retrieval.generations as generations
 from fixtures.make_datasets import class_image, make_folder_dataset, write_image
 from landlens.cli.main import cli
 from landlens.errors import ImageReadError
-from landlens.retrieval.archive import CURRENT, Archive, ArchiveError, validate_class_name
+from landlens.retrieval.archive import Archive
+from landlens.retrieval.generations import CURRENT, ArchiveError, validate_class_name
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="flock, FIFOs and SIGKILL are POSIX")
 
@@ -58,7 +59,7 @@ def test_a_reader_that_read_current_before_a_commit_still_loads(arch: Archive, t
     """The reader reads CURRENT, then (forced here) waits until a writer has committed the next
     generation and finished, before loading the one it read. Without the readers' lock the
     writer's clean-up deleted that generation first."""
-    original = archive_mod._load_state
+    original = generations.load_generation
     directory = arch.directory
     state: dict[str, object] = {}
 
@@ -71,7 +72,7 @@ def test_a_reader_that_read_current_before_a_commit_still_loads(arch: Archive, t
             time.sleep(0.5)  # the writer's clean-up runs now, unless it waits for us
         return original(d, name)
 
-    monkeypatch.setattr(archive_mod, "_load_state", slow_load)
+    monkeypatch.setattr(generations, "load_generation", slow_load)
 
     def read() -> None:
         try:
@@ -120,11 +121,12 @@ def test_concurrent_opens_never_fail_while_a_writer_commits(arch: Archive, tmp_p
 _CRASHING_UPLOAD = """
 import os, signal, sys
 import landlens.retrieval.archive as archive
+import landlens.retrieval.generations as generations
 
 def crash(directory, name):
     os.kill(os.getpid(), signal.SIGKILL)  # killed after the upload and the new generation, before the commit
 
-archive.commit_generation = crash
+generations.commit_generation = crash
 archive.Archive.open(sys.argv[1]).add_upload(sys.argv[2], "lake")
 """
 

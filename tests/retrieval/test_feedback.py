@@ -14,10 +14,10 @@ import pytest
 from click.testing import CliRunner
 from fixtures.make_datasets import make_dataset
 
-from landlens.cli.search import index_cmd, search_cmd
+from landlens.cli.search import search_cmd
 from landlens.errors import LandlensError
-from landlens.retrieval.feedback import (ROCCHIO_A, ROCCHIO_B, ROCCHIO_C, FeedbackError, RocchioWeights,
-                                         index_row_vectors, rocchio, rocchio_weights)
+from landlens.retrieval.feedback import (ROCCHIO_A, ROCCHIO_B, ROCCHIO_C, FeedbackError, RocchioWeights, rocchio,
+                                         rocchio_weights)
 
 # ---------------------------------------------------------------------- the formula
 
@@ -150,31 +150,27 @@ def test_feedback_brings_more_same_class_images_into_the_top_k(archive_env: dict
 # ---------------------------------------------------------------------- the search command
 
 
-@pytest.fixture(scope="module")
-def index_env(archive_env: dict[str, Any]) -> dict[str, Any]:
-    """A search index over the archive's LBP-RGB feature store (``landlens retrieval index``)."""
-    from landlens.retrieval.index import SearchIndex
-
-    store = archive_env["archive"].info()["feature_store"]
-    out = archive_env["tmp"] / "index"
-    res = CliRunner().invoke(index_cmd, [store, "--out", str(out), "--kind", "exact"])
-    assert res.exit_code == 0, res.output
-    return {"dir": out, "index": SearchIndex.load(out), "store": store}
-
-
-def test_search_cli_with_relevance_feedback(archive_env: dict[str, Any], index_env: dict[str, Any]) -> None:
+def _store_features(archive: Any) -> tuple[np.ndarray, list[Any]]:
+    """The archive's vectors and records read back from its feature store, row i = id i."""
     from landlens.features.store import FeatureStore
 
-    index, root = index_env["index"], Path(index_env["index"].meta["dataset"]["root"])
-    feats = FeatureStore(index_env["store"]).load().features
-    assert len(feats) == index.ntotal == 24
-    qrow = 3
-    query = root / index.paths_[qrow]
-    qclass = index.classes_[int(index.labels_[qrow])]
-    same = [i for i in range(index.ntotal) if index.labels_[i] == index.labels_[qrow] and i != qrow]
-    other = [i for i in range(index.ntotal) if index.labels_[i] != index.labels_[qrow]]
+    feats = FeatureStore(archive.info()["feature_store"]).load().features
+    records = archive.records()
+    assert [r.id for r in records] == list(range(len(records))) == list(range(len(feats)))
+    return np.asarray(feats), records
+
+
+def test_search_cli_with_relevance_feedback(archive_env: dict[str, Any]) -> None:
+    archive = archive_env["archive"]
+    feats, records = _store_features(archive)
+    assert len(feats) == 24
+    qid = 3
+    query = Path(records[qid].path)
+    qclass = records[qid].class_name
+    same = [r.id for r in records if r.class_name == qclass and r.id != qid]
+    other = [r.id for r in records if r.class_name != qclass]
     relevant, irrelevant = same[:2], other[:3]
-    args = [index_env["dir"], query, "--k", "8", "--json"]
+    args = [archive.directory, query, "--k", "8", "--json"]
     for r in relevant:
         args += ["--relevant", r]
     for r in irrelevant:
@@ -186,47 +182,39 @@ def test_search_cli_with_relevance_feedback(archive_env: dict[str, Any], index_e
     assert doc["feedback"] == {"method": "rocchio", "weights": {"a": 1.0, "b": 0.75, "c": 0.15},
                                "relevant": relevant, "irrelevant": irrelevant}
     # the query is an archive image: its stored vector is the embedding the command computes
-    refined = rocchio(feats[qrow], feats[relevant], feats[irrelevant])
-    assert [h["row"] for h in q["hits"]] == _brute_force(feats, refined, 8, None)
-    plain = _brute_force(feats, feats[qrow], 8, None)
-    assert [h["row"] for h in q["hits"]] != plain  # the marks changed the answer
-    assert q["query_class"] == qclass and q["archive_row"] == qrow
+    refined = rocchio(feats[qid], feats[relevant], feats[irrelevant])
+    assert [h["id"] for h in q["hits"]] == _brute_force(feats, refined, 8, None)
+    plain = _brute_force(feats, feats[qid], 8, None)
+    assert [h["id"] for h in q["hits"]] != plain  # the marks changed the answer
+    assert q["query_class"] == qclass and q["query_id"] == qid
+    # the Python API: Archive.refine, then a search by vector
+    api = archive.search(archive.refine(archive.vector(qid), relevant, irrelevant), k=8)
+    assert [h.record.id for h in api] == [h["id"] for h in q["hits"]]
 
-    # the table shows each hit's row, to mark in the next round
-    res = CliRunner().invoke(search_cmd, [str(a) for a in [index_env["dir"], query, "--k", "3",
+    # the table shows each hit's id, to mark in the next round
+    res = CliRunner().invoke(search_cmd, [str(a) for a in [archive.directory, query, "--k", "3",
                                                              "--relevant", relevant[0], "--rocchio", 1, 0.5, 0]])
     assert res.exit_code == 0, res.output
-    assert "refined by Rocchio (a=1, b=0.5, c=0) with 1 relevant and 0 non-relevant row(s)" in res.stdout
-    rows = _brute_force(feats, rocchio(feats[qrow], feats[[relevant[0]]], a=1, b=0.5, c=0), 3, None)
+    assert "refined by Rocchio (a=1, b=0.5, c=0) with 1 relevant and 0 non-relevant image(s)" in res.stdout
+    ids = _brute_force(feats, rocchio(feats[qid], feats[[relevant[0]]], a=1, b=0.5, c=0), 3, None)
     table = [line.strip("|").split("|") for line in res.stdout.splitlines() if line[:3] in ("| 1", "| 2", "| 3")]
-    assert [int(cells[-1]) for cells in table] == rows
-    assert [cells[-2].strip() for cells in table] == [index.paths_[r] for r in rows]
+    assert [int(cells[-1]) for cells in table] == ids
+    assert [cells[-2].strip() for cells in table] == [records[i].name for i in ids]
 
 
-def test_search_cli_feedback_errors(index_env: dict[str, Any]) -> None:
-    index = index_env["index"]
-    root = Path(index.meta["dataset"]["root"])
-    query = root / index.paths_[0]
+def test_search_cli_feedback_errors(archive_env: dict[str, Any]) -> None:
+    archive = archive_env["archive"]
+    query = Path(archive.record(0).path)
 
     def run(*extra: Any) -> Any:
-        return CliRunner().invoke(search_cmd, [str(a) for a in [index_env["dir"], query, *extra]])
+        return CliRunner().invoke(search_cmd, [str(a) for a in [archive.directory, query, *extra]])
 
     res = run("--relevant", 99)
-    assert res.exit_code == 2 and "--relevant 99: not a row of the index (rows are 0..23)" in res.stderr
+    assert res.exit_code == 2 and "image 99 marked relevant is not in the archive" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     res = run("--relevant", 1, "--irrelevant", 1)
-    assert res.exit_code == 2 and "row 1 is given both" in res.stderr
+    assert res.exit_code == 2 and "image 1 is marked both" in res.stderr
     res = run(query, "--relevant", 1)
-    assert res.exit_code == 2 and "refine one query" in res.stderr
+    assert res.exit_code == 2 and "refines one query" in res.stderr
     res = run("--irrelevant", 0, "--rocchio", 1, 0, 1)  # the query itself, a = c: nothing left
     assert res.exit_code == 2 and "zero vector" in res.stderr
-
-
-def test_index_row_vectors_reads_the_store(index_env: dict[str, Any]) -> None:
-    from landlens.features.store import FeatureStore
-
-    feats = FeatureStore(index_env["store"]).load().features
-    np.testing.assert_array_equal(index_row_vectors(index_env["index"], [5, 0]), feats[[5, 0]])
-    assert index_row_vectors(index_env["index"], []).shape == (0, feats.shape[1])
-    with pytest.raises(FeedbackError, match="row -1"):
-        index_row_vectors(index_env["index"], [-1])

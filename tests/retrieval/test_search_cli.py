@@ -1,10 +1,11 @@
-"""`landlens retrieval index` and `landlens search` on a generated archive and a tiny seeded
-ResNet-18 checkpoint (so the search command can rebuild the extractor from the index)."""
+"""`landlens retrieval index` and `landlens search` on an archive of generated scenes and a tiny
+seeded ResNet-18 checkpoint (so the search command can rebuild the extractor from the archive)."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from landlens.data.folder import scan_folder
 from landlens.features.extract import extract_features
 from landlens.models.registry import create_backbone
 from landlens.retrieval.gallery import gallery_size
-from landlens.retrieval.index import SearchIndex
+from landlens.retrieval.archive import Archive
 
 CLASSES = ("forest", "river", "urban")
 PER_CLASS = 4
@@ -35,7 +36,7 @@ def _image(ci: int, i: int, size: int = 40) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    """(root, checkpoint path, feature store, index folder) built once for the module."""
+    """(root, checkpoint path, feature store, archive folder) built once for the module."""
     tmp = tmp_path_factory.mktemp("search_cli")
     root = tmp / "archive"
     for ci, c in enumerate(CLASSES):
@@ -54,7 +55,7 @@ def archive(tmp_path_factory):
     idx = tmp / "index"
     res = CliRunner().invoke(index_cmd, [str(store), "--out", str(idx), "--kind", "exact"])
     assert res.exit_code == 0, res.output
-    assert "12 x 512 resnet18 features, Flat (exact), cosine" in res.stdout
+    assert "12 x 512 resnet18 features, Flat (exact), cosine" in res.stdout, res.output
     return root, ckpt, store, idx
 
 
@@ -62,13 +63,15 @@ def _search(args):
     return CliRunner().invoke(search_cmd, [str(a) for a in args])
 
 
-def test_index_records_the_store_identity(archive):
-    _, ckpt, _, idx = archive
-    index = SearchIndex.load(idx)
-    assert index.ntotal == 12 and index.dim_ == 512 and index.classes_ == list(CLASSES)
-    assert index.meta["backbone"]["weights"]["source"] == "file"
-    assert index.meta["backbone"]["weights"]["ref"] == str(ckpt.resolve())
-    assert index.meta["identity"]["preprocessing"]["input_size"] == 32
+def test_archive_records_the_store_identity(archive):
+    root, ckpt, _, idx = archive
+    arch = Archive.open(idx)
+    assert len(arch) == 12 and arch.dim == 512 and arch.classes == list(CLASSES)
+    meta = arch.index.meta
+    assert meta["backbone"]["weights"]["source"] == "file"
+    assert meta["backbone"]["weights"]["ref"] == str(ckpt.resolve())
+    assert meta["identity"]["preprocessing"]["input_size"] == 32
+    assert {r.path for r in arch.records()} == {str(p) for p in root.rglob("*.png")}
 
 
 def test_archive_query_is_found_first_with_a_gallery(archive, tmp_path):
@@ -78,14 +81,40 @@ def test_archive_query_is_found_first_with_a_gallery(archive, tmp_path):
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     (q,) = doc["results"]
-    assert q["query_class"] == "river" and q["archive_row"] is not None
+    assert q["query_class"] == "river" and q["query_id"] is not None
     top = q["hits"][0]
-    assert top["rank"] == 1 and top["path"] == "river/river_2.png" and abs(top["distance"]) < 1e-4
+    assert top["rank"] == 1 and top["id"] == q["query_id"] and top["name"] == "river_2.png"
+    assert abs(top["distance"]) < 1e-4 and top["path"] == str(root / "river" / "river_2.png")
     assert top["class"] == "river" and top["relevant"] is True
     assert [h["rank"] for h in q["hits"]] == [1, 2, 3, 4, 5]
     assert all(h["relevant"] == (h["class"] == "river") for h in q["hits"])
     with Image.open(gallery) as im:
         assert im.format == "PNG" and im.size == gallery_size(1, 5)
+
+
+def test_search_equals_brute_force_cosine(archive):
+    """The archive's answer to a query file is the numpy cosine ranking of the store's features."""
+    from landlens.features.store import FeatureStore
+
+    root, _, store, idx = archive
+    fs = FeatureStore(store).load()
+    db = np.asarray(fs.features, np.float64)
+    dbn = db / np.linalg.norm(db, axis=1, keepdims=True)
+    row = list(fs.paths).index("forest/forest_3.png")
+    want = [fs.paths[i] for i in np.argsort(-(dbn @ dbn[row]), kind="stable")[:6]]
+    res = _search([idx, root / "forest" / "forest_3.png", "--k", "6", "--json"])
+    hits = json.loads(res.stdout)["results"][0]["hits"]
+    assert [str(Path(h["path"]).relative_to(root)) for h in hits] == want
+    # the Python API gives the same hits by path, by id (itself left out) and by vector
+    arch = Archive.open(idx)
+    by_path = arch.search(root / "forest" / "forest_3.png", k=6)
+    assert [h.record.id for h in by_path] == [h["id"] for h in hits]
+    by_id = arch.search(hits[0]["id"], k=5)
+    assert [h.record.id for h in by_id] == [h["id"] for h in hits[1:]]
+    by_vec = arch.search(arch.vector(hits[0]["id"]), k=6)
+    assert [h.record.id for h in by_vec] == [h["id"] for h in hits]
+    only = arch.search(hits[0]["id"], k=3, class_name="urban")
+    assert [h.record.class_name for h in only] == ["urban"] * 3
 
 
 def test_several_queries_make_a_grid_and_a_table(archive, tmp_path):
@@ -96,8 +125,8 @@ def test_several_queries_make_a_grid_and_a_table(archive, tmp_path):
     res = _search([idx, root / "urban" / "urban_0.png", outside, "--k", "3", "--gallery", gallery,
                    "--query-class", "urban", "--query-class", "forest"])
     assert res.exit_code == 0, res.output
-    assert "| rank | distance | class | path |" in res.stdout
-    assert "| 1 | 0.0000 | urban + | urban/urban_0.png |" in res.stdout
+    assert "| rank | distance | class | name | id |" in res.stdout
+    assert "| 1 | 0.0000 | urban + | urban_0.png |" in res.stdout
     assert "(class: forest)" in res.stdout
     with Image.open(gallery) as im:
         assert im.size == gallery_size(2, 3)
@@ -120,16 +149,22 @@ def test_query_that_is_not_an_image_fails_in_one_line_and_writes_nothing(archive
 def test_k_larger_than_the_archive_is_refused(archive):
     root, _, _, idx = archive
     res = _search([idx, root / "forest" / "forest_0.png", "--k", "50"])
-    assert res.exit_code == 2 and "k=50 is larger than the database (12 vectors)" in res.stderr
+    assert res.exit_code == 2 and "k=50 is larger than the archive (12 images)" in res.stderr
 
 
-def test_index_with_another_weights_digest_is_refused(archive, tmp_path):
-    root, _, _, idx = archive
-    forged = tmp_path / "forged"
+def _forge(idx, tmp_path, name, change):
+    forged = tmp_path / name
     shutil.copytree(idx, forged)
-    doc = json.loads((forged / "index.json").read_text())
-    doc["meta"]["identity"]["weights_digest"] = "0" * 64
-    (forged / "index.json").write_text(json.dumps(doc))
+    meta_file = next(forged.glob("gen-*/index/index.json"))
+    doc = json.loads(meta_file.read_text())
+    change(doc["meta"])
+    meta_file.write_text(json.dumps(doc))
+    return forged
+
+
+def test_archive_with_another_weights_digest_is_refused(archive, tmp_path):
+    root, _, _, idx = archive
+    forged = _forge(idx, tmp_path, "forged", lambda m: m["identity"].update(weights_digest="0" * 64))
     gallery = tmp_path / "g.png"
     res = _search([forged, root / "forest" / "forest_0.png", "--gallery", gallery])
     assert res.exit_code == 2
@@ -141,11 +176,8 @@ def test_index_with_another_weights_digest_is_refused(archive, tmp_path):
 
 def test_random_weights_cannot_be_rebuilt(archive, tmp_path):
     root, _, _, idx = archive
-    forged = tmp_path / "random"
-    shutil.copytree(idx, forged)
-    doc = json.loads((forged / "index.json").read_text())
-    doc["meta"]["backbone"]["weights"] = {"source": "none", "ref": "random-init", "digest": None}
-    (forged / "index.json").write_text(json.dumps(doc))
+    forged = _forge(idx, tmp_path, "random", lambda m: m["backbone"].update(
+        weights={"source": "none", "ref": "random-init", "digest": None}))
     res = _search([forged, root / "forest" / "forest_0.png"])
     assert res.exit_code == 2 and "cannot be rebuilt" in res.stderr
 
@@ -153,13 +185,24 @@ def test_random_weights_cannot_be_rebuilt(archive, tmp_path):
 def test_unknown_query_class_is_refused(archive):
     root, _, _, idx = archive
     res = _search([idx, root / "forest" / "forest_0.png", "--query-class", "desert"])
-    assert res.exit_code == 2 and "'desert' is not a class of this index" in res.stderr
+    assert res.exit_code == 2 and "'desert' is not a class of this archive" in res.stderr
 
 
-def test_existing_index_needs_overwrite(archive):
+def test_existing_archive_needs_overwrite(archive):
     _, _, store, idx = archive
     res = CliRunner().invoke(index_cmd, [str(store), "--out", str(idx)])
-    assert res.exit_code == 2 and "already holds a search index" in res.stderr
+    assert res.exit_code == 2 and "already holds an archive" in res.stderr
+
+
+def test_an_old_row_index_gets_one_line_saying_what_to_do(archive, tmp_path):
+    root, _, _, _ = archive
+    old = tmp_path / "old.index"
+    old.mkdir()
+    (old / "index.json").write_text("{}")
+    (old / "index.faiss").write_bytes(b"")
+    res = _search([old, root / "forest" / "forest_0.png"])
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert "landlens 0.1" in res.stderr and "landlens retrieval index STORE" in res.stderr
 
 
 def test_commands_work_through_the_landlens_group(archive, tmp_path):
@@ -169,10 +212,10 @@ def test_commands_work_through_the_landlens_group(archive, tmp_path):
                                    "--metric", "euclidean", "--json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
-    assert doc["factory"] == "IVF2,Flat" and doc["metric"] == "euclidean" and doc["ntotal"] == 12
+    assert doc["index"]["factory"] == "IVF2,Flat" and doc["index"]["metric"] == "euclidean" and doc["images"] == 12
     res = CliRunner().invoke(cli, ["search", str(out), str(root / "urban" / "urban_3.png"), "--k", "2", "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["results"][0]["hits"][0]["path"] == "urban/urban_3.png"
+    assert json.loads(res.stdout)["results"][0]["hits"][0]["name"] == "urban_3.png"
     bad = tmp_path / "x.png"
     bad.write_bytes(b"")
     res = CliRunner().invoke(cli, ["search", str(out), str(bad)])
@@ -197,7 +240,7 @@ def test_rerank_option_ranks_by_query_expansion(archive):
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["rerank"] == "aqe:n=2,alpha=0"
-    assert [h["path"] for h in doc["results"][0]["hits"]] == want
+    assert [str(Path(h["path"]).relative_to(root)) for h in doc["results"][0]["hits"]] == want
 
 
 def test_rerank_option_refuses_bad_specs_and_the_matcher(archive, tmp_path):
@@ -206,4 +249,4 @@ def test_rerank_option_refuses_bad_specs_and_the_matcher(archive, tmp_path):
     res = _search([idx, q, "--rerank", "aqe:n=zero"])
     assert res.exit_code == 2 and "aqe" in res.output and "Traceback" not in res.output
     res = _search([idx, q, "--rerank", "aqe", "--matcher", tmp_path])
-    assert res.exit_code == 2 and "--rerank and --matcher" in res.output
+    assert res.exit_code == 2 and "cannot be combined" in res.output

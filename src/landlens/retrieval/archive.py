@@ -1,31 +1,13 @@
-"""A persistent, updatable search archive: FAISS index + image catalog (SQLite) on disk.
+"""A persistent, updatable search archive: the one search object of landlens.
 
-An archive folder holds everything a search service needs to answer queries by example::
-
-    ARCHIVE/
-      CURRENT              name of the live generation (replaced atomically)
-      gen-00000003/        the live generation, never modified once written:
-        index/             the FAISS index (:class:`~landlens.retrieval.index.SearchIndex` folder);
-                           its meta records the extractor (backbone, weights digest, preprocessing)
-        vectors.npy        (n, dim) float32 features, row i = FAISS row i
-        catalog.sqlite     one row per image: id, row, path, class, width, height, sha256, bytes, added
-        generation.json    generation number, image count, next id, parent generation
-      features/            the feature store extracted at build time (reused by a rebuild)
-      uploads/             images added through the service, named by their sha256
-      .lock                serialises writers across processes (``fcntl.flock``)
-      .readers             readers hold it shared while loading a generation; the writer's
-                           clean-up holds it exclusive, so a load never sees its files vanish
-
-Every update (:meth:`Archive.add`, :meth:`Archive.remove`, a rebuild over an existing archive)
-writes a complete new generation beside the live one, flushes it to disk, and only then
-replaces ``CURRENT`` with a rename. A crash at any point leaves ``CURRENT`` naming a complete
-generation: the previous one until the rename, the new one after it. Left-over partial
-generations are ignored on open and deleted by the next update, as are uploaded files that
-no live image references (an upload stored by an update that crashed before its commit).
-Readers load under a shared lock (``.readers``) that the clean-up takes exclusively, so a
-reader that read ``CURRENT`` just before a writer committed still loads the generation it
-named; once loaded, a generation needs none of its files but ``vectors.npy``, which stays
-readable through its memory map after deletion.
+An :class:`Archive` is a folder (layout and crash guarantees in
+:mod:`landlens.retrieval.generations`) holding a FAISS index
+(:class:`~landlens.retrieval.index.SearchIndex`), the vectors and a catalog of images with
+stable ids. It is built from a folder of class sub-folders (:meth:`Archive.build`) or a feature
+store (:meth:`Archive.from_store`), searched by image, vector or id (:meth:`Archive.search`),
+optionally re-ranked without labels or by a learned matching discriminator, refined by
+relevance feedback, and updated in place (:meth:`Archive.add`, :meth:`Archive.remove`).
+``landlens index``, ``landlens search`` and ``landlens serve`` are thin shells over it.
 
 Image ids are stable integers that are never reused; FAISS rows are positions in
 ``vectors.npy`` and change when images are removed. Adding appends to a copy of the live
@@ -37,330 +19,39 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime as _dt
-import hashlib
-import json
 import os
 import shutil
-import sqlite3
-import tempfile
 import threading
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from landlens.data.io import file_problem
-from landlens.errors import ImageReadError, LandlensError, first_line
-from landlens.features.store import atomic_write_bytes
-
-FORMAT_VERSION = 1
-CURRENT = "CURRENT"
-GEN_PREFIX = "gen-"
-LOCK = ".lock"
-UPLOADS = "uploads"
-FEATURES = "features"
-READERS = ".readers"
-
-_SCHEMA = """
-CREATE TABLE images (
-    id INTEGER PRIMARY KEY,
-    row INTEGER NOT NULL UNIQUE,
-    path TEXT NOT NULL,
-    class TEXT,
-    width INTEGER NOT NULL,
-    height INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
-    bytes INTEGER NOT NULL,
-    added TEXT NOT NULL
-);
-CREATE INDEX images_sha256 ON images(sha256);
-CREATE INDEX images_class ON images(class);
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
+from landlens.errors import ImageReadError
+from landlens.retrieval.search import ArchiveHit, ArchiveSearch
+from landlens.retrieval.generations import (
+    CURRENT, FEATURES, GEN_PREFIX, LOCK, UPLOAD_SUFFIXES, UPLOADS, ArchiveError, Generation, ImageRecord,
+    collect_garbage, describe_file, file_lock, generation_name, is_archive, load_current, load_generation,
+    read_current, sha256_file, utc_now, validate_class_name, write_generation,
+)
 
 
-UPLOAD_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp"}
-"""File suffix of an uploaded image kept in ``uploads/``, by format."""
-
-CLASS_NAME_LIMIT = 200
-"""Longest class name an archive accepts (characters)."""
-
-
-class ArchiveError(LandlensError):
-    """A user error about an archive: a missing or damaged folder, an unknown id, a bad update."""
-
-
-def validate_class_name(name: str | None) -> str | None:
-    """A class name as archives store it: surrounding space stripped, ``None`` or ``""`` for
-    none; refused (:class:`ArchiveError`) when longer than :data:`CLASS_NAME_LIMIT` characters
-    or holding a character that is not printable (a control character, a newline)."""
-    if name is None:
-        return None
-    if not isinstance(name, str):
-        raise ArchiveError(f"bad class name {name!r}: not text")
-    name = name.strip()
-    if not name:
-        return None
-    if len(name) > CLASS_NAME_LIMIT or not name.isprintable():
-        raise ArchiveError(f"bad class name {name[:60]!r}: use printable text of at most "
-                           f"{CLASS_NAME_LIMIT} characters")
-    return name
+def _check_out(outp: Path, overwrite: bool) -> None:
+    """Refuse to write an archive over a file, a folder of something else, or (without
+    ``overwrite``) an existing archive."""
+    if outp.exists() and not outp.is_dir():
+        raise ArchiveError(f"{outp} exists and is not a folder; choose another --out")
+    if outp.is_dir() and not is_archive(outp) and any(p.name not in (FEATURES, LOCK) for p in outp.iterdir()):
+        raise ArchiveError(f"{outp} exists and is not an archive folder; choose another --out")
+    if is_archive(outp) and not overwrite:
+        raise ArchiveError(f"{outp} already holds an archive; use --overwrite to rebuild it, "
+                           f"or `landlens index add` to add images")
 
 
-@dataclass(frozen=True)
-class ImageRecord:
-    """One indexed image. ``path`` is the server-side file and is never part of :meth:`to_dict`."""
-
-    id: int
-    path: str
-    name: str
-    class_name: str | None
-    width: int
-    height: int
-    sha256: str
-    bytes: int
-    added: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "class": self.class_name, "width": self.width,
-                "height": self.height, "sha256": self.sha256, "bytes": self.bytes, "added": self.added}
-
-
-@dataclass(frozen=True)
-class ArchiveHit:
-    """One search result: rank (1-based), the image, its distance and a similarity score.
-
-    ``score`` is higher for more similar images: the cosine similarity (``1 - distance``) under
-    the cosine metric, ``1 / (1 + distance)`` under the Euclidean one. With a re-ranker
-    (:meth:`Archive.set_rerank`) ``distance`` is the re-ranked one (its order is the ranking)
-    and ``score`` stays the plain cosine similarity of the query and the image.
-    """
-
-    rank: int
-    record: ImageRecord
-    distance: float
-    score: float
-
-    def to_dict(self) -> dict[str, Any]:
-        r = self.record
-        return {"rank": self.rank, "id": r.id, "name": r.name, "class": r.class_name, "width": r.width,
-                "height": r.height, "distance": self.distance, "score": self.score}
-
-
-@dataclass
-class _State:
-    """One loaded generation (immutable once published; updates build a new one)."""
-
-    generation: int
-    index: Any  # SearchIndex
-    vectors: np.ndarray
-    records: list[ImageRecord]  # in row order
-    next_id: int
-    meta: dict[str, Any]
-
-    def __post_init__(self) -> None:
-        self.row_of = {r.id: i for i, r in enumerate(self.records)}
-        self.id_of_sha = {}
-        for r in self.records:
-            self.id_of_sha.setdefault(r.sha256, r.id)
-        self.classes = np.array([r.class_name or "" for r in self.records], dtype=object)
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-
-
-def _sha256(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    n = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-            n += len(block)
-    return h.hexdigest(), n
-
-
-def _describe_file(path: Path) -> tuple[int, int, str, int]:
-    """(width, height, sha256, bytes) of an image file (header only: no decoding)."""
-    from landlens.data.io import probe_image
-
-    info = probe_image(path)
-    sha, size = _sha256(path)
-    return info.width, info.height, sha, size
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*"), reverse=True):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        else:
-            _fsync_dir(p)
-    _fsync_dir(path)
-
-
-@contextlib.contextmanager
-def _file_lock(directory: Path, name: str = LOCK, shared: bool = False) -> Iterator[None]:
-    """``fcntl.flock`` on ``directory/name``: exclusive (one writer at a time) or shared.
-
-    A shared lock on a folder this process may not write (a read-only archive, which no writer
-    can change either) is skipped.
-    """
-    import fcntl
-
-    if not shared:
-        directory.mkdir(parents=True, exist_ok=True)
-    try:
-        f = open(directory / name, "a+b")
-    except OSError:
-        if not shared:
-            raise
-        yield
-        return
-    with f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def _load_current(directory: Path) -> _State | None:
-    """The live generation, loaded under the shared readers' lock (``None``: no ``CURRENT``)."""
-    with _file_lock(directory, READERS, shared=True):
-        name = _read_current(directory)
-        return None if name is None else _load_state(directory, name)
-
-
-def _gen_name(n: int) -> str:
-    return f"{GEN_PREFIX}{n:08d}"
-
-
-def _read_current(directory: Path) -> str | None:
-    try:
-        name = (directory / CURRENT).read_text().strip()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise ArchiveError(f"archive {directory}: cannot read {CURRENT}: {first_line(exc)}") from None
-    if not name.startswith(GEN_PREFIX) or "/" in name or not name[len(GEN_PREFIX):].isdigit():
-        raise ArchiveError(f"archive {directory}: {CURRENT} names {name[:40]!r}, not a generation")
-    return name
-
-
-def is_archive(directory: str | os.PathLike[str]) -> bool:
-    """Whether ``directory`` holds an archive (a ``CURRENT`` pointer)."""
-    return (Path(directory) / CURRENT).is_file()
-
-
-def _load_state(directory: Path, name: str) -> _State:
-    from landlens.retrieval.index import SearchIndex, SearchIndexError
-
-    gen = directory / name
-    try:
-        doc = json.loads((gen / "generation.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArchiveError(f"archive {directory}: generation {name} is unreadable: {first_line(exc)}") from None
-    if doc.get("format") != FORMAT_VERSION:
-        raise ArchiveError(f"archive {directory} has format {doc.get('format')}, expected {FORMAT_VERSION}")
-    try:
-        index = SearchIndex.load(gen / "index")
-    except SearchIndexError as exc:
-        raise ArchiveError(f"archive {directory}: {exc}") from None
-    try:
-        vectors = np.load(gen / "vectors.npy", mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        raise ArchiveError(f"archive {directory}: cannot read {name}/vectors.npy: {first_line(exc)}") from None
-    try:
-        con = sqlite3.connect(f"file:{gen / 'catalog.sqlite'}?mode=ro", uri=True)
-        try:
-            rows = con.execute("SELECT id, row, path, class, width, height, sha256, bytes, added "
-                               "FROM images ORDER BY row").fetchall()
-        finally:
-            con.close()
-    except sqlite3.Error as exc:
-        raise ArchiveError(f"archive {directory}: cannot read {name}/catalog.sqlite: {first_line(exc)}") from None
-    records = [ImageRecord(int(i), p, Path(p).name, c, int(w), int(h), s, int(b), a)
-               for i, _r, p, c, w, h, s, b, a in rows]
-    if not (len(records) == vectors.shape[0] == index.ntotal == int(doc.get("images", -1))):
-        raise ArchiveError(f"archive {directory}: generation {name} is inconsistent ({len(records)} catalog rows, "
-                           f"{vectors.shape[0]} vectors, {index.ntotal} indexed); rebuild it")
-    if [int(row[1]) for row in rows] != list(range(len(rows))):
-        raise ArchiveError(f"archive {directory}: generation {name} has gaps in its catalog rows; rebuild it")
-    return _State(int(doc["generation"]), index, vectors, records, int(doc["next_id"]), dict(doc.get("meta") or {}))
-
-
-def _write_generation(directory: Path, state: _State, parent: int | None) -> None:
-    """Write ``state`` as generation ``state.generation`` and make it current (atomic)."""
-    name = _gen_name(state.generation)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=directory))
-    try:
-        state.index.save(tmp / "index")
-        with open(tmp / "vectors.npy", "wb") as f:
-            np.save(f, np.ascontiguousarray(state.vectors, dtype=np.float32))
-        con = sqlite3.connect(tmp / "catalog.sqlite")
-        try:
-            con.executescript(_SCHEMA)
-            con.executemany("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            [(r.id, i, r.path, r.class_name, r.width, r.height, r.sha256, r.bytes, r.added)
-                             for i, r in enumerate(state.records)])
-            con.executemany("INSERT INTO meta VALUES (?, ?)",
-                            [(k, json.dumps(v, sort_keys=True)) for k, v in state.meta.items()])
-            con.commit()
-        finally:
-            con.close()
-        doc = {"format": FORMAT_VERSION, "generation": state.generation, "parent": parent,
-               "images": len(state.records), "next_id": state.next_id, "written": _now(), "meta": state.meta}
-        (tmp / "generation.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-        _fsync_tree(tmp)
-        final = directory / name
-        if final.exists():  # a partial generation of a crashed update that got this far
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    commit_generation(directory, name)
-
-
-def commit_generation(directory: Path, name: str) -> None:
-    """Make the complete generation folder ``name`` the live one: replace ``CURRENT`` atomically."""
-    atomic_write_bytes(directory / CURRENT, (name + "\n").encode())
-    _fsync_dir(directory)
-
-
-def _collect_garbage(directory: Path, state: _State) -> None:
-    """Delete every generation and temporary folder but the live one, and uploaded files no
-    live image references (writers call it holding the writer's lock)."""
-    keep = _gen_name(state.generation)
-    with _file_lock(directory, READERS):  # waits for readers loading an older generation
-        for p in directory.iterdir():
-            stale_gen = p.name.startswith(GEN_PREFIX) and p.name != keep
-            stale_tmp = p.name.startswith(f".{GEN_PREFIX}") and p.name.endswith(".tmp")
-            if (stale_gen or stale_tmp) and p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-        uploads = directory / UPLOADS
-        if uploads.is_dir():
-            for p in uploads.iterdir():  # named <sha256><suffix>, or .<name>.part while copied
-                if p.name.startswith(".") or p.stem not in state.id_of_sha:
-                    with contextlib.suppress(OSError):
-                        p.unlink()
-
-
-class Archive:
+class Archive(ArchiveSearch):
     """An on-disk archive of indexed images that can be searched and updated (module docstring).
 
     Open one with :meth:`open` or create one with :meth:`build`. Searches and record lookups
@@ -369,16 +60,14 @@ class Archive:
     archive, never a mixture.
     """
 
-    def __init__(self, directory: Path, state: _State) -> None:
+    def __init__(self, directory: Path, state: Generation) -> None:
         self.directory = Path(directory)
         self._state = state
         self._write_lock = threading.Lock()
         self._backbone_lock = threading.Lock()
         self._backbone: Any = None
         self._fast: Any = None  # a prepared forward pass of the backbone (:meth:`optimize`)
-        self._rerank_spec: str | None = None
-        self._rerank_lock = threading.Lock()
-        self._reranker: tuple[int, Any] | None = None  # (generation, fitted re-ranker)
+        self._init_search()
 
     # ------------------------------------------------------------------ creating and opening
     @classmethod
@@ -387,7 +76,7 @@ class Archive:
         d = Path(directory)
         if not d.is_dir():
             raise ArchiveError(f"no archive at {d} (not a folder)")
-        state = _load_current(d)
+        state = load_current(d)
         if state is None:
             raise ArchiveError(f"no archive at {d} (missing {CURRENT}); create one with `landlens index build`")
         return cls(d, state)
@@ -406,50 +95,56 @@ class Archive:
         archive at ``out`` is refused unless ``overwrite``, which replaces it atomically.
         """
         from landlens.data.folder import scan_folder
-        from landlens.features.cache import cached_features, store_path
+        from landlens.features.cache import ensure_features
         from landlens.models.registry import create_backbone
+
+        outp = Path(out)
+        _check_out(outp, overwrite)
+        ds = scan_folder(data, dataset)
+        bb = create_backbone(backbone, weights)
+        store_dir, _ = ensure_features(ds, bb, cache_dir=Path(cache_dir) if cache_dir is not None else outp / FEATURES,
+                                       workers=workers, progress=progress, command="landlens index build")
+        return cls.from_store(store_dir, outp, index_factory=index_factory, metric=metric, overwrite=overwrite)
+
+    @classmethod
+    def from_store(cls, store: str | os.PathLike[str], out: str | os.PathLike[str], *, index_factory: str = "auto",
+                   metric: str = "cosine", overwrite: bool = False, **index_settings: Any) -> Archive:
+        """An archive ``out`` over the valid rows of a complete feature store (``landlens
+        features extract``): the store's images, classes and extractor, which queries are
+        embedded with. ``index_settings`` (``nprobe``, ``ef_search``, ``seed``...) go to the
+        :class:`~landlens.retrieval.index.SearchIndex`; ``overwrite`` as in :meth:`build`."""
+        from landlens.features.store import FeatureStore
         from landlens.retrieval.index import build_index_from_store
 
         outp = Path(out)
-        if outp.exists() and not outp.is_dir():
-            raise ArchiveError(f"{outp} exists and is not a folder; choose another --out")
-        if outp.is_dir() and not is_archive(outp) and any(p.name not in (FEATURES, LOCK) for p in outp.iterdir()):
-            raise ArchiveError(f"{outp} exists and is not an archive folder; choose another --out")
-        if is_archive(outp) and not overwrite:
-            raise ArchiveError(f"{outp} already holds an archive; use --overwrite to rebuild it, "
-                               f"or `landlens index add` to add images")
-        ds = scan_folder(data, dataset)
-        bb = create_backbone(backbone, weights)
-        cache = Path(cache_dir) if cache_dir is not None else outp / FEATURES
-        fs = cached_features(data, dataset, bb, cache_dir=cache, workers=workers, progress=progress,
-                             command="landlens index build")
-        store_dir = store_path(cache, ds.name, ds.paths, ds.labels, bb)
-        index = build_index_from_store(store_dir, kind=index_factory, metric=metric)
+        _check_out(outp, overwrite)
+        index = build_index_from_store(store, kind=index_factory, metric=metric, **index_settings)
         index.paths_ = index.labels_ = index.classes_ = None  # the catalog names the rows
+        fs = FeatureStore(store).load().only_valid()
         root = Path(fs.meta["dataset"]["root"])
         files = [root / p for p in fs.paths]
         with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-            described = list(pool.map(_describe_file, files))
-        added = _now()
+            described = list(pool.map(describe_file, files))
+        added = utc_now()
         records = [ImageRecord(i, str(f), f.name, fs.classes[int(y)], w, h, s, n, added)
                    for i, (f, y, (w, h, s, n)) in enumerate(zip(files, fs.labels, described))]
-        meta = {"data_root": str(root), "dataset": ds.name, "created": added,
-                "feature_store": str(Path(store_dir).resolve()), "classes": list(fs.classes)}
-        with _file_lock(outp):
-            old = _read_current(outp)
+        meta = {"data_root": str(root), "dataset": fs.meta.get("dataset", {}).get("name"), "created": added,
+                "feature_store": str(Path(store).resolve()), "classes": list(fs.classes)}
+        with file_lock(outp):
+            old = read_current(outp)
             gen = int(old[len(GEN_PREFIX):]) + 1 if old else 1
-            state = _State(gen, index, np.asarray(fs.features, dtype=np.float32), records, len(records), meta)
-            _write_generation(outp, state, int(old[len(GEN_PREFIX):]) if old else None)
-            _collect_garbage(outp, state)
+            state = Generation(gen, index, np.asarray(fs.features, dtype=np.float32), records, len(records), meta)
+            write_generation(outp, state, int(old[len(GEN_PREFIX):]) if old else None)
+            collect_garbage(outp, state)
         return cls.open(outp)
 
     def reload(self) -> bool:
         """Load a newer generation written by another process; ``True`` when one was loaded."""
-        name = _read_current(self.directory)
+        name = read_current(self.directory)
         if name is None or int(name[len(GEN_PREFIX):]) == self._state.generation:
             return False
         with self._write_lock:
-            state = _load_current(self.directory)
+            state = load_current(self.directory)
             if state is None or state.generation == self._state.generation:
                 return False
             self._state = state
@@ -527,7 +222,7 @@ class Archive:
         """A JSON-able summary: size, classes, extractor, index, disk use."""
         state = self._state
         meta = state.index.meta
-        gen = self.directory / _gen_name(state.generation)
+        gen = self.directory / generation_name(state.generation)
         disk = sum(p.stat().st_size for p in gen.rglob("*") if p.is_file())
         uploads = self.directory / UPLOADS
         return {
@@ -552,12 +247,30 @@ class Archive:
         }
 
     # ------------------------------------------------------------------ embedding and searching
+    def use_weights(self, weights: str) -> None:
+        """Rebuild the feature extractor from other weights (any ``create_backbone`` weights
+        argument, e.g. a checkpoint that moved); they must have the recorded digest."""
+        from landlens.retrieval.extractor import backbone_for_index
+
+        with self._backbone_lock:
+            self._backbone = backbone_for_index(self._state.index, weights).eval()
+            self._fast = None
+
+    def set_search_params(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Override the index's search settings (IVF lists visited, HNSW beam width) for this
+        object's searches; the archive on disk keeps its own."""
+        index = self._state.index
+        if nprobe is not None:
+            index.nprobe = int(nprobe)
+        if ef_search is not None:
+            index.ef_search = int(ef_search)
+
     def backbone(self) -> Any:
         """The archive's feature extractor, rebuilt once from the recorded weights and checked."""
         if self._backbone is None:
             with self._backbone_lock:
                 if self._backbone is None:
-                    from landlens.retrieval.index import backbone_for_index
+                    from landlens.retrieval.extractor import backbone_for_index
 
                     self._backbone = backbone_for_index(self._state.index).eval()
         return self._backbone
@@ -602,151 +315,28 @@ class Archive:
     def embed(self, images: Sequence[Any]) -> np.ndarray:
         """Features (n, dim) float32 of RGB PIL images under the archive's extractor (the
         prepared forward pass after :meth:`optimize`)."""
-        from landlens.retrieval.index import embed_images
+        from landlens.retrieval.extractor import embed_images
 
         return np.ascontiguousarray(embed_images(self.backbone(), list(images), forward=self._fast), dtype=np.float32)
 
-    def _score(self, distance: float) -> float:
-        if not np.isfinite(distance):
-            return 0.0
-        return float(1.0 - distance) if self.metric == "cosine" else float(1.0 / (1.0 + distance))
-
-    # ------------------------------------------------------------------ re-ranking
-    @property
-    def rerank(self) -> str | None:
-        """The unsupervised re-ranking spec searches use, or ``None`` (plain index search)."""
-        return self._rerank_spec
-
-    def set_rerank(self, spec: str | None) -> None:
-        """Re-rank every search without labels (:mod:`landlens.retrieval.rerank`: ``"aqe"``,
-        ``"diffusion"``, ``"aqe+diffusion"``, ...), fitted now on the archive's vectors and
-        again after each update; ``None`` turns it off. Ranks the whole archive per query
-        (cost stated by :meth:`rerank_info`); needs the cosine metric."""
-        if spec is None:
-            self._rerank_spec, self._reranker = None, None
-            return
-        from landlens.retrieval.rerank import make_reranker
-
-        if self.metric != "cosine":
-            raise ArchiveError(f"re-ranking ranks by cosine similarity; this archive uses {self.metric}")
-        make_reranker(spec)  # a bad spec is refused before anything changes
-        self._rerank_spec, self._reranker = spec, None
-        self._fitted_reranker(self._state)
-
-    def _fitted_reranker(self, state: _State) -> Any:
-        from landlens.retrieval.rerank import make_reranker
-
-        with self._rerank_lock:
-            cached = self._reranker
-            if cached is not None and cached[0] == state.generation:
-                return cached[1]
-            rr = make_reranker(str(self._rerank_spec)).fit(np.asarray(state.vectors, dtype=np.float32))
-            self._reranker = (state.generation, rr)
-            return rr
-
-    def rerank_info(self) -> dict[str, Any] | None:
-        """The live re-ranker's settings, database size and fit time (``None`` when off)."""
-        cached = self._reranker
-        return None if self._rerank_spec is None or cached is None else cached[1].to_dict()
-
-    def _reranked(self, state: _State, q: np.ndarray, k: int, class_name: str | None,
-                  exclude: Sequence[int | None] | None) -> list[list[ArchiveHit]]:
-        """Hits ranked by the re-ranker over the whole archive (filters applied after ranking)."""
-        import torch
-
-        rr = self._fitted_reranker(state)
-        rows = np.array([state.row_of.get(int(x), -1) if x is not None else -1
-                         for x in (exclude if exclude is not None else [None] * len(q))], dtype=np.int64)
-        dist = rr.distances(q, rows)
-        cos = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(q)), dim=1) @ rr.database_.T
-        order = torch.sort(dist, dim=1, stable=True).indices.numpy()
-        out = []
-        for qi in range(len(q)):
-            skip = exclude[qi] if exclude is not None else None
-            hits: list[ArchiveHit] = []
-            for r in order[qi]:
-                rec = state.records[int(r)]
-                if rec.id == skip or (class_name is not None and rec.class_name != class_name):
-                    continue
-                hits.append(ArchiveHit(len(hits) + 1, rec, float(dist[qi, r]), float(cos[qi, r])))
-                if len(hits) == k:
-                    break
-            out.append(hits)
-        return out
-
-    def search_vectors(self, vectors: Any, k: int, *, class_name: str | None = None,
-                       exclude: Sequence[int | None] | None = None) -> list[list[ArchiveHit]]:
-        """The ``k`` most similar images of each query vector (fewer when a filter leaves fewer).
-
-        Args:
-            vectors: (nq, dim) or (dim,) features from :meth:`embed`.
-            k: hits per query (at least 1).
-            class_name: keep only images of this class (must be a class of the archive).
-            exclude: per query, an image id to leave out (the query itself when it is indexed;
-                with a re-ranker, that image's node of the graph is the query's).
-        """
-        state = self._state
-        q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
-        if isinstance(k, bool) or int(k) < 1:
-            raise ArchiveError(f"k must be a positive integer, got {k!r}")
-        if exclude is not None and len(exclude) != len(q):
-            raise ArchiveError(f"{len(exclude)} exclusions for {len(q)} queries")
-        if class_name is not None and class_name not in set(state.classes.tolist()):
-            raise ArchiveError(f"class {class_name!r} is not in the archive "
-                               f"({', '.join(self.classes) or 'it has no classes'})")
-        if self._rerank_spec is not None and len(state.records) >= 2:
-            return self._reranked(state, q, int(k), class_name, exclude)
-        n = len(state.records)
-        eligible = int((state.classes == class_name).sum()) if class_name is not None else n
-        out: list[list[ArchiveHit]] = []
-        for qi in range(len(q)):
-            skip = exclude[qi] if exclude is not None else None
-            want = min(int(k), eligible - (1 if skip is not None and self._eligible(skip, class_name) else 0))
-            fetch = min(n, int(k) + 1 if class_name is None else max(4 * int(k), 64))
-            while True:
-                dist, rows = state.index.search(q[qi:qi + 1], fetch)
-                hits = []
-                for d, r in zip(dist[0], rows[0]):
-                    if r < 0:
-                        continue
-                    rec = state.records[int(r)]
-                    if rec.id == skip or (class_name is not None and rec.class_name != class_name):
-                        continue
-                    hits.append(ArchiveHit(len(hits) + 1, rec, float(d), self._score(float(d))))
-                    if len(hits) == want:
-                        break
-                if len(hits) >= want or fetch >= n:
-                    break
-                fetch = min(n, fetch * 4)
-            out.append(hits)
-        return out
-
-    def _eligible(self, id: int, class_name: str | None) -> bool:
-        row = self._state.row_of.get(int(id))
-        return row is not None and (class_name is None or self._state.records[row].class_name == class_name)
-
-    def search_id(self, id: int, k: int, *, class_name: str | None = None) -> list[ArchiveHit]:
-        """The ``k`` images most similar to the indexed image ``id`` (itself left out)."""
-        return self.search_vectors(self.vector(id)[None], k, class_name=class_name, exclude=[int(id)])[0]
-
     # ------------------------------------------------------------------ updating
     @contextlib.contextmanager
-    def _updating(self) -> Iterator[_State]:
+    def _updating(self) -> Iterator[Generation]:
         """Hold the writer locks, start from the newest generation on disk, and collect garbage after."""
-        with self._write_lock, _file_lock(self.directory):
-            name = _read_current(self.directory)
+        with self._write_lock, file_lock(self.directory):
+            name = read_current(self.directory)
             if name is None:
                 raise ArchiveError(f"archive {self.directory} lost its {CURRENT} file; rebuild it")
             if int(name[len(GEN_PREFIX):]) != self._state.generation:
-                self._state = _load_state(self.directory, name)  # writers hold the lock: no clean-up runs
+                self._state = load_generation(self.directory, name)  # writers hold the lock: no clean-up runs
             yield self._state
-            _collect_garbage(self.directory, self._state)
+            collect_garbage(self.directory, self._state)
 
-    def _publish(self, old: _State, index: Any, vectors: np.ndarray, records: list[ImageRecord], next_id: int) -> None:
-        meta = {**old.meta, "updated": _now()}
-        new = _State(old.generation + 1, index, vectors, records, next_id, meta)
-        _write_generation(self.directory, new, old.generation)
-        new.vectors = np.load(self.directory / _gen_name(new.generation) / "vectors.npy", mmap_mode="r")
+    def _publish(self, old: Generation, index: Any, vectors: np.ndarray, records: list[ImageRecord], next_id: int) -> None:
+        meta = {**old.meta, "updated": utc_now()}
+        new = Generation(old.generation + 1, index, vectors, records, next_id, meta)
+        write_generation(self.directory, new, old.generation)
+        new.vectors = np.load(self.directory / generation_name(new.generation) / "vectors.npy", mmap_mode="r")
         self._state = new
 
     def add(self, paths: Sequence[str | os.PathLike[str]], classes: Sequence[str | None] | None = None,
@@ -765,11 +355,11 @@ class Archive:
         for f in files:
             if not f.is_file():
                 raise ImageReadError(f, file_problem(f) or "no such file")
-        described = [_describe_file(f) for f in files]
+        described = [describe_file(f) for f in files]
         with self._updating() as state:
             return self._add_locked(state, files, labels, described, batch_size, progress, max_pixels)
 
-    def _add_locked(self, state: _State, files: list[Path], labels: list[str | None],
+    def _add_locked(self, state: Generation, files: list[Path], labels: list[str | None],
                     described: list[tuple[int, int, str, int]], batch_size: int, progress: bool,
                     max_pixels: int | None) -> list[ImageRecord]:
         seen = dict(state.id_of_sha)
@@ -792,11 +382,11 @@ class Archive:
             feats.append(self.embed(imgs))
         x = np.concatenate(feats)
         index = copy.copy(state.index)
-        from landlens.retrieval.index import _faiss
+        from landlens.retrieval.index import faiss_module
 
-        index.index_ = _faiss().clone_index(state.index.index_)
+        index.index_ = faiss_module().clone_index(state.index.index_)
         index.add(x)
-        added = _now()
+        added = utc_now()
         new = [ImageRecord(state.next_id + i, str(f.resolve()), f.name, c, w, h, s, n, added)
                for i, (f, c, w, h, s, n) in enumerate(todo)]
         vectors = np.concatenate([np.asarray(state.vectors, dtype=np.float32), x])
@@ -822,7 +412,7 @@ class Archive:
         suffix = UPLOAD_SUFFIXES.get(info.format)
         if suffix is None:
             raise ArchiveError(f"{src}: {info.format} images cannot be stored in an archive")
-        sha, size = _sha256(src)
+        sha, size = sha256_file(src)
         with self._updating() as state:
             if sha in state.id_of_sha:
                 return None
@@ -882,4 +472,4 @@ class Archive:
                 f"backbone={self.backbone_name!r}, index={self.factory!r})")
 
 
-__all__ = ["Archive", "ArchiveError", "ArchiveHit", "ImageRecord", "is_archive"]
+__all__ = ["Archive", "ArchiveError", "ArchiveHit", "ImageRecord", "is_archive", "validate_class_name"]

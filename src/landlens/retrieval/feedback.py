@@ -158,41 +158,12 @@ def rocchio_weights(weights: RocchioWeights | dict[str, Any] | Sequence[float] |
     return RocchioWeights(*values)
 
 
-def index_row_vectors(index: Any, rows: Sequence[int], what: str = "row") -> np.ndarray:
-    """The database vectors (n, dim) of ``rows`` of a
-    :class:`~landlens.retrieval.index.SearchIndex`, read from the feature store it was built
-    from (as the matcher re-ranking of :mod:`landlens.retrieval.index` reads it).
-
-    Raises:
-        FeedbackError: a row outside ``0..ntotal-1``, or the store is gone or no longer
-            matches the index's rows.
-    """
-    from pathlib import Path
-
-    from landlens.features.store import FeatureStore
-
-    n = int(index.ntotal)
-    for r in rows:
-        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 0 <= int(r) < n:
-            raise FeedbackError(f"{what} {r!r}: not a row of the index (rows are 0..{n - 1})")
-    if not rows:
-        return np.zeros((0, int(index.dim_)), dtype=np.float32)
-    store_dir = (index.meta or {}).get("feature_store")
-    if not store_dir or not Path(store_dir).is_dir():
-        raise FeedbackError(f"relevance feedback needs the index's feature store, which is not at {store_dir!r}")
-    fs = FeatureStore(store_dir).load(mmap=True).only_valid()
-    if len(fs) != n or (index.paths_ is not None and list(fs.paths) != list(index.paths_)):
-        raise FeedbackError(f"the feature store {store_dir} no longer matches the index's rows; rebuild the index")
-    return np.asarray(fs.features[[int(r) for r in rows]], dtype=np.float32)
-
-
 __all__ = [
     "ROCCHIO_A",
     "ROCCHIO_B",
     "ROCCHIO_C",
     "FeedbackError",
     "RocchioWeights",
-    "index_row_vectors",
     "rocchio",
     "rocchio_weights",
 ]

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from landlens.errors import LandlensError
 from landlens.features.store import atomic_write_bytes
-from landlens.retrieval.index import QueryResult
+from landlens.retrieval.search import SearchResult
 
 CELL_W_PX = 160
 """Width of one gallery cell (thumbnail plus margins) in pixels."""
@@ -63,8 +63,8 @@ def _short(text: str, limit: int = 22) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
-def render_gallery(results: Sequence[QueryResult], resolve: Callable[[str], Path | None]) -> bytes:
-    """PNG bytes of the gallery of ``results``; ``resolve`` maps a hit's recorded path to its file."""
+def render_gallery(results: Sequence[SearchResult]) -> bytes:
+    """PNG bytes of the gallery of ``results`` (hits drawn from their archive files)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -84,8 +84,8 @@ def render_gallery(results: Sequence[QueryResult], resolve: Callable[[str], Path
         ]
         for hit, rel in zip(res.hits, res.relevant()):
             colour = UNKNOWN_COLOUR if rel is None else (HIT_COLOUR if rel else MISS_COLOUR)
-            cells.append((resolve(hit.path) if hit.path is not None else None,
-                          f"#{hit.rank}  {hit.distance:.3f}", hit.class_name or "?", colour))
+            cells.append((Path(hit.record.path), f"#{hit.rank}  {hit.distance:.3f}", hit.record.class_name or "?",
+                          colour))
         for col in range(k + 1):
             ax = axes[row][col]
             ax.set_xticks([])
@@ -110,13 +110,12 @@ def render_gallery(results: Sequence[QueryResult], resolve: Callable[[str], Path
     return buf.getvalue()
 
 
-def write_gallery(results: Sequence[QueryResult], out: str | Path,
-                  resolve: Callable[[str], Path | None]) -> Path:
+def write_gallery(results: Sequence[SearchResult], out: str | Path) -> Path:
     """Draw the gallery of ``results`` (see module docstring) and write it to ``out`` atomically."""
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise LandlensError(f"{out}: a gallery is written as PNG; give a file name ending in .png")
-    data = render_gallery(results, resolve)
+    data = render_gallery(results)
     atomic_write_bytes(out, data)
     return out
 

@@ -51,10 +51,10 @@ Training (k-means for IVF, sub-quantisers for PQ) uses a seeded random sample of
 ``train_size`` database vectors. HNSW graphs are built with several threads and are not
 bit-for-bit reproducible between runs; the other kinds are, for a given FAISS build.
 
-Search by example image (:func:`search_images`): an index built from a feature store
-(:func:`build_index_from_store`) records the store's extractor, so :func:`backbone_for_index`
-rebuilds that backbone (same weights digest and preprocessing, checked), query images are
-decoded and embedded as the archive was, and each hit comes back with its path and class.
+An index built from a feature store (:func:`build_index_from_store`) records the store's
+extractor in its ``meta``, so queries can be embedded as the database was
+(:mod:`landlens.retrieval.extractor`). The persistent, searchable object users hold is the
+:class:`~landlens.retrieval.archive.Archive`, which keeps a :class:`SearchIndex` inside.
 
 An index is saved as a folder holding ``index.faiss`` (``faiss.write_index``) and
 ``index.json`` (kind, factory string, metric, dimension, size, settings, the caller's
@@ -70,7 +70,6 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -135,7 +134,7 @@ def default_pq_m(dim: int) -> int:
     return best
 
 
-def _faiss():
+def faiss_module():  # noqa: ANN201 - the faiss module, imported on first use
     import faiss
 
     return faiss
@@ -254,7 +253,7 @@ class SearchIndex:
                 raise SearchIndexError(f"{what}: {int(zero.sum())} all-zero row(s) (first at row "
                                        f"{offset + int(np.flatnonzero(zero)[0])}) have no cosine distance; "
                                        f"drop them or use metric='euclidean'")
-            _faiss().normalize_L2(x)
+            faiss_module().normalize_L2(x)
         return x
 
     def resolve_kind(self, n: int) -> str:
@@ -311,7 +310,7 @@ class SearchIndex:
         for name, values in (("paths", paths), ("labels", labels)):
             if values is not None and len(values) != n:
                 raise SearchIndexError(f"{len(values)} {name} for {n} vectors")
-        faiss = _faiss()
+        faiss = faiss_module()
         factory = self.factory_string(n, dim)
         kind = self.resolve_kind(n)
         t0 = time.perf_counter()
@@ -371,7 +370,7 @@ class SearchIndex:
         return self
 
     def _configure_build(self, index: Any) -> None:
-        faiss = _faiss()
+        faiss = faiss_module()
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None:
             ivf.cp.seed = int(self.seed)
@@ -391,7 +390,7 @@ class SearchIndex:
 
     def _train(self, index: Any, x: np.ndarray, factory: str) -> int:
         n = x.shape[0]
-        ivf = _faiss().try_extract_index_ivf(index)
+        ivf = faiss_module().try_extract_index_ivf(index)
         nlist = int(ivf.nlist) if ivf is not None else 1
         cap = self.train_size if self.train_size is not None else max(TRAIN_PER_LIST * nlist, 65536)
         need = max(nlist, 256 if "PQ" in factory.upper() else 1)
@@ -429,7 +428,7 @@ class SearchIndex:
             raise SearchIndexError("the search index is empty: fit it on database vectors first")
 
     def _apply_search_params(self) -> None:
-        faiss = _faiss()
+        faiss = faiss_module()
         ivf = faiss.try_extract_index_ivf(self.index_)
         if ivf is not None:
             ivf.nprobe = int(min(self.nprobe, ivf.nlist))
@@ -486,7 +485,7 @@ class SearchIndex:
     def index_bytes(self) -> int:
         """Size of the serialised FAISS index in bytes (its memory footprint, to a few %)."""
         self._check_fitted()
-        return int(_faiss().serialize_index(self.index_).nbytes)
+        return int(faiss_module().serialize_index(self.index_).nbytes)
 
     def describe(self) -> dict[str, Any]:
         """What ``index.json`` records (without the row paths and labels)."""
@@ -527,7 +526,7 @@ class SearchIndex:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         try:
-            _faiss().write_index(self.index_, str(tmp / INDEX_FILE))
+            faiss_module().write_index(self.index_, str(tmp / INDEX_FILE))
             doc = self.describe()
             doc["paths"] = self.paths_
             doc["labels"] = [int(v) for v in self.labels_] if self.labels_ is not None else None
@@ -558,7 +557,7 @@ class SearchIndex:
         if doc.get("format") != FORMAT_VERSION:
             raise SearchIndexError(f"search index {d} has format {doc.get('format')}, expected {FORMAT_VERSION}")
         try:
-            index = _faiss().read_index(str(d / INDEX_FILE))
+            index = faiss_module().read_index(str(d / INDEX_FILE))
         except RuntimeError as exc:
             raise SearchIndexError(f"search index {d}: cannot read {INDEX_FILE}: {_faiss_reason(exc)}") from None
         if int(index.ntotal) != int(doc["ntotal"]) or int(index.d) != int(doc["dim"]):
@@ -586,7 +585,7 @@ class SearchIndex:
 
 def _hnsw_of(index: Any) -> Any | None:
     """The ``faiss.HNSW`` graph inside ``index`` (directly or under a refine wrapper), if any."""
-    faiss = _faiss()
+    faiss = faiss_module()
     idx = faiss.downcast_index(index)
     for _ in range(3):
         if hasattr(idx, "hnsw"):
@@ -637,350 +636,15 @@ def build_index_from_store(store_dir: str | Path, kind: str = "auto", metric: st
                      classes=valid.classes)
 
 
-# --------------------------------------------------------------------------- search by example image
-
-
-@dataclass
-class Hit:
-    """One search result: database row, distance and what the row is."""
-
-    rank: int
-    row: int
-    distance: float
-    path: str | None
-    label: int | None
-    class_name: str | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "row": self.row, "distance": self.distance, "path": self.path,
-                "label": self.label, "class": self.class_name}
-
-
-@dataclass
-class QueryResult:
-    """The hits of one query image, nearest first.
-
-    ``query_class`` is the query's class when known (the query is an image of the indexed
-    archive, or the caller named it); a hit is relevant when its class equals it.
-    """
-
-    query: str
-    query_class: str | None
-    hits: list[Hit] = field(default_factory=list)
-    archive_row: int | None = None
-
-    def relevant(self) -> list[bool | None]:
-        """Per hit: same class as the query (``None`` when the query's class is unknown)."""
-        if self.query_class is None:
-            return [None] * len(self.hits)
-        return [h.class_name == self.query_class for h in self.hits]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"query": self.query, "query_class": self.query_class, "archive_row": self.archive_row,
-                "hits": [{**h.to_dict(), "relevant": r} for h, r in zip(self.hits, self.relevant())]}
-
-
-def _identity(index: SearchIndex) -> dict[str, Any]:
-    ident = index.meta.get("identity")
-    if not ident or "weights_digest" not in ident:
-        raise SearchIndexError(
-            "this index records no feature extractor (it was not built from a feature store); "
-            "search it with vectors, not images"
-        )
-    return ident
-
-
-def _weights_argument(recorded: dict[str, Any]) -> str:
-    """The ``create_backbone`` weights argument that reloads recorded weights."""
-    source, ref = recorded.get("source"), str(recorded.get("ref") or "")
-    if source == "package":
-        return "package"
-    if source == "builtin":  # hand-crafted descriptors: nothing to load
-        return "auto"
-    if source == "run":  # a trained run directory: its location, pinned to the recorded digest
-        from landlens.models.classifier import run_weights_argument
-
-        return run_weights_argument(ref, recorded.get("digest"))
-    if source == "file":
-        return ref
-    if source == "hub":
-        family, _, name = ref.partition("/")  # 'timm/arch.tag' or 'torchvision/arch.WEIGHTS'
-        return "hub:" + (name.split(".", 1)[1] if family == "torchvision" and "." in name else name)
-    raise SearchIndexError(
-        f"the index's features come from a backbone with weights {source!r} ({ref}); they cannot be "
-        f"rebuilt to embed queries: extract the features with saved weights (a checkpoint file, "
-        f"packaged or hub weights) and index them again"
-    )
-
-
-def check_backbone(index: SearchIndex, backbone: Any) -> None:
-    """Refuse a backbone whose features are not those the index holds: another architecture,
-    other weights (digest), other preprocessing or another feature length."""
-    ident = _identity(index)
-    recorded_w = index.meta.get("backbone", {}).get("weights", {})
-    got = {"backbone": backbone.name, "weights_digest": backbone.weights.digest,
-           "preprocessing": backbone.preprocessing.to_dict(), "num_features": backbone.num_features}
-    want = {"backbone": ident.get("backbone"), "weights_digest": ident.get("weights_digest"),
-            "preprocessing": ident.get("preprocessing"), "num_features": index.dim_}
-    diffs = [key for key in want if want[key] != got[key]]
-    if diffs:
-        def show(d: dict[str, Any], w: dict[str, Any] | None) -> str:
-            where = f" ({w.get('source')}: {w.get('ref')})" if w else ""
-            parts = {"backbone": f"{d['backbone']}{where}",
-                     "weights_digest": f"weights digest {str(d['weights_digest'])[:16]}",
-                     "preprocessing": f"preprocessing {json.dumps(d['preprocessing'], sort_keys=True)}",
-                     "num_features": f"{d['num_features']}-d features"}
-            return ", ".join(parts[k] for k in ["backbone", *[k for k in diffs if k != "backbone"]])
-
-        raise SearchIndexError(f"index was built with {show(want, recorded_w)}; this backbone gives "
-                               f"{show(got, backbone.weights.to_dict())}")
-
-
-def backbone_for_index(index: SearchIndex, weights: str | None = None) -> Any:
-    """Rebuild the feature extractor recorded in an index built by :func:`build_index_from_store`.
-
-    The weights are reloaded from where the store says they came from (the packaged file, the
-    checkpoint path, or the hub tag), or from ``weights`` (any ``create_backbone`` weights
-    argument, e.g. a checkpoint that moved); the recorded preprocessing is applied, and the
-    result must have the recorded weights digest (:func:`check_backbone`).
-    """
-    from landlens.models.preprocessing import Preprocessing
-    from landlens.models.registry import create_backbone
-
-    ident = _identity(index)
-    recorded = index.meta.get("backbone", {}).get("weights", {})
-    arg = weights if weights is not None else _weights_argument(recorded)
-    try:
-        pre = Preprocessing.from_dict(ident["preprocessing"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SearchIndexError(f"the index records an unusable preprocessing: {first_line(exc)}") from None
-    try:
-        bb = create_backbone(ident["backbone"], arg, preprocessing=pre)
-    except LandlensError as exc:
-        raise type(exc)(f"{exc} (rebuilding the backbone of the index, whose weights came from "
-                        f"{recorded.get('source')}: {recorded.get('ref')}; pass other weights to point at them)") from None
-    check_backbone(index, bb)
-    return bb
-
-
-def decode_queries(index: SearchIndex, paths: Sequence[str | Path], *, max_pixels: int | None = None) -> list[Any]:
-    """Decode query images to RGB exactly as the indexed features were decoded (same JPEG draft
-    size and band choice), ready for the backbone's preprocessing.
-
-    Raises:
-        ImageReadError: a query that is missing or not a readable image, or larger than
-            ``max_pixels`` (default :data:`~landlens.data.io.DEFAULT_MAX_PIXELS`), naming the file.
-    """
-    from landlens.data.io import DEFAULT_MAX_PIXELS
-    from landlens.models.preprocessing import Preprocessing, decode_image
-
-    ident = _identity(index)
-    pre = Preprocessing.from_dict(ident["preprocessing"])
-    bands = ident.get("rgb_bands")
-    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
-    return [decode_image(p, pre, rgb_bands=bands, max_pixels=limit) for p in paths]
-
-
-def _index_features(index: SearchIndex) -> Any:
-    """The index's feature store, loaded, with exactly the index's rows (else one clear error)."""
-    from landlens.features.store import FeatureStore
-
-    store_dir = (index.meta or {}).get("feature_store")
-    if not store_dir or not Path(store_dir).is_dir():
-        raise SearchIndexError(f"re-ranking needs the index's feature store, which is not at {store_dir!r}")
-    fs = FeatureStore(store_dir).load().only_valid()
-    if len(fs) != index.ntotal or (index.paths_ is not None and list(fs.paths) != list(index.paths_)):
-        raise SearchIndexError(f"the feature store {store_dir} no longer matches the index's rows; rebuild the index")
-    return fs
-
-
-def _rerank_unsupervised(index: SearchIndex, feats: np.ndarray, k: int, spec: str,
-                         query_rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` best rows of each query after an unsupervised re-ranking of the whole archive
-    (:mod:`landlens.retrieval.rerank`, fitted on the index's features; no labels)."""
-    from landlens.retrieval.rerank import make_reranker
-
-    if index.metric != "cosine":
-        raise SearchIndexError(f"--rerank ranks by cosine similarity; this index uses {index.metric}")
-    rr = make_reranker(spec).fit(_index_features(index).features)
-    return rr.rerank(feats, k, query_rows=np.asarray(query_rows, dtype=np.int64))
-
-
-def _rerank_with_matcher(index: SearchIndex, feats: np.ndarray, k: int, matcher: str | Path,
-                         shortlist: int) -> tuple[np.ndarray, np.ndarray]:
-    """The index's ``shortlist`` nearest rows of each query, re-ranked by a matching discriminator."""
-    import torch
-
-    from landlens.retrieval.distances import get_distance
-
-    fs = _index_features(index)
-    ident = (fs.meta or {}).get("identity") or {}
-    identity = {key: ident[key] for key in ("backbone", "weights_digest", "preprocessing") if ident.get(key) is not None}
-    identity["dim"] = int(fs.features.shape[1])
-    dist_fn = get_distance("learned", model=matcher, features=identity)
-    n = min(shortlist, index.ntotal)
-    _, cand = index.search(feats, n)
-    out_d = np.full((len(feats), k), np.inf, dtype=np.float32)
-    out_r = np.full((len(feats), k), -1, dtype=np.int64)
-    for qi in range(len(feats)):
-        rows = cand[qi][cand[qi] >= 0]
-        if len(rows) == 0:
-            continue
-        d = dist_fn(torch.from_numpy(np.ascontiguousarray(feats[qi:qi + 1], dtype=np.float32)),
-                    torch.from_numpy(np.ascontiguousarray(fs.features[rows], dtype=np.float32)))[0].numpy()
-        order = np.argsort(d, kind="stable")[:k]
-        out_d[qi, :len(order)] = d[order]
-        out_r[qi, :len(order)] = rows[order]
-    return out_d, out_r
-
-
-def embed_images(backbone: Any, images: Sequence[Any], batch_size: int = 32,
-                 forward: Any = None) -> np.ndarray:
-    """Backbone features (n, num_features) of RGB PIL images, under the backbone's preprocessing.
-
-    ``forward``: a prepared graph of the backbone
-    (:func:`landlens.features.extract.optimize_for_inference`) to run instead of eager mode; it
-    gets channels-last batches, the layout it was prepared for.
-    """
-    import torch
-
-    from landlens.models.preprocessing import preprocess_images
-
-    model = backbone.eval() if forward is None else forward
-    out = []
-    with torch.inference_mode():
-        for s in range(0, len(images), batch_size):
-            x = preprocess_images(list(images[s:s + batch_size]), backbone.preprocessing)
-            if forward is not None:
-                x = x.contiguous(memory_format=torch.channels_last)
-            out.append(model(x).float().flatten(1).numpy())
-    return np.concatenate(out) if out else np.zeros((0, backbone.num_features), np.float32)
-
-
-def archive_root(index: SearchIndex) -> Path | None:
-    """The folder the indexed paths are relative to (the feature store's dataset root)."""
-    root = index.meta.get("dataset", {}).get("root")
-    return Path(root) if root else None
-
-
-def archive_row(index: SearchIndex, path: str | Path) -> int | None:
-    """The database row of ``path`` when it is an image of the indexed archive, else ``None``."""
-    root = archive_root(index)
-    if root is None or not index.paths_:
-        return None
-    try:
-        rel = Path(path).resolve().relative_to(root.resolve()).as_posix()
-    except (ValueError, OSError):
-        return None
-    rows = getattr(index, "_row_of_path", None)
-    if rows is None:
-        rows = {p: i for i, p in enumerate(index.paths_)}
-        index._row_of_path = rows  # type: ignore[attr-defined]
-    return rows.get(rel)
-
-
-def search_images(index: SearchIndex, backbone: Any, paths: Sequence[str | Path], k: int = 10, *,
-                  query_classes: Sequence[str | None] | None = None,
-                  images: Sequence[Any] | None = None, matcher: str | Path | None = None,
-                  shortlist: int = 100, rerank: str | None = None) -> list[QueryResult]:
-    """Search the index with query images: decode, embed with ``backbone``, find the ``k``
-    nearest database rows of each.
-
-    Args:
-        index: an index built by :func:`build_index_from_store`.
-        backbone: the index's feature extractor (:func:`backbone_for_index`); checked.
-        paths: query image files.
-        k: hits per query.
-        query_classes: the class of each query (``None`` entries: unknown), for queries from
-            outside the archive; a query inside the archive takes its recorded class.
-        images: the decoded queries if the caller already has them (:func:`decode_queries`).
-        matcher: a trained matching discriminator (``landlens matching train-dml``) on this index's
-            features: the index's ``shortlist`` nearest rows are re-ranked by match probability
-            (distance ``1 - P(match)``); it refuses features other than those it was trained on.
-        shortlist: rows re-ranked per query with ``matcher`` (at least ``k``).
-        rerank: an unsupervised re-ranking spec (:func:`landlens.retrieval.rerank.make_reranker`,
-            e.g. ``"aqe+diffusion"``): fitted on the index's features (no labels), it ranks the
-            whole archive for each query (a query that is an archive image uses its own node).
-    """
-    check_backbone(index, backbone)
-    index.check_k(k)
-    if query_classes is not None:
-        if len(query_classes) != len(paths):
-            raise SearchIndexError(f"{len(query_classes)} query classes for {len(paths)} queries")
-        known = set(index.classes_ or [])
-        for c in query_classes:
-            if c is not None and c not in known:
-                raise SearchIndexError(f"query class {c!r} is not a class of this index "
-                                       f"({', '.join(sorted(known)) or 'it has no classes'})")
-    imgs = list(images) if images is not None else decode_queries(index, paths)
-    feats = embed_images(backbone, imgs)
-    own = [archive_row(index, p) for p in paths]
-    dist, rows = search_features(index, feats, k, matcher=matcher, shortlist=shortlist, rerank=rerank,
-                                 query_rows=[-1 if r is None else r for r in own])
-    results = []
-    for qi, p in enumerate(paths):
-        row = own[qi]
-        qclass = query_classes[qi] if query_classes is not None else None
-        if qclass is None and row is not None:
-            qclass = row_class(index, row)
-        results.append(QueryResult(str(p), qclass, index_hits(index, dist[qi], rows[qi]), row))
-    return results
-
-
-def search_features(index: SearchIndex, feats: np.ndarray, k: int, *, matcher: str | Path | None = None,
-                    shortlist: int = 100, rerank: str | None = None,
-                    query_rows: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(distances, rows)``, both ``(nq, k)``, of query features: the index's nearest rows, or
-    the discriminator's re-ranking of a shortlist (``matcher``), or an unsupervised re-ranking
-    of the whole archive (``rerank``; ``query_rows``: each query's own archive row or -1)."""
-    if matcher is not None and rerank is not None:
-        raise SearchIndexError("a matching discriminator and an unsupervised re-ranking cannot be combined; choose one")
-    if matcher is not None:
-        return _rerank_with_matcher(index, feats, k, matcher, max(int(shortlist), k))
-    if rerank is not None:
-        rows = [-1] * len(feats) if query_rows is None else list(query_rows)
-        return _rerank_unsupervised(index, feats, k, rerank, rows)
-    return index.search(feats, k)
-
-
-def index_hits(index: SearchIndex, dist: np.ndarray, rows: np.ndarray) -> list[Hit]:
-    """One query's ranked :class:`Hit` list from its row of distances and index rows."""
-    return [Hit(rank=r + 1, row=int(i), distance=float(d),
-                path=index.paths_[i] if index.paths_ is not None and i >= 0 else None,
-                label=int(index.labels_[i]) if index.labels_ is not None and i >= 0 else None,
-                class_name=row_class(index, int(i)) if i >= 0 else None)
-            for r, (d, i) in enumerate(zip(dist, rows))]
-
-
-def row_class(index: SearchIndex, row: int) -> str | None:
-    """The class name of an index row (``None`` when the index holds no labels)."""
-    if index.labels_ is None:
-        return None
-    label = int(index.labels_[row])
-    classes = index.classes_ or []
-    return classes[label] if 0 <= label < len(classes) else str(label)
-
-
 __all__ = [
     "AUTO_EXACT_MAX",
     "AUTO_LARGE_KIND",
     "KINDS",
     "METRICS",
-    "Hit",
-    "QueryResult",
     "SearchIndex",
     "SearchIndexError",
-    "archive_root",
-    "archive_row",
-    "backbone_for_index",
     "build_index_from_store",
-    "check_backbone",
-    "decode_queries",
     "default_nlist",
     "default_pq_m",
-    "embed_images",
-    "index_hits",
-    "row_class",
-    "search_features",
-    "search_images",
+    "faiss_module",
 ]
