@@ -163,13 +163,13 @@ def train_dml_cmd(config: Path | None, sets: tuple[str, ...], resume: bool, no_p
     used unless given), or the pooled features of --backbone. Writes the discriminator, with
     the identity of its features, and results.json with the validation and test pair accuracy.
     """
-    from landlens.matching.config import load_matching_config, load_matching_run_config
+    from landlens.config import read_config_file
+    from landlens.matching.config import apply_matching_overrides, load_matching_config, load_matching_run_config
     from landlens.matching.train import SPLIT_FILE, train_dml
-    from landlens.training.config import apply_overrides, read_config_file
 
     path = _config_path(config)
     overrides = _overrides(sets, **shortcuts)
-    raw = apply_overrides(read_config_file(path) if path is not None else {}, overrides)
+    raw = apply_matching_overrides(read_config_file(path) if path is not None else {}, overrides)
     ae = (raw.get("features") or {}).get("ae")
     base = None
     if ae and (Path(ae) / SPLIT_FILE).is_file() and (Path(ae) / "config.json").is_file():
