@@ -6,7 +6,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import click
 
@@ -44,6 +44,13 @@ def backbone_options(f):
     f = click.option("--backbone", "-b", default="tf_efficientnet_lite0", show_default=True,
                      help="backbone name (`landlens models list`) or any timm model name")(f)
     return f
+
+
+def shortcut_overrides(keys: dict[str, str], sets: Sequence[str], **shortcuts: Any) -> list[str]:
+    """Shortcut options (``--lr 0.01``) as ``section.key=value`` overrides (``keys``: option -> config key),
+    followed by the ``--set`` ones, which therefore win."""
+    out = [f"{keys[k]}={v if isinstance(v, str) else json.dumps(v)}" for k, v in shortcuts.items() if v is not None]
+    return out + list(sets)
 
 
 def make_backbone(backbone: str, weights: str, input_size: int | None, resize_mode: str | None):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 
-from landlens.cli.common import OneLineErrorGroup, command_line, echo_json, write_json
+from landlens.cli.common import OneLineErrorGroup, command_line, echo_json, shortcut_overrides, write_json
 
 _SHORTCUTS = {  # option -> config key
     "data_path": "data.path", "dataset": "data.dataset", "split": "data.split", "input_size": "data.input_size",
@@ -19,9 +18,7 @@ _SHORTCUTS = {  # option -> config key
 
 
 def _overrides(sets: tuple[str, ...], **shortcuts: Any) -> list[str]:
-    out = [f"{_SHORTCUTS[k]}={json.dumps(v) if not isinstance(v, str) else v}"
-           for k, v in shortcuts.items() if v is not None]
-    return out + list(sets)
+    return shortcut_overrides(_SHORTCUTS, sets, **shortcuts)
 
 
 _COMMON = [
