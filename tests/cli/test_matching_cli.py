@@ -141,3 +141,15 @@ def test_retrieval_evaluate_ranks_with_a_discriminator(tmp_path):
         assert [h["distance"] for h in hits] == pytest.approx(sorted(d.tolist())[:5], abs=1e-5)
     finally:
         torch.set_num_threads(before)
+
+
+def test_bad_config_values_are_one_line(tmp_path):
+    res = CliRunner().invoke(matching, ["pretrain-ae", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+                                        "--set", "ae.widths=[4,8]"])
+    assert res.exit_code == 2
+    assert res.output == "landlens: error: ae.widths=[4,8]: expected a list of 3 integers\n"
+    res = CliRunner().invoke(matching, ["train-dml", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+                                        "--set", "model.backbone=resnet18"])
+    assert res.exit_code == 2
+    assert res.output == ("landlens: error: unknown section 'model': did you mean features.backbone? "
+                          "(sections: data, ae, dml, features, optim, pairs, trainer, out)\n")

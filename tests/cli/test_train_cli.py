@@ -125,3 +125,26 @@ def test_grid_writes_one_table(trained):
     assert {(r["optim.lr"], r["trainer.epochs"]) for r in rows} == {(0.01, 1), (0.01, 2), (0.001, 1), (0.001, 2)}
     assert [r["epochs_run"] for r in rows if r["trainer.epochs"] == 2] == [2, 2]
     assert "| lr |" not in res.output and "OA %" in res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "data.split=[1,2]"], "data.split=[1,2]: expected text, got a list"),
+    (["--set", "data.verify=maybe"], "data.verify=maybe: expected true or false"),
+    (["--set", "optim.lrr=0.1"], "unknown key optim.lrr: did you mean optim.lr?"),
+    (["--set", "optim.schedule=linear"], "optim.schedule=linear is not one of none, step, cosine, plateau"),
+    (["--epochs", "0"], "trainer.epochs=0: expected an integer >= 1"),
+])
+def test_bad_config_values_are_one_line(tmp_path, args, message):
+    res = CliRunner().invoke(cli, ["train", "run", "--data", str(tmp_path), "--out", str(tmp_path / "r"), *args])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith(f"landlens: error: {message}") and res.output.count("\n") == 1, res.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_bad_key_in_a_config_file_is_one_line(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data: {path: /d}\nmodel: {backbone: 100000}\n")
+    res = CliRunner().invoke(cli, ["train", "run", str(f)])
+    assert res.exit_code == 2
+    assert res.output == (f"landlens: error: {f}: model.backbone=100000: expected text "
+                          "(write it in quotes to mean the text)\n")

@@ -6,7 +6,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import click
 
@@ -61,6 +61,13 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def shortcut_overrides(keys: dict[str, str], sets: Sequence[str], **shortcuts: Any) -> list[str]:
+    """Shortcut options (``--lr 0.01``) as ``section.key=value`` overrides (``keys``: option -> config key),
+    followed by the ``--set`` ones, which therefore win."""
+    out = [f"{keys[k]}={v if isinstance(v, str) else json.dumps(v)}" for k, v in shortcuts.items() if v is not None]
+    return out + list(sets)
 
 
 def make_backbone(backbone: str, weights: str, input_size: int | None, resize_mode: str | None):

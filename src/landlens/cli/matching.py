@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 
-from landlens.cli.common import OneLineErrorGroup, command_line, echo_json, write_json
+from landlens.cli.common import OneLineErrorGroup, command_line, echo_json, shortcut_overrides, write_json
 
 _SHORTCUTS = {  # option -> config key
     "data_path": "data.path", "dataset": "data.dataset", "split": "data.split", "input_size": "data.input_size",
@@ -19,9 +18,7 @@ _SHORTCUTS = {  # option -> config key
 
 
 def _overrides(sets: tuple[str, ...], **shortcuts: Any) -> list[str]:
-    out = [f"{_SHORTCUTS[k]}={json.dumps(v) if not isinstance(v, str) else v}"
-           for k, v in shortcuts.items() if v is not None]
-    return out + list(sets)
+    return shortcut_overrides(_SHORTCUTS, sets, **shortcuts)
 
 
 _COMMON = [
@@ -163,13 +160,13 @@ def train_dml_cmd(config: Path | None, sets: tuple[str, ...], resume: bool, no_p
     used unless given), or the pooled features of --backbone. Writes the discriminator, with
     the identity of its features, and results.json with the validation and test pair accuracy.
     """
-    from landlens.matching.config import load_matching_config, load_matching_run_config
+    from landlens.config import read_config_file
+    from landlens.matching.config import apply_matching_overrides, load_matching_config, load_matching_run_config
     from landlens.matching.train import SPLIT_FILE, train_dml
-    from landlens.training.config import apply_overrides, read_config_file
 
     path = _config_path(config)
     overrides = _overrides(sets, **shortcuts)
-    raw = apply_overrides(read_config_file(path) if path is not None else {}, overrides)
+    raw = apply_matching_overrides(read_config_file(path) if path is not None else {}, overrides)
     ae = (raw.get("features") or {}).get("ae")
     base = None
     if ae and (Path(ae) / SPLIT_FILE).is_file() and (Path(ae) / "config.json").is_file():

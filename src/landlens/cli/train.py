@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from landlens.cli.common import OneLineErrorGroup, command_line, echo_json
+from landlens.cli.common import OneLineErrorGroup, command_line, echo_json, shortcut_overrides
+from landlens.training.config import AUGMENTS, CLASSIFICATION_LOSSES, HEADS, STRATEGIES
 
 _SHORTCUTS = {  # option -> config key
     "data_path": "data.path", "dataset": "data.dataset", "split": "data.split", "backbone": "model.backbone",
@@ -18,11 +19,7 @@ _SHORTCUTS = {  # option -> config key
 
 
 def _overrides(sets: tuple[str, ...], **shortcuts) -> list[str]:
-    import json
-
-    out = [f"{_SHORTCUTS[k]}={json.dumps(v) if not isinstance(v, str) else v}"
-           for k, v in shortcuts.items() if v is not None]
-    return out + list(sets)
+    return shortcut_overrides(_SHORTCUTS, sets, **shortcuts)
 
 
 def _config_options(f):
@@ -32,10 +29,10 @@ def _config_options(f):
         ("split", "--split", str, "ratios such as 80/20 or 70/20/10, or a split manifest (data.split)"),
         ("backbone", "--backbone", str, "backbone name (model.backbone)"),
         ("weights", "--weights", str, "auto | package | hub | none | PATH (model.weights)"),
-        ("strategy", "--strategy", click.Choice(["linear", "partial", "full"]), "transfer strategy (model.strategy)"),
-        ("head", "--head", click.Choice(["linear", "mlp", "se"]), "classification head (model.head)"),
-        ("loss", "--loss", click.Choice(["ce", "nll", "label_smoothing", "ice"]), "loss (loss.name)"),
-        ("augment", "--augment", str, "none | crop-flip | colour | geometric | dihedral (data.augment)"),
+        ("strategy", "--strategy", click.Choice(STRATEGIES), "transfer strategy (model.strategy)"),
+        ("head", "--head", click.Choice(HEADS), "classification head (model.head)"),
+        ("loss", "--loss", click.Choice(CLASSIFICATION_LOSSES), "loss (loss.name)"),
+        ("augment", "--augment", str, f"{' | '.join(AUGMENTS)} (data.augment)"),
         ("epochs", "--epochs", int, "maximum epochs (trainer.epochs)"),
         ("lr", "--lr", float, "learning rate (optim.lr)"),
         ("batch_size", "--batch-size", int, "batch size (data.batch_size)"),

@@ -5,11 +5,12 @@ Network for Remote Sensing Image Matching". The defaults follow the paper's opti
 SGD with an initial learning rate of 0.001, the rate multiplied by 0.2 when the validation
 loss stops improving, and early stopping after 10 epochs without improvement.
 
-A :class:`MatchingConfig` is read like a classification config
-(:mod:`landlens.training.config`): a YAML or JSON file of sections, then
-``section.key=value`` overrides (``optim.lr=0.01``, ``ae.widths=[4,8,8]``, ``out=runs/m``).
-Unknown sections or keys and invalid values raise :class:`~landlens.errors.ConfigError`
-naming the key. Sections:
+A :class:`MatchingConfig` is read like a classification config (both are
+:class:`~landlens.config.RunConfig` models): a YAML or JSON file of sections, then
+``section.key=value`` overrides read by the key's type (``optim.lr=0.01``,
+``ae.widths=[4,8,8]``, ``out=runs/m``). Unknown sections or keys and invalid values raise
+:class:`~landlens.errors.ConfigError`, one line naming the key, the value and what it accepts.
+Sections:
 
 ``data``
     ``path`` (image folder; for pre-training any folder, searched recursively), ``dataset``
@@ -42,56 +43,56 @@ naming the key. Sections:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence, get_args
 
+from pydantic import BeforeValidator, Field
+
+from landlens.config import RunConfig, Section, int_as_text, merge_config_dicts
 from landlens.errors import ConfigError, LandlensError, first_line
-from landlens.matching.networks import KINDS, AEConfig
-from landlens.training.config import _choice, _coerce, apply_overrides, read_config_file
+from landlens.matching.networks import AEConfig
 
-MATCH_OPTIMIZERS = ("sgd", "adam")
-MATCH_PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed")
+Kind = Literal["resdyad", "res"]  # landlens.matching.networks.KINDS
+MatchOptimizer = Literal["sgd", "adam"]
+MatchPrecision = Annotated[Literal["32", "32-true", "16-mixed", "bf16-mixed"], BeforeValidator(int_as_text)]
+
+MATCH_OPTIMIZERS: tuple[str, ...] = get_args(MatchOptimizer)
+MATCH_PRECISIONS: tuple[str, ...] = get_args(get_args(MatchPrecision)[0])
 
 
-@dataclass
-class MatchDataConfig:
+class MatchDataConfig(Section):
     """Images and how they are divided and fed (see the module docstring)."""
 
     path: str = ""
     dataset: str | None = None
     split: str = "80/20"
     seed: int = 0
-    input_size: int = 64
-    resize_mode: str = "squash"
-    batch_size: int = 32
-    num_workers: int = 2
-    val_fraction: float = 0.1
+    input_size: int = Field(64, ge=1)
+    resize_mode: Literal["crop", "squash"] = "squash"
+    batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(2, ge=0)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
 
 
-@dataclass
-class AESection:
+class AESection(Section):
     """Autoencoder architecture (:class:`~landlens.matching.networks.AEConfig` less the input
     side, which is ``data.input_size``) and the run it starts from."""
 
-    kind: str = "resdyad"
-    widths: list[int] = field(default_factory=lambda: [32, 64, 128])
-    latent_channels: int = 512
+    kind: Kind = "resdyad"
+    widths: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=3, max_length=3)
+    latent_channels: int = Field(512, ge=1)
     init: str | None = None
 
 
-@dataclass
-class DMLSection:
+class DMLSection(Section):
     """Discriminator architecture: ``kind`` (``resdyad`` or ``res``) and ``width``."""
 
-    kind: str = "resdyad"
-    width: int = 128
+    kind: Kind = "resdyad"
+    width: int = Field(128, ge=1)
 
 
-@dataclass
-class FeaturesSection:
+class FeaturesSection(Section):
     """The features a discriminator is trained on: an autoencoder run, or a backbone."""
 
     ae: str | None = None
@@ -100,61 +101,49 @@ class FeaturesSection:
     cache_dir: str = "runs/features"
 
 
-@dataclass
-class MatchOptimConfig:
+class MatchOptimConfig(Section):
     """Optimiser, plateau schedule and early stopping (paper: SGD, 0.001, x0.2, 10 epochs)."""
 
-    name: str = "sgd"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    plateau_factor: float = 0.2
-    plateau_patience: int = 5
-    epochs: int = 100
-    patience: int | None = 10
+    name: MatchOptimizer = "sgd"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    plateau_factor: float = Field(0.2, gt=0, lt=1)
+    plateau_patience: int = Field(5, ge=0)
+    epochs: int = Field(100, ge=1)
+    patience: int | None = Field(10, ge=1)
 
 
-@dataclass
-class PairsConfig:
+class PairsConfig(Section):
     """Pair sampling of discriminator training."""
 
-    per_epoch: int = 10000
-    positive_fraction: float = 0.5
-    val_pairs: int = 2000
+    per_epoch: int = Field(10000, ge=2)
+    positive_fraction: float = Field(0.5, gt=0, lt=1)
+    val_pairs: int = Field(2000, ge=0)
     seed: int = 0
 
 
-@dataclass
-class MatchTrainerConfig:
+class MatchTrainerConfig(Section):
     """How Lightning runs the loop."""
 
     seed: int = 0
     accelerator: str = "auto"
-    devices: Any = 1
-    precision: str = "32-true"
-    log_every_n_steps: int = 10
+    devices: int | list[int] | str = 1
+    precision: MatchPrecision = "32-true"
+    log_every_n_steps: int = Field(10, ge=1)
 
 
-_SECTIONS: dict[str, type] = {"data": MatchDataConfig, "ae": AESection, "dml": DMLSection,
-                              "features": FeaturesSection, "optim": MatchOptimConfig, "pairs": PairsConfig,
-                              "trainer": MatchTrainerConfig}
-
-
-@dataclass
-class MatchingConfig:
+class MatchingConfig(RunConfig):
     """One matching run: data, autoencoder, discriminator, features, optimiser, pairs, trainer, output."""
 
-    data: MatchDataConfig = field(default_factory=MatchDataConfig)
-    ae: AESection = field(default_factory=AESection)
-    dml: DMLSection = field(default_factory=DMLSection)
-    features: FeaturesSection = field(default_factory=FeaturesSection)
-    optim: MatchOptimConfig = field(default_factory=MatchOptimConfig)
-    pairs: PairsConfig = field(default_factory=PairsConfig)
-    trainer: MatchTrainerConfig = field(default_factory=MatchTrainerConfig)
+    data: MatchDataConfig = Field(default_factory=MatchDataConfig)
+    ae: AESection = Field(default_factory=AESection)
+    dml: DMLSection = Field(default_factory=DMLSection)
+    features: FeaturesSection = Field(default_factory=FeaturesSection)
+    optim: MatchOptimConfig = Field(default_factory=MatchOptimConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    trainer: MatchTrainerConfig = Field(default_factory=MatchTrainerConfig)
     out: str = "runs/matching/run"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     def ae_config(self) -> AEConfig:
         """The :class:`AEConfig` of the ``ae`` section at ``data.input_size`` (RGB input)."""
@@ -166,40 +155,8 @@ class MatchingConfig:
         except TypeError as exc:
             raise ConfigError(f"ae: {first_line(exc)}") from None
 
-    def validate(self) -> "MatchingConfig":
-        """Check every value that can be checked without touching data or models."""
-        d, o, p, t = self.data, self.optim, self.pairs, self.trainer
-        _choice("optim.name", o.name, MATCH_OPTIMIZERS)
-        _choice("ae.kind", self.ae.kind, KINDS)
-        _choice("dml.kind", self.dml.kind, KINDS)
-        _choice("data.resize_mode", d.resize_mode, ("crop", "squash"))
-        _choice("trainer.precision", str(t.precision), MATCH_PRECISIONS)
-        for key, value, low in (("data.batch_size", d.batch_size, 1), ("data.num_workers", d.num_workers, 0),
-                                ("data.input_size", d.input_size, 1),
-                                ("ae.latent_channels", self.ae.latent_channels, 1), ("dml.width", self.dml.width, 1),
-                                ("optim.epochs", o.epochs, 1), ("optim.plateau_patience", o.plateau_patience, 0),
-                                ("pairs.per_epoch", p.per_epoch, 2), ("pairs.val_pairs", p.val_pairs, 0),
-                                ("trainer.log_every_n_steps", t.log_every_n_steps, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
-        if o.patience is not None and (not isinstance(o.patience, int) or isinstance(o.patience, bool)
-                                       or o.patience < 1):
-            raise ConfigError(f"optim.patience must be a positive integer or null, got {o.patience!r}")
-        if not isinstance(self.ae.widths, (list, tuple)) or len(self.ae.widths) != 3:
-            raise ConfigError(f"ae.widths must be a list of 3 channel counts, got {self.ae.widths!r}")
-        for key, value in (("optim.lr", o.lr),):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ConfigError(f"{key} must be a positive number, got {value!r}")
-        if not 0 <= o.weight_decay:
-            raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay!r}")
-        if not 0 <= o.momentum < 1:
-            raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum!r}")
-        if not 0 < o.plateau_factor < 1:
-            raise ConfigError(f"optim.plateau_factor must be in (0, 1), got {o.plateau_factor!r}")
-        if not 0 < p.positive_fraction < 1:
-            raise ConfigError(f"pairs.positive_fraction must be in (0, 1), got {p.positive_fraction!r}")
-        if not 0 <= d.val_fraction < 1:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction!r}")
+    def validate(self) -> "MatchingConfig":  # type: ignore[override]
+        """Check what spans several keys (each key's type, choices and range are checked on construction)."""
         if self.features.ae and self.features.backbone:
             raise ConfigError("features.ae and features.backbone are both set: the discriminator compares one kind "
                               "of features; drop one")
@@ -208,40 +165,16 @@ class MatchingConfig:
 
 
 def matching_config_from_dict(raw: Mapping[str, Any], source: str = "config") -> MatchingConfig:
-    """Build a :class:`MatchingConfig` from nested dicts, refusing unknown sections and keys."""
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    cfg = MatchingConfig()
-    for section, values in raw.items():
-        if section == "out":
-            cfg.out = str(values)
-            continue
-        if section not in _SECTIONS:
-            raise ConfigError(f"{source}: unknown section {section!r} (sections: {', '.join([*_SECTIONS, 'out'])})")
-        if values is None:
-            continue
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"{source}: section {section!r} must be a mapping")
-        target = getattr(cfg, section)
-        fields = {f.name: f for f in dataclasses.fields(target)}
-        for key, value in values.items():
-            if key not in fields:
-                raise ConfigError(f"{source}: unknown key {section}.{key} (keys: {', '.join(fields)})")
-            setattr(target, key, _coerce(f"{section}.{key}", value, getattr(target, key), str(fields[key].type)))
-    if isinstance(cfg.ae.widths, tuple):
-        cfg.ae.widths = list(cfg.ae.widths)
-    return cfg
+    """Build a :class:`MatchingConfig` from nested dicts, refusing unknown sections and keys.
+
+    Types, choices and ranges are checked; :meth:`MatchingConfig.validate` is not run.
+    """
+    return MatchingConfig.from_dict(raw, source)
 
 
-def merge_config_dicts(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    """``top`` over ``base``, section by section (a copy; ``top``'s values win)."""
-    out = json.loads(json.dumps(dict(base)))
-    for section, values in top.items():
-        if isinstance(values, Mapping) and isinstance(out.get(section), dict):
-            out[section].update(json.loads(json.dumps(dict(values))))
-        else:
-            out[section] = json.loads(json.dumps(values))
-    return out
+def apply_matching_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides, read by the matching keys' types, to nested dicts (a copy)."""
+    return MatchingConfig.with_overrides(raw, overrides)
 
 
 def load_matching_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = (), *,
@@ -251,11 +184,7 @@ def load_matching_config(path: str | os.PathLike[str] | None = None, overrides: 
     ``base`` (nested dicts) is applied first, under the file and the overrides: the CLI uses it
     to carry an autoencoder's architecture into fine-tuning.
     """
-    raw = read_config_file(path) if path is not None else {}
-    if base:
-        raw = merge_config_dicts(base, raw)
-    raw = apply_overrides(raw, overrides)
-    return matching_config_from_dict(raw, str(path) if path is not None else "config").validate()
+    return MatchingConfig.load(path, overrides, base=base)
 
 
 def load_matching_run_config(run_dir: str | os.PathLike[str]) -> MatchingConfig:
@@ -291,6 +220,7 @@ __all__ = [
     "MatchTrainerConfig",
     "MatchingConfig",
     "PairsConfig",
+    "apply_matching_overrides",
     "load_matching_config",
     "load_matching_run_config",
     "matching_config_from_dict",

@@ -10,9 +10,13 @@ A config is a YAML or JSON file with up to six sections (every key optional, def
     trainer: {epochs: 10, patience: 3, seed: 0}
     out: runs/train/ucm-full
 
-Any key can be overridden on the command line as ``section.key=value`` (the value is read as
-YAML: ``optim.lr=3e-4``, ``trainer.patience=null``). Unknown sections or keys and invalid
-values raise :class:`~landlens.errors.ConfigError` naming the key.
+Each section is a pydantic model (:mod:`landlens.config`): every key has a type, choices are
+fixed words, and a file's value must have its key's type (``backbone: 100000`` is refused:
+quote it). Any key can be overridden on the command line as ``section.key=value``, the text
+read by the key's type: text keys keep it verbatim (``model.backbone=1e5`` is the name
+``1e5``), other keys read it as YAML (``optim.lr=3e-4`` is 0.0003, ``trainer.patience=null``).
+Unknown sections or keys and invalid values raise :class:`~landlens.errors.ConfigError`, one
+line naming the key, the value and what the key accepts.
 
 Setting ``model.embedding_dim`` makes the run a metric-learning run
 (:mod:`landlens.training.metric`): the head is an L2-normalised embedding of that size, the
@@ -26,27 +30,39 @@ val part against the train part) and the test evaluation a retrieval one::
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence, get_args
 
-from landlens.errors import ConfigError, first_line
+from pydantic import BeforeValidator, Field, field_validator
 
-STRATEGIES = ("linear", "partial", "full")
-CLASSIFICATION_LOSSES = ("ce", "nll", "label_smoothing", "ice")
-METRIC_LOSSES = ("proxy_anchor", "arcface", "triplet", "multi_similarity", "contrastive")
+from landlens.config import RunConfig, Section, int_as_text, read_config_file
+from landlens.errors import ConfigError
+
+Strategy = Literal["linear", "partial", "full"]
+Head = Literal["linear", "mlp", "se"]  # landlens.models.heads.HEAD_KINDS
+Augment = Literal["none", "crop-flip", "colour", "geometric", "dihedral"]  # landlens.data.augment.AUGMENT_PRESETS
+ClassificationLoss = Literal["ce", "nll", "label_smoothing", "ice"]
+MetricLoss = Literal["proxy_anchor", "arcface", "triplet", "multi_similarity", "contrastive"]
+Mining = Literal["semihard", "hard", "all", "easy", "none"]
+Optimizer = Literal["sgd", "adam", "adamw"]
+Schedule = Literal["none", "step", "cosine", "plateau"]
+Precision = Annotated[Literal["auto", "32", "32-true", "16-mixed", "bf16-mixed"], BeforeValidator(int_as_text)]
+Monitor = Literal["val_loss", "val_acc", "val_map", "train_loss"]
+ResizeMode = Literal["crop", "squash"]
+
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+HEADS: tuple[str, ...] = get_args(Head)
+AUGMENTS: tuple[str, ...] = get_args(Augment)
+CLASSIFICATION_LOSSES: tuple[str, ...] = get_args(ClassificationLoss)
+METRIC_LOSSES: tuple[str, ...] = get_args(MetricLoss)
 PROXY_LOSSES = ("proxy_anchor", "arcface")  # losses with learnable class proxies
-MINING = ("semihard", "hard", "all", "easy", "none")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("none", "step", "cosine", "plateau")
-PRECISIONS = ("auto", "32", "32-true", "16-mixed", "bf16-mixed")
+MINING: tuple[str, ...] = get_args(Mining)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+PRECISIONS: tuple[str, ...] = get_args(get_args(Precision)[0])
 
 
-@dataclass
-class DataConfig:
+class DataConfig(Section):
     """Where the images are and how they are divided and fed.
 
     Attributes:
@@ -79,19 +95,30 @@ class DataConfig:
     dataset: str | None = None
     split: str = "80/20"
     seed: int = 0
-    input_size: int | None = None
-    resize_mode: str | None = None
-    augment: str = "none"
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    num_workers: int = 2
+    input_size: int | None = Field(None, ge=16)
+    resize_mode: ResizeMode | None = None
+    augment: Augment = "none"
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(2, ge=0)
     verify: bool = True
-    cache_features: str = "auto"
-    samples_per_class: int | None = None
+    cache_features: Literal["auto", "off"] = "auto"
+    samples_per_class: int | None = Field(None, ge=0)
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _colour(cls, value: Any) -> Any:
+        return "colour" if value == "color" else value
+
+    @field_validator("samples_per_class")
+    @classmethod
+    def _not_one(cls, value: int | None) -> int | None:
+        if value == 1:
+            raise ValueError("expected null, 0 (off) or an integer >= 2")
+        return value
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """Backbone, its starting weights, the transfer strategy and the head.
 
     Attributes:
@@ -109,18 +136,17 @@ class ModelConfig:
 
     backbone: str = "tf_efficientnet_lite0"
     weights: str = "auto"
-    strategy: str = "linear"
-    unfreeze_stages: int = 1
-    head: str = "linear"
+    strategy: Strategy = "linear"
+    unfreeze_stages: int = Field(1, ge=1)
+    head: Head = "linear"
     dropout: float = 0.0
     hidden: int = 512
     reduction: int = 16
-    embedding_dim: int | None = None
+    embedding_dim: int | None = Field(None, ge=2)
     embedding_bn: bool = False
 
 
-@dataclass
-class LossConfig:
+class LossConfig(Section):
     """The loss of the run.
 
     Classification: ``ce``, ``nll``, ``label_smoothing`` (``smoothing``) or ``ice`` (``eps``,
@@ -139,18 +165,17 @@ class LossConfig:
       ArcFace's weight matrix) relative to ``optim.lr`` (Kim et al., CVPR 2020: x100).
     """
 
-    name: str = "ce"
+    name: ClassificationLoss | MetricLoss = "ce"
     smoothing: float = 0.1
     eps: float = 1e-7
     ice_weight: float = 1.0
     margin: float | None = None
-    scale: float | None = None
-    mining: str = "semihard"
-    proxy_lr_mult: float = 100.0
+    scale: float | None = Field(None, gt=0)
+    mining: Mining = "semihard"
+    proxy_lr_mult: float = Field(100.0, gt=0)
 
 
-@dataclass
-class OptimConfig:
+class OptimConfig(Section):
     """Optimiser and learning-rate schedule.
 
     Attributes:
@@ -162,20 +187,19 @@ class OptimConfig:
             after ``plateau_patience`` epochs without a better validation loss).
     """
 
-    name: str = "adamw"
-    lr: float = 1e-3
+    name: Optimizer = "adamw"
+    lr: float = Field(1e-3, gt=0)
     momentum: float = 0.9
-    weight_decay: float = 1e-4
-    backbone_lr_mult: float = 1.0
-    schedule: str = "cosine"
-    step_size: int = 5
-    gamma: float = 0.1
+    weight_decay: float = Field(1e-4, ge=0)
+    backbone_lr_mult: float = Field(1.0, gt=0)
+    schedule: Schedule = "cosine"
+    step_size: int = Field(5, ge=1)
+    gamma: float = Field(0.1, gt=0, le=1)
     plateau_patience: int = 2
-    warmup_epochs: int = 0
+    warmup_epochs: int = Field(0, ge=0)
 
 
-@dataclass
-class TrainerConfig:
+class TrainerConfig(Section):
     """How Lightning runs the loop.
 
     Attributes:
@@ -197,118 +221,64 @@ class TrainerConfig:
         bootstrap: bootstrap replicates for the accuracy confidence interval.
     """
 
-    epochs: int = 10
-    patience: int | None = None
-    monitor: str = "val_loss"
-    precision: str = "auto"
+    epochs: int = Field(10, ge=1)
+    patience: int | None = Field(None, ge=1)
+    monitor: Monitor = "val_loss"
+    precision: Precision = "auto"
     accelerator: str = "auto"
-    devices: Any = "auto"
-    num_nodes: int = 1
+    devices: int | list[int] | str = "auto"
+    num_nodes: int = Field(1, ge=1)
     strategy: str = "auto"
     seed: int = 0
     deterministic: bool = False
     checkpoint_every_n_steps: int | None = None
     limit_train_batches: float = 1.0
     log_every_n_steps: int = 10
-    bootstrap: int = 1000
+    bootstrap: int = Field(1000, ge=0)
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
     """A whole run: data, model, loss, optimiser, trainer and the output directory."""
 
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     out: str = "runs/train/run"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     @property
     def is_metric(self) -> bool:
         """A metric-learning run (``model.embedding_dim`` set)."""
         return self.model.embedding_dim is not None
 
-    def validate(self) -> "TrainConfig":
-        """Check values that can be checked without touching data or models."""
-        from landlens.data.augment import AUGMENT_PRESETS
-        from landlens.models.heads import HEAD_KINDS
-
-        d, m, o, t = self.data, self.model, self.optim, self.trainer
-        _choice("model.strategy", m.strategy, STRATEGIES)
-        _choice("model.head", m.head, HEAD_KINDS)
-        _choice("optim.name", o.name, OPTIMIZERS)
-        _choice("optim.schedule", o.schedule, SCHEDULES)
-        _choice("trainer.precision", str(t.precision), PRECISIONS)
-        _choice("trainer.monitor", t.monitor, ("val_loss", "val_acc", "val_map", "train_loss"))
-        _choice("data.cache_features", d.cache_features, ("auto", "off"))
-        if d.resize_mode is not None:
-            _choice("data.resize_mode", d.resize_mode, ("crop", "squash"))
-        aug = "colour" if d.augment == "color" else d.augment
-        _choice("data.augment", aug, AUGMENT_PRESETS)
-        self.data.augment = aug
-        self._validate_task()
-        if not d.path:
+    def validate(self) -> "TrainConfig":  # type: ignore[override]
+        """Check what spans several keys (each key's type, choices and range are checked on construction)."""
+        if not self.data.path:
             raise ConfigError("data.path is not set: give the image folder (data.path=FOLDER)")
-        for key, value, low in (("data.batch_size", d.batch_size, 1), ("data.eval_batch_size", d.eval_batch_size, 1),
-                                ("data.num_workers", d.num_workers, 0), ("trainer.epochs", t.epochs, 1),
-                                ("model.unfreeze_stages", m.unfreeze_stages, 1), ("optim.step_size", o.step_size, 1),
-                                ("trainer.num_nodes", t.num_nodes, 1), ("trainer.bootstrap", t.bootstrap, 0),
-                                ("optim.warmup_epochs", o.warmup_epochs, 0)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
-        if d.input_size is not None and (not isinstance(d.input_size, int) or d.input_size < 16):
-            raise ConfigError(f"data.input_size must be an integer >= 16 or null, got {d.input_size!r}")
-        if t.patience is not None and (not isinstance(t.patience, int) or t.patience < 1):
-            raise ConfigError(f"trainer.patience must be a positive integer or null, got {t.patience!r}")
-        for key, value in (("optim.lr", o.lr), ("optim.backbone_lr_mult", o.backbone_lr_mult)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ConfigError(f"{key} must be a positive number, got {value!r}")
-        if not 0 <= o.weight_decay:
-            raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay!r}")
-        if not 0 < o.gamma <= 1:
-            raise ConfigError(f"optim.gamma must be in (0, 1], got {o.gamma!r}")
+        self._validate_task()
+        o, t = self.optim, self.trainer
         if o.warmup_epochs >= t.epochs and o.warmup_epochs > 0:
             raise ConfigError(f"optim.warmup_epochs ({o.warmup_epochs}) must be below trainer.epochs ({t.epochs})")
         return self
 
     def _validate_task(self) -> None:
         """Classification or metric learning: loss, monitor and the metric-learning keys agree."""
-        m, lo, t, d = self.model, self.loss, self.trainer, self.data
+        lo, t, d = self.loss, self.trainer, self.data
         if not self.is_metric:
             if lo.name in METRIC_LOSSES:
                 raise ConfigError(f"loss.name={lo.name!r} is a metric-learning loss: set model.embedding_dim "
                                   f"(e.g. model.embedding_dim=128) for a metric-learning run")
-            _choice("loss.name", lo.name, CLASSIFICATION_LOSSES)
             if t.monitor == "val_map":
                 raise ConfigError("trainer.monitor='val_map' is the metric of metric-learning runs "
                                   "(set model.embedding_dim); a classifier monitors val_loss or val_acc")
             return
-        dim = m.embedding_dim
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 2:
-            raise ConfigError(f"model.embedding_dim must be an integer >= 2 or null, got {dim!r}")
         if lo.name in CLASSIFICATION_LOSSES:
             raise ConfigError(f"loss.name={lo.name!r} is a classification loss; a metric-learning run "
                               f"(model.embedding_dim set) needs one of {', '.join(METRIC_LOSSES)}")
-        _choice("loss.name", lo.name, METRIC_LOSSES)
-        _choice("loss.mining", lo.mining, MINING)
         if t.monitor not in ("val_map", "train_loss"):
             raise ConfigError(f"trainer.monitor={t.monitor!r} does not apply to a metric-learning run "
                               f"(model.embedding_dim set): use val_map (retrieval mAP of the val part) or train_loss")
-        for key, value in (("loss.margin", lo.margin), ("loss.scale", lo.scale)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ConfigError(f"{key} must be a number or null, got {value!r}")
-        if lo.scale is not None and not lo.scale > 0:
-            raise ConfigError(f"loss.scale must be > 0, got {lo.scale!r}")
-        if isinstance(lo.proxy_lr_mult, bool) or not isinstance(lo.proxy_lr_mult, (int, float)) \
-                or not lo.proxy_lr_mult > 0:
-            raise ConfigError(f"loss.proxy_lr_mult must be a positive number, got {lo.proxy_lr_mult!r}")
-        spc = d.samples_per_class
-        if spc is not None and (isinstance(spc, bool) or not isinstance(spc, int) or spc < 0 or spc == 1):
-            raise ConfigError(f"data.samples_per_class must be null, 0 (off) or an integer >= 2, got {spc!r}")
         m_ = self.samples_per_class()
         if m_ and d.batch_size % m_:
             raise ConfigError(f"data.batch_size={d.batch_size} must be a multiple of data.samples_per_class={m_} "
@@ -324,142 +294,41 @@ class TrainConfig:
         return int(spc)
 
 
-def _choice(key: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
-
-
-_SECTIONS = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig,
-             "trainer": TrainerConfig}
-
-
-def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
-    """Light type coercion so ``1`` is accepted for a float and ``'1e-3'`` for a number."""
-    if value is None:
-        if "None" in annotation:
-            return None
-        raise ConfigError(f"{key} cannot be null")
-    if annotation.startswith("float") and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if annotation.startswith("float") and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{key} must be a number, got {value!r}") from None
-    if annotation.startswith("str") and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if annotation.startswith("bool") and not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if annotation.startswith("int") and (isinstance(value, bool) or not isinstance(value, int)):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    return value
-
-
 def config_from_dict(raw: Mapping[str, Any], source: str = "config") -> TrainConfig:
-    """Build a :class:`TrainConfig` from nested dicts, refusing unknown keys."""
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    cfg = TrainConfig()
-    for section, values in raw.items():
-        if section == "out":
-            cfg.out = str(values)
-            continue
-        if section not in _SECTIONS:
-            raise ConfigError(f"{source}: unknown section {section!r} "
-                              f"(sections: {', '.join([*_SECTIONS, 'out'])})")
-        if values is None:
-            continue
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"{source}: section {section!r} must be a mapping")
-        target = getattr(cfg, section)
-        fields = {f.name: f for f in dataclasses.fields(target)}
-        for key, value in values.items():
-            if key not in fields:
-                raise ConfigError(f"{source}: unknown key {section}.{key} (keys: {', '.join(fields)})")
-            setattr(target, key, _coerce(f"{section}.{key}", value, getattr(target, key), str(fields[key].type)))
-    return cfg
+    """Build a :class:`TrainConfig` from nested dicts (a file's, a run's ``config.json``), refusing unknown keys.
+
+    Types, choices and ranges are checked; :meth:`TrainConfig.validate` is not run.
+    """
+    return TrainConfig.from_dict(raw, source)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``'optim.lr=3e-4'`` -> ``('optim.lr', 0.0003)`` (value read as YAML)."""
-    import yaml
-
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value")
-    key, _, value = text.partition("=")
-    key = key.strip()
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
-        parsed = value
-    if isinstance(parsed, str) and _looks_numeric(parsed):
-        parsed = float(parsed)
-    return key, parsed
+    """``'optim.lr=3e-4'`` -> ``('optim.lr', 0.0003)``: the value read by the key's type and checked."""
+    return TrainConfig.parse_override(text)
 
 
-def _looks_numeric(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
-
-
-def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides to a nested dict (a copy is returned)."""
-    out = json.loads(json.dumps(raw))
-    for text in overrides:
-        key, value = parse_override(text)
-        if key == "out":
-            out["out"] = str(value)
-            continue
-        section, _, name = key.partition(".")
-        if not name or "." in name:
-            raise ConfigError(f"override {text!r}: key must be section.key (e.g. optim.lr)")
-        sect = out.setdefault(section, {})
-        if not isinstance(sect, dict):
-            raise ConfigError(f"override {text!r}: {section!r} is not a section")
-        sect[name] = value
-    return out
-
-
-def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML or JSON config file into nested dicts."""
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        text = p.read_text()
-        raw = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read config {p}: {first_line(exc)}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config {p} must be a mapping of sections")
-    return raw
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to nested dicts (a copy is returned)."""
+    return TrainConfig.with_overrides(raw, overrides)
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a config file (or start from defaults), apply overrides, and validate."""
-    raw = read_config_file(path) if path is not None else {}
-    raw = apply_overrides(raw, overrides)
-    return config_from_dict(raw, str(path) if path is not None else "config").validate()
+    return TrainConfig.load(path, overrides)
 
 
 __all__ = [
+    "AUGMENTS",
     "CLASSIFICATION_LOSSES",
     "DataConfig",
+    "HEADS",
     "LossConfig",
     "METRIC_LOSSES",
     "MINING",
     "ModelConfig",
     "OPTIMIZERS",
     "OptimConfig",
+    "PRECISIONS",
     "PROXY_LOSSES",
     "SCHEDULES",
     "STRATEGIES",

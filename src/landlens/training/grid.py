@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from landlens.errors import ConfigError
-from landlens.training.config import TrainConfig, apply_overrides, config_from_dict, parse_override
+from landlens.training.config import TrainConfig, config_from_dict, parse_override
 
 
 def parse_grid(specs: Sequence[str]) -> dict[str, list[Any]]:
-    """``['optim.lr=0.1,0.01', ...]`` -> ``{'optim.lr': [0.1, 0.01], ...}`` (values read as YAML)."""
+    """``['optim.lr=0.1,0.01', ...]`` -> ``{'optim.lr': [0.1, 0.01], ...}`` (each value read by the key's type)."""
     grid: dict[str, list[Any]] = {}
     for spec in specs:
         if "=" not in spec:
@@ -49,8 +49,7 @@ def grid_configs(base: dict[str, Any], grid: dict[str, list[Any]], out: str | Pa
     runs = []
     for values in itertools.product(*(grid[k] for k in keys)):
         combo = dict(zip(keys, values))
-        raw = apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in combo.items()])
-        raw["out"] = str(Path(out) / _slug(combo))
+        raw = TrainConfig.with_values(base, {**combo, "out": str(Path(out) / _slug(combo))})
         runs.append((combo, config_from_dict(raw, "grid").validate()))
     return runs
 
