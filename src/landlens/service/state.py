@@ -1,0 +1,284 @@
+"""What the service holds and the blocking work it does: :class:`SearchService`.
+
+The routes (:mod:`landlens.service.routes`) reach it through the :func:`get_service`
+dependency; it is created once by :func:`landlens.service.app.create_app`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import Request, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from landlens.errors import ImageReadError, LandlensError, first_line
+from landlens.service.batching import MicroBatcher
+from landlens.service.caches import (
+    DEFAULT_QUERY_CACHE,
+    QueryVectorCache,
+    ThumbnailCache,
+)
+from landlens.service.common import ServiceError, Timer
+from landlens.service.models import FeedbackQuery
+from landlens.service.uploads import SavedUpload, decode_error, save_upload
+
+logger = logging.getLogger("landlens.service")
+
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+"""Largest accepted upload (20 MiB)."""
+
+DEFAULT_MAX_PIXELS = 50_000_000
+"""Largest accepted upload width x height (50 megapixels)."""
+
+THUMBNAIL_QUALITY = 85
+"""JPEG quality of thumbnails."""
+
+QUERY_TOKEN_EXPIRED = "query token expired or unknown: search with the image again to get a new one"
+
+
+class SearchService:
+    """What the app holds: the archive, its extractor, the classifier, the batcher, limits.
+
+    Args:
+        archive: an open :class:`~landlens.retrieval.archive.Archive`.
+        predictor: a :class:`~landlens.training.predict.Predictor`, or ``None``.
+        token: the write token, or ``None`` (writes disabled).
+        max_upload_bytes, max_pixels: upload limits.
+        max_k: largest ``k`` a search may ask for.
+        max_batch, max_wait: micro-batching settings of the embedding batcher.
+        thumbnail_cache: thumbnails kept in memory.
+        query_cache: uploaded query vectors kept for relevance feedback (LRU).
+        optimize: the backbone's forward pass: ``jit`` (traced and frozen once at start-up,
+            checked against eager mode; eager when that fails), ``compile``, or ``none``.
+    """
+
+    def __init__(self, archive: Any, predictor: Any = None, *, token: str | None = None,
+                 max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_k: int = 100, max_batch: int = 16, max_wait: float = 0.005,
+                 thumbnail_cache: int = 1024, refresh_interval: float = 1.0,
+                 query_cache: int = DEFAULT_QUERY_CACHE, optimize: str = "jit") -> None:
+        self.archive = archive
+        self.refresh_interval = float(refresh_interval)
+        self._last_refresh = time.monotonic()
+        self.predictor = predictor
+        self.token = token
+        self.max_upload_bytes = int(max_upload_bytes)
+        self.max_pixels = int(max_pixels)
+        self.max_k = int(max_k)
+        self.backbone = archive.backbone()  # load (and check) the extractor now, not on the first request
+        self.forward = archive.optimize(optimize)
+        self._warm_up()
+        self.batcher: MicroBatcher = MicroBatcher(self._embed_batch, max_batch=max_batch, max_wait=max_wait,
+                                                  name="landlens-embed")
+        self.thumbnails = ThumbnailCache(thumbnail_cache)
+        self.queries = QueryVectorCache(query_cache)
+        self.write_lock = threading.Lock()
+        self._class_counts: tuple[int, dict[str, int]] | None = None
+
+    def _warm_up(self) -> None:
+        """One embedding of a grey image, so the first request does not pay for lazy set-up."""
+        from PIL import Image
+
+        try:
+            side = int(getattr(self.archive.preprocessing, "input_size", 224) or 224)
+            self.archive.embed([Image.new("RGB", (side, side), (128, 128, 128))])
+        except Exception:  # noqa: BLE001 - a failed warm-up only costs the first request time
+            logger.warning("embedding warm-up failed", exc_info=True)
+
+    def refresh(self) -> None:
+        """Pick up a generation written by another process (``landlens index add``), checking
+        the archive's ``CURRENT`` pointer at most once per ``refresh_interval`` seconds."""
+        now = time.monotonic()
+        if now - self._last_refresh < self.refresh_interval:
+            return
+        self._last_refresh = now
+        try:
+            if self.archive.reload():
+                logger.info("archive reloaded: generation %s, %s images", self.archive.generation,
+                            len(self.archive))
+        except LandlensError:
+            logger.warning("archive reload failed; serving the loaded generation", exc_info=True)
+
+    # ------------------------------------------------------------ work done in threads
+    def _embed_batch(self, images: list[Any]) -> np.ndarray:
+        return self.archive.embed(images)
+
+    def read_upload(self, upload: UploadFile) -> SavedUpload:
+        """Copy an upload to a temporary file and check bytes, format and pixels (blocking)."""
+        upload.file.seek(0)
+        return save_upload(upload.file, max_bytes=self.max_upload_bytes, max_pixels=self.max_pixels,
+                           name=upload.filename)
+
+    async def receive(self, upload: UploadFile, timer: Timer) -> SavedUpload:
+        """:meth:`read_upload` in the thread pool, timed as ``read``."""
+        t = time.perf_counter()
+        saved = await run_in_threadpool(self.read_upload, upload)
+        timer.add("read", t)
+        return saved
+
+    def decode(self, saved: SavedUpload) -> Any:
+        """Decode a checked upload as the archive decodes its images (blocking)."""
+        try:
+            return self.archive.load_query(saved.path, max_pixels=self.max_pixels)
+        except ImageReadError as exc:
+            raise decode_error(exc) from None
+
+    def classify(self, image: Any, top_k: int) -> dict[str, Any]:
+        """``{"predictions": [{"class", "probability"}...]}`` of one decoded image (blocking)."""
+        pred = self.predictor.predict_images([image], top_k)[0]
+        return {"predictions": [{"class": c, "probability": float(p)}
+                                for c, p in zip(pred.labels, pred.probabilities)]}
+
+    def thumbnail(self, record: Any, size: int) -> bytes:
+        """JPEG bytes of an indexed image, longest side at most ``size`` (blocking, cached)."""
+        from PIL import Image
+
+        from landlens.data.io import load_rgb
+
+        key = (int(record.id), int(size), str(record.sha256))
+        data = self.thumbnails.get(key)
+        if data is not None:
+            return data
+        bands = (self.archive.index.meta.get("identity", {}) or {}).get("rgb_bands")
+        try:
+            img = load_rgb(record.path, draft_size=(size, size), rgb_bands=bands)
+        except ImageReadError as exc:
+            logger.warning("thumbnail of image %s: %s", record.id, exc)
+            raise ServiceError(404, f"image {record.id}: its file cannot be read on the server") from None
+        img.thumbnail((size, size), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, "JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
+        data = buf.getvalue()
+        self.thumbnails.put(key, data)
+        return data
+
+    def record_or_404(self, image_id: int) -> Any:
+        if not self.archive.has(image_id):
+            raise ServiceError(404, f"no image with id {image_id} in the archive")
+        try:
+            return self.archive.record(image_id)
+        except LandlensError:  # removed between the two calls
+            raise ServiceError(404, f"no image with id {image_id} in the archive") from None
+
+    def class_counts(self) -> dict[str, int]:
+        """The archive's class counts, computed once per generation (not once per request)."""
+        gen = self.archive.generation
+        cached = self._class_counts
+        if cached is None or cached[0] != gen:
+            cached = (gen, dict(self.archive.class_counts()))
+            self._class_counts = cached
+        return cached[1]
+
+    def check_class(self, class_name: str | None) -> None:
+        if class_name is not None and class_name not in self.class_counts():
+            raise ServiceError(422, f"class {class_name!r} is not in the archive")
+
+    def query_vector(self, query: FeedbackQuery) -> tuple[np.ndarray, dict[str, Any], int | None]:
+        """``(vector, query description, indexed id or None)`` of a feedback query: an indexed
+        image (404 when unknown) or an uploaded query's token (410 once it left the LRU)."""
+        if query.id is not None:
+            record = self.record_or_404(query.id)
+            try:
+                vector = self.archive.vector(query.id)
+            except LandlensError:  # removed meanwhile
+                raise ServiceError(404, f"no image with id {query.id} in the archive") from None
+            q = record.to_dict()
+            return vector, {key: q[key] for key in ("id", "name", "class", "width", "height")}, int(query.id)
+        item = self.queries.get(str(query.vector_token))
+        if item is None:
+            raise ServiceError(410, QUERY_TOKEN_EXPIRED)
+        return item[0], dict(item[1]), None
+
+    def marked_vectors(self, ids: Sequence[int], what: str) -> np.ndarray:
+        """Archive vectors (n, dim) of marked ids; 404 naming the first id not in the archive."""
+        vectors = []
+        for i in ids:
+            if not self.archive.has(i):
+                raise ServiceError(404, f"{what}: no image with id {i} in the archive")
+            try:
+                vectors.append(self.archive.vector(i))
+            except LandlensError:  # removed meanwhile
+                raise ServiceError(404, f"{what}: no image with id {i} in the archive") from None
+        return np.stack(vectors) if vectors else np.zeros((0, int(self.archive.dim)), np.float32)
+
+    def refine(self, vector: np.ndarray, relevant: Sequence[int], irrelevant: Sequence[int],
+               weights: Any) -> np.ndarray:
+        """Rocchio's refined query (:func:`landlens.retrieval.feedback.rocchio`) of ``vector``
+        with the marked archive images (blocking). On a Euclidean archive the unit result is
+        scaled back to the query's length, so it lives where the raw database vectors do."""
+        from landlens.retrieval.feedback import FeedbackError, rocchio
+
+        rel = self.marked_vectors(relevant, "relevant")
+        irr = self.marked_vectors(irrelevant, "irrelevant")
+        q = np.asarray(vector, dtype=np.float32).reshape(-1)
+        scale = 1.0
+        if self.archive.metric != "cosine":
+            scale = float(np.linalg.norm(q)) or 1.0
+        try:
+            return rocchio(q, rel, irr, a=weights.a, b=weights.b, c=weights.c, scale=scale)
+        except FeedbackError as exc:
+            raise ServiceError(422, first_line(exc)) from None
+
+    def add_upload(self, saved: SavedUpload, class_name: str | None) -> Any:
+        """Store a checked upload as ``uploads/<sha256><ext>`` and index it (blocking, locked)."""
+        with self.write_lock:
+            existing = self.archive.id_of_sha256(saved.sha256)
+            if existing is not None:
+                raise ServiceError(409, f"this image is already in the archive as id {existing}")
+            self.decode(saved)  # a truncated or corrupt file is refused before anything is written
+            dest = Path(self.archive.upload_path(saved.sha256, saved.extension))
+            created = False
+            if not dest.is_file():
+                part = dest.with_name(f".{dest.name}.part")
+                shutil.copyfile(saved.path, part)
+                os.replace(part, dest)
+                created = True
+            try:
+                added = self.archive.add([dest], [class_name])
+            except BaseException:
+                if created and self.archive.id_of_sha256(saved.sha256) is None:
+                    dest.unlink(missing_ok=True)
+                raise
+            if not added:
+                existing = self.archive.id_of_sha256(saved.sha256)
+                raise ServiceError(409, f"this image is already in the archive as id {existing}")
+            return added[0]
+
+    def remove(self, image_id: int) -> int:
+        with self.write_lock:
+            self.record_or_404(image_id)
+            try:
+                self.archive.remove([image_id])
+            except LandlensError as exc:
+                if not self.archive.has(image_id):
+                    raise ServiceError(404, f"no image with id {image_id} in the archive") from None
+                raise ServiceError(409, first_line(exc)) from None
+        return image_id
+
+    def close(self) -> None:
+        """Stop the embedding batcher (requests already queued finish first)."""
+        self.batcher.close()
+
+
+def get_service(request: Request) -> SearchService:
+    """FastAPI dependency: the app's :class:`SearchService`."""
+    return request.app.state.service
+
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_UPLOAD_BYTES",
+    "QUERY_TOKEN_EXPIRED",
+    "THUMBNAIL_QUALITY",
+    "SearchService",
+    "get_service",
+]
