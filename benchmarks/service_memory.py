@@ -93,8 +93,11 @@ def _archive(root: Path, side: int, seed: int) -> tuple[Path, int]:
     """An ``lbp_rgb`` archive of 2 classes x 3 small images plus the big PNG; its path and the big image's id."""
     from PIL import Image
 
-    from landlens.retrieval.archive import Archive
+    from landlens.retrieval.archive import Archive, is_archive
 
+    if is_archive(root / "archive"):  # made by an earlier run with the same --work
+        arch = Archive.open(root / "archive")
+        return root / "archive", next(r.id for r in arch.records() if r.name == "big.png")
     data = root / "data"
     rng = np.random.default_rng(seed)
     for cls in ("fields", "forest"):

@@ -95,14 +95,19 @@ def server_url(host: str, port: int) -> str:
                    "`landlens retrieval evaluate --help`), fitted on the archive at start-up and after each update")
 @click.option("--optimize", type=click.Choice(["jit", "compile", "none"]), default="jit", show_default=True,
               help="the backbone's forward pass: traced and frozen once at start-up, torch.compile, or eager")
+@click.option("--decode-budget-mb", default=1024.0, show_default=True, type=click.FloatRange(min=1),
+              help="MiB that concurrent image decodes (uploads, thumbnails) may hold together, estimated from "
+                   "each header; requests past it wait, and an upload that alone needs more is refused (413)")
+@click.option("--thumbnail-decodes", default=None, type=click.IntRange(min=1),
+              help="thumbnail images decoded at a time (default: one per CPU)")
 @click.option("--workers-threads", default=None, type=click.IntRange(min=1),
               help="threads for decoding, search and thumbnails (default 40)")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
 def serve_cmd(archive_dir: Path, host: str, port: int, run_dir: Path | None, token_file: Path | None,
               cors_origins: Sequence[str], max_upload_mb: float, max_pixels: int, max_k: int,
-              query_cache: int, rerank: str | None, optimize: str, workers_threads: int | None,
-              log_level: str) -> None:
+              query_cache: int, rerank: str | None, optimize: str, decode_budget_mb: float,
+              thumbnail_decodes: int | None, workers_threads: int | None, log_level: str) -> None:
     """Serve the search API and web page over the archive DIR (`landlens index build`).
 
     Open the printed address in a browser: drop an image to find the most similar archive
@@ -114,7 +119,8 @@ def serve_cmd(archive_dir: Path, host: str, port: int, run_dir: Path | None, tok
     app = create_app(archive_dir, classifier_run=run_dir, token=token,
                      max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
                      cors_origins=tuple(cors_origins), max_k=max_k, threads=workers_threads,
-                     query_cache=query_cache, rerank=rerank, optimize=optimize)
+                     query_cache=query_cache, rerank=rerank, optimize=optimize,
+                     decode_budget_bytes=int(decode_budget_mb * 1024 * 1024), thumbnail_decodes=thumbnail_decodes)
     service = app.state.service
     config = serve_config(app, host=host, port=port, log_level=log_level)
     click.echo(f"landlens: serving {archive_dir} ({len(service.archive)} images, {service.archive.backbone_name}"

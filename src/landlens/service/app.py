@@ -25,7 +25,7 @@ Endpoints (all errors are JSON ``{"detail": "<one line>"}``):
 ``POST /api/search/feedback``                   relevance feedback: refine a query (Rocchio) with
                                                 images marked relevant / not relevant, re-search
 ``GET /api/images/{id}``                        one image's record
-``GET /api/images/{id}/thumbnail?size=256``     JPEG thumbnail (ETag, cached)
+``GET /api/images/{id}/thumbnail?size=256``     JPEG thumbnail, 128/256/512 (ETag, cached)
 ``POST /api/classify``                          classify an uploaded image (``file``, ``top_k``)
 ``POST /api/images``                            add an upload to the archive (token)
 ``DELETE /api/images/{id}``                     remove an image (token)
@@ -51,6 +51,13 @@ Writes (add, remove) are serialised by a lock (the archive also locks across pro
 publish a new generation atomically, so searches running meanwhile see the old or the new
 archive.
 
+Memory: every decode (an upload's, a thumbnail master's) first reserves its estimated bytes
+from one decode budget (:mod:`landlens.service.budget`) and holds them while its pixels live;
+requests past the budget wait, first come first served, and an upload that alone needs more
+than the budget is answered 413. Thumbnails come in three sizes (128, 256, 512) rendered from
+one cached 512 px master per image; concurrent requests for one image share one decode, and
+at most one master per CPU is decoded at a time (:mod:`landlens.service.thumbnails`).
+
 Security: uploads are limited in bytes (the request body is cut off past the limit) and in
 pixels (checked on the header before decoding), and their format is judged by content
 (:mod:`landlens.service.uploads`); thumbnails exist only for indexed ids, so a client never
@@ -75,6 +82,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from landlens.errors import ImageReadError, LandlensError, first_line
 from landlens.service.auth import WRITES_DISABLED, bearer_token, check_token
+from landlens.service.budget import DEFAULT_DECODE_BUDGET_BYTES
 from landlens.service.caches import (
     DEFAULT_QUERY_CACHE,
     QueryVectorCache,
@@ -140,7 +148,8 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
                cors_origins: Sequence[str] = (), max_k: int = 100, threads: int | None = None,
                max_batch: int = 16, max_wait: float = 0.005, thumbnail_cache: int = 1024,
                refresh_interval: float = 1.0, query_cache: int = DEFAULT_QUERY_CACHE,
-               rerank: str | None = None, optimize: str = "jit") -> FastAPI:
+               rerank: str | None = None, optimize: str = "jit",
+               decode_budget_bytes: int = DEFAULT_DECODE_BUDGET_BYTES, thumbnail_decodes: int | None = None) -> FastAPI:
     """The search service app over an archive folder (or an open ``Archive``).
 
     Args:
@@ -155,7 +164,8 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
         max_k: largest ``k`` a search may ask for (422 beyond).
         threads: size of the worker thread pool (``None``: AnyIO's default of 40).
         max_batch, max_wait: embedding micro-batch size and longest wait in seconds.
-        thumbnail_cache: number of thumbnails kept in memory.
+        thumbnail_cache: number of thumbnails kept in memory (JPEGs of the fixed sizes 128,
+            256 and 512; every size of an image is rendered from one decoded 512 px master).
         refresh_interval: seconds between checks for a newer archive generation written by
             another process (``landlens index add`` while the server runs).
         query_cache: uploaded query vectors kept (LRU) so ``POST /api/search/feedback`` can
@@ -166,6 +176,12 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
         optimize: how the backbone runs: ``jit`` (default; traced and frozen at start-up and
             checked against eager mode), ``compile`` (``torch.compile``, slower start-up) or
             ``none`` (eager).
+        decode_budget_bytes: bytes that concurrent image decodes (uploads and thumbnails) may
+            hold together, estimated from each image's header (width x height x bands x bytes
+            per sample, plus its 8-bit RGB copy); requests past it wait their turn, and an
+            upload that alone needs more is answered 413.
+        thumbnail_decodes: thumbnail masters decoded at a time (``None``: one per CPU);
+            concurrent requests for one image share one decode.
 
     Raises:
         ArchiveError, CheckpointError, LandlensError: the archive, its backbone or the
@@ -177,6 +193,8 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
         raise LandlensError(f"max_k must be at least 1, got {max_k}")
     if max_upload_bytes < 1 or max_pixels < 1:
         raise LandlensError("upload limits must be positive")
+    if decode_budget_bytes < 1 or (thumbnail_decodes is not None and thumbnail_decodes < 1):
+        raise LandlensError("the decode budget and thumbnail_decodes must be positive")
     arch = _open_archive(archive)
     if rerank is not None:
         arch.set_rerank(rerank)
@@ -184,7 +202,8 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
     service = SearchService(arch, predictor, token=token.strip() if token else None,
                             max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, max_k=max_k,
                             max_batch=max_batch, max_wait=max_wait, thumbnail_cache=thumbnail_cache,
-                            refresh_interval=refresh_interval, query_cache=query_cache, optimize=optimize)
+                            refresh_interval=refresh_interval, query_cache=query_cache, optimize=optimize,
+                            decode_budget_bytes=decode_budget_bytes, thumbnail_decodes=thumbnail_decodes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
@@ -265,6 +284,7 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
 
 
 __all__ = [
+    "DEFAULT_DECODE_BUDGET_BYTES",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MAX_UPLOAD_BYTES",
     "DEFAULT_QUERY_CACHE",

@@ -6,13 +6,13 @@ dependency; it is created once by :func:`landlens.service.app.create_app`.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +22,12 @@ from starlette.concurrency import run_in_threadpool
 
 from landlens.errors import ImageReadError, LandlensError, first_line
 from landlens.service.batching import MicroBatcher
-from landlens.service.caches import (
-    DEFAULT_QUERY_CACHE,
-    QueryVectorCache,
-    ThumbnailCache,
-)
+from landlens.service.budget import DEFAULT_DECODE_BUDGET_BYTES, WeightedSemaphore, decode_cost, mib
+from landlens.service.caches import DEFAULT_QUERY_CACHE, QueryVectorCache
 from landlens.service.common import ServiceError, Timer
 from landlens.service.models import FeedbackQuery
-from landlens.service.uploads import SavedUpload, decode_error, save_upload
+from landlens.service.thumbnails import Thumbnailer
+from landlens.service.uploads import SavedUpload, UploadError, decode_error, save_upload
 
 logger = logging.getLogger("landlens.service")
 
@@ -38,9 +36,6 @@ DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 
 DEFAULT_MAX_PIXELS = 50_000_000
 """Largest accepted upload width x height (50 megapixels)."""
-
-THUMBNAIL_QUALITY = 85
-"""JPEG quality of thumbnails."""
 
 QUERY_TOKEN_EXPIRED = "query token expired or unknown: search with the image again to get a new one"
 
@@ -56,6 +51,9 @@ class SearchService:
         max_k: largest ``k`` a search may ask for.
         max_batch, max_wait: micro-batching settings of the embedding batcher.
         thumbnail_cache: thumbnails kept in memory.
+        decode_budget_bytes: bytes that concurrent decodes (uploads and thumbnails) may hold
+            together (:mod:`landlens.service.budget`); an upload that alone needs more is 413.
+        thumbnail_decodes: thumbnail masters decoded at a time (default: one per CPU).
         query_cache: uploaded query vectors kept for relevance feedback (LRU).
         optimize: the backbone's forward pass: ``jit`` (traced and frozen once at start-up,
             checked against eager mode; eager when that fails), ``compile``, or ``none``.
@@ -65,7 +63,8 @@ class SearchService:
                  max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
                  max_k: int = 100, max_batch: int = 16, max_wait: float = 0.005,
                  thumbnail_cache: int = 1024, refresh_interval: float = 1.0,
-                 query_cache: int = DEFAULT_QUERY_CACHE, optimize: str = "jit") -> None:
+                 query_cache: int = DEFAULT_QUERY_CACHE, optimize: str = "jit",
+                 decode_budget_bytes: int = DEFAULT_DECODE_BUDGET_BYTES, thumbnail_decodes: int | None = None) -> None:
         self.archive = archive
         self.refresh_interval = float(refresh_interval)
         self._last_refresh = time.monotonic()
@@ -79,7 +78,9 @@ class SearchService:
         self._warm_up()
         self.batcher: MicroBatcher = MicroBatcher(self._embed_batch, max_batch=max_batch, max_wait=max_wait,
                                                   name="landlens-embed")
-        self.thumbnails = ThumbnailCache(thumbnail_cache)
+        self.budget = WeightedSemaphore(decode_budget_bytes)
+        self.thumbnails = Thumbnailer(self.budget, self._rgb_bands, max_items=thumbnail_cache,
+                                      max_decodes=thumbnail_decodes)
         self.queries = QueryVectorCache(query_cache)
         self.write_lock = threading.Lock()
         self._class_counts: tuple[int, dict[str, int]] | None = None
@@ -125,6 +126,29 @@ class SearchService:
         timer.add("read", t)
         return saved
 
+    def decode_cost(self, saved: SavedUpload) -> int:
+        """Estimated bytes of decoding a checked upload (as :meth:`decode` does); 413 when that
+        alone is more than the whole decode budget."""
+        pre = self.archive.preprocessing
+        need = getattr(pre, "input_size", None) if getattr(pre, "resize_mode", None) == "squash" \
+            else getattr(pre, "resize_size", None)
+        cost = decode_cost(saved.width, saved.height, saved.bands, saved.dtype, saved.format,
+                           draft=(int(need), int(need)) if need else None)
+        if not self.budget.fits(cost):
+            raise UploadError(413, f"image too large to decode here: {saved.width}x{saved.height} pixels need about "
+                                   f"{mib(cost)}, more than the server's decode budget of {mib(self.budget.total)}")
+        return cost
+
+    @asynccontextmanager
+    async def decoding(self, saved: SavedUpload) -> AsyncIterator[None]:
+        """``async with service.decoding(saved):`` hold the upload's share of the decode budget
+        (waiting for it first) while its pixels are in memory; 413 when it can never fit."""
+        async with self.budget.hold(self.decode_cost(saved)):
+            yield
+
+    def _rgb_bands(self) -> Any:
+        return (self.archive.index.meta.get("identity", {}) or {}).get("rgb_bands")
+
     def decode(self, saved: SavedUpload) -> Any:
         """Decode a checked upload as the archive decodes its images (blocking)."""
         try:
@@ -137,29 +161,6 @@ class SearchService:
         pred = self.predictor.predict_images([image], top_k)[0]
         return {"predictions": [{"class": c, "probability": float(p)}
                                 for c, p in zip(pred.labels, pred.probabilities)]}
-
-    def thumbnail(self, record: Any, size: int) -> bytes:
-        """JPEG bytes of an indexed image, longest side at most ``size`` (blocking, cached)."""
-        from PIL import Image
-
-        from landlens.data.io import load_rgb
-
-        key = (int(record.id), int(size), str(record.sha256))
-        data = self.thumbnails.get(key)
-        if data is not None:
-            return data
-        bands = (self.archive.index.meta.get("identity", {}) or {}).get("rgb_bands")
-        try:
-            img = load_rgb(record.path, draft_size=(size, size), rgb_bands=bands)
-        except ImageReadError as exc:
-            logger.warning("thumbnail of image %s: %s", record.id, exc)
-            raise ServiceError(404, f"image {record.id}: its file cannot be read on the server") from None
-        img.thumbnail((size, size), Image.Resampling.LANCZOS)
-        buf = io.BytesIO()
-        img.convert("RGB").save(buf, "JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
-        data = buf.getvalue()
-        self.thumbnails.put(key, data)
-        return data
 
     def record_or_404(self, image_id: int) -> Any:
         if not self.archive.has(image_id):
@@ -278,7 +279,6 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MAX_UPLOAD_BYTES",
     "QUERY_TOKEN_EXPIRED",
-    "THUMBNAIL_QUALITY",
     "SearchService",
     "get_service",
 ]

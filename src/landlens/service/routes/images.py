@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from landlens.service.auth import check_token
 from landlens.service.common import ServiceError, Timer, class_param, etag_matches
 from landlens.service.state import SearchService, get_service
+from landlens.service.thumbnails import thumbnail_size
 
 THUMBNAIL_MIN, THUMBNAIL_MAX, THUMBNAIL_DEFAULT = 32, 512, 256
 THUMBNAIL_CACHE_CONTROL = "public, max-age=3600"
@@ -45,15 +46,18 @@ async def thumbnail(
     size: Annotated[int, Query(ge=THUMBNAIL_MIN, le=THUMBNAIL_MAX)] = THUMBNAIL_DEFAULT,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    """A JPEG thumbnail of an indexed image, longest side at most ``size`` pixels."""
+    """A JPEG thumbnail of an indexed image, longest side at most ``size`` pixels: ``size`` is
+    served at the smallest of the fixed sizes 128, 256, 512 that is at least as large (the
+    ETag names the size served); an image smaller than that is not enlarged."""
     timer = Timer()
     record = service.record_or_404(image_id)
-    etag = f'"{record.sha256}-{size}"'
+    served = thumbnail_size(size)
+    etag = f'"{record.sha256}-{served}"'
     headers = {"ETag": etag, "Cache-Control": THUMBNAIL_CACHE_CONTROL}
     if etag_matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)
     t = time.perf_counter()
-    data = await run_in_threadpool(service.thumbnail, record, size)
+    data = await service.thumbnails.get(record, served)
     timer.add("thumbnail", t)
     headers["Server-Timing"] = Timer.header(timer.finish())
     return Response(data, media_type="image/jpeg", headers=headers)
@@ -71,8 +75,10 @@ async def add_image(
     saved = await service.receive(file, timer)
     try:
         t = time.perf_counter()
-        record = await run_in_threadpool(service.add_upload, saved, cls)
-        timer.add("add", t)
+        async with service.decoding(saved):  # the decode budget (the upload is decoded to check it, then indexed)
+            t = timer.add("wait", t)
+            record = await run_in_threadpool(service.add_upload, saved, cls)
+            timer.add("add", t)
     finally:
         await run_in_threadpool(saved.remove)
     timing = timer.finish()

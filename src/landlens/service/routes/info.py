@@ -49,10 +49,14 @@ async def classify_upload(
     saved = await service.receive(file, timer)
     try:
         t = time.perf_counter()
-        image = await run_in_threadpool(service.decode, saved)
-        t = timer.add("decode", t)
-        result = await run_in_threadpool(service.classify, image, min(int(top_k), len(service.predictor.classes)))
-        timer.add("classify", t)
+        async with service.decoding(saved):  # the decode budget, held while the pixels live
+            t = timer.add("wait", t)
+            image = await run_in_threadpool(service.decode, saved)
+            t = timer.add("decode", t)
+            result = await run_in_threadpool(service.classify, image,
+                                             min(int(top_k), len(service.predictor.classes)))
+            del image
+            timer.add("classify", t)
     finally:
         await run_in_threadpool(saved.remove)
     timing = timer.finish()

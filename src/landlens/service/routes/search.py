@@ -39,32 +39,36 @@ def search_router(max_k: int) -> APIRouter:
         saved = await service.receive(file, timer)
         try:
             t = time.perf_counter()
-            image = await run_in_threadpool(service.decode, saved)
-            t = timer.add("decode", t)
-            embed = asyncio.wrap_future(service.batcher.submit(image))
-            classify = None
-            if service.predictor is not None:
-                n = len(service.predictor.classes)
-                classify = asyncio.ensure_future(run_in_threadpool(service.classify, image, min(5, n)))
-            try:
-                vector = await embed
-            except BaseException:
+            async with service.decoding(saved):  # the decode budget, held while the pixels live
+                t = timer.add("wait", t)
+                image = await run_in_threadpool(service.decode, saved)
+                t = timer.add("decode", t)
+                width, height = image.width, image.height
+                embed = asyncio.wrap_future(service.batcher.submit(image))
+                classify = None
+                if service.predictor is not None:
+                    n = len(service.predictor.classes)
+                    classify = asyncio.ensure_future(run_in_threadpool(service.classify, image, min(5, n)))
+                del image
+                try:
+                    vector = await embed
+                except BaseException:
+                    if classify is not None:
+                        classify.cancel()
+                    raise
+                t = timer.add("embed", t)
+                available = len(service.archive) if cls is None else service.class_counts().get(cls, 0)
+                kk = clamp_k(k, available)
+                hits = (await run_in_threadpool(service.archive.search_vectors, np.asarray(vector)[None], kk,
+                                                class_name=cls))[0] if kk else []
+                t = timer.add("search", t)
+                classification = None
                 if classify is not None:
-                    classify.cancel()
-                raise
-            t = timer.add("embed", t)
-            available = len(service.archive) if cls is None else service.class_counts().get(cls, 0)
-            kk = clamp_k(k, available)
-            hits = (await run_in_threadpool(service.archive.search_vectors, np.asarray(vector)[None], kk,
-                                            class_name=cls))[0] if kk else []
-            t = timer.add("search", t)
-            classification = None
-            if classify is not None:
-                classification = await classify
-                timer.add("classify", t)
+                    classification = await classify
+                    timer.add("classify", t)
         finally:
             await run_in_threadpool(saved.remove)
-        query = {"id": None, "name": saved.name, "class": None, "width": image.width, "height": image.height}
+        query = {"id": None, "name": saved.name, "class": None, "width": width, "height": height}
         query_token = service.queries.put(np.asarray(vector), query)  # for relevance feedback
         timing = timer.finish()
         body = {"k": kk, "class": cls, "query": query, "query_token": query_token,
