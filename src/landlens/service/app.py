@@ -79,6 +79,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from landlens.errors import ImageReadError, LandlensError, first_line
 from landlens.service.auth import WRITES_DISABLED, bearer_token, check_token
@@ -89,7 +90,8 @@ from landlens.service.caches import (
     ThumbnailCache,
 )
 from landlens.service.common import ServiceError, error_headers
-from landlens.service.middleware import BodyLimit, WriteGuard
+from landlens.service.middleware import (DEFAULT_BODY_TIMEOUT, DEFAULT_READ_TIMEOUT, BodyLimit, BodyTimeout,
+                                         SecurityHeaders, WriteGuard)
 from landlens.service.models import (
     MAX_FEEDBACK_IDS,
     FeedbackQuery,
@@ -97,6 +99,7 @@ from landlens.service.models import (
     FeedbackWeights,
 )
 from landlens.service.routes import images, info, page
+from landlens.service.routes.docs import DOCS_URL, docs_csp, docs_router
 from landlens.service.routes.page import STATIC_DIR, PageFiles
 from landlens.service.routes.search import search_router
 from landlens.service.state import (
@@ -111,6 +114,18 @@ logger = logging.getLogger("landlens.service")
 
 FORM_OVERHEAD_BYTES = 64 * 1024
 """Request body allowance beyond the upload itself (multipart boundaries and form fields)."""
+
+DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+"""``Host`` names accepted by default: this machine's own (IPv6 with and without brackets)."""
+
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+"""The policy of the web page and of every other answer but the API docs: scripts, styles and
+requests from this server only (no inline code; ``blob:`` images are the page's preview of the
+chosen query file, ``data:`` its empty favicon), never framed."""
 
 
 def _open_archive(archive: Any) -> Any:
@@ -149,7 +164,9 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
                max_batch: int = 16, max_wait: float = 0.005, thumbnail_cache: int = 1024,
                refresh_interval: float = 1.0, query_cache: int = DEFAULT_QUERY_CACHE,
                rerank: str | None = None, optimize: str = "jit",
-               decode_budget_bytes: int = DEFAULT_DECODE_BUDGET_BYTES, thumbnail_decodes: int | None = None) -> FastAPI:
+               decode_budget_bytes: int = DEFAULT_DECODE_BUDGET_BYTES, thumbnail_decodes: int | None = None,
+               allowed_hosts: Sequence[str] | None = None, read_timeout: float | None = DEFAULT_READ_TIMEOUT,
+               body_timeout: float | None = DEFAULT_BODY_TIMEOUT) -> FastAPI:
     """The search service app over an archive folder (or an open ``Archive``).
 
     Args:
@@ -182,6 +199,14 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
             upload that alone needs more is answered 413.
         thumbnail_decodes: thumbnail masters decoded at a time (``None``: one per CPU);
             concurrent requests for one image share one decode.
+        allowed_hosts: host names the ``Host`` header may carry (Starlette's
+            ``TrustedHostMiddleware``; with or without a port; ``*.example.org`` patterns;
+            ``"*"`` accepts any); others are answered 400, so a page of another site cannot
+            reach the server through DNS rebinding. ``None``: :data:`DEFAULT_ALLOWED_HOSTS`
+            (this machine's names; ``landlens serve`` adds the ``--host`` it binds).
+        read_timeout: longest wait in seconds for the next chunk of a request body;
+            ``body_timeout``: longest time a whole body may take; past either the request is
+            answered 408 (``None`` or 0: no limit).
 
     Raises:
         ArchiveError, CheckpointError, LandlensError: the archive, its backbone or the
@@ -193,6 +218,11 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
         raise LandlensError(f"max_k must be at least 1, got {max_k}")
     if max_upload_bytes < 1 or max_pixels < 1:
         raise LandlensError("upload limits must be positive")
+    hosts = list(DEFAULT_ALLOWED_HOSTS if allowed_hosts is None else allowed_hosts)
+    for host in hosts:
+        if not isinstance(host, str) or not host or ("*" in host[1:]) or (host.startswith("*") and host != "*"
+                                                                          and not host.startswith("*.")):
+            raise LandlensError(f"allowed host {host!r}: give a host name, '*.domain' or '*'")
     if decode_budget_bytes < 1 or (thumbnail_decodes is not None and thumbnail_decodes < 1):
         raise LandlensError("the decode budget and thumbnail_decodes must be positive")
     arch = _open_archive(archive)
@@ -218,7 +248,8 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
 
     from landlens import __version__
 
-    app = FastAPI(title="landlens search service", version=__version__, lifespan=lifespan,
+    title = "landlens search service"
+    app = FastAPI(title=title, version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Search a remote-sensing image archive by example, classify scenes, "
                               "and (with a token) add or remove images.")
     app.state.service = service
@@ -262,9 +293,11 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
         return JSONResponse({"detail": "internal error"}, status_code=500)
 
     # ------------------------------------------------------------------ middleware
-    # first added = innermost: CORS (outermost) > token guard > body limit > app, so an
-    # unauthenticated upload is refused (401/403) before its size is even looked at
+    # first added = innermost. From the outside in: security headers (on every answer, the
+    # refusals below included) > trusted hosts > CORS > token guard (an unauthenticated upload
+    # is refused before its body is read) > body timeouts > body limit > app
     app.add_middleware(BodyLimit, max_body=max_upload_bytes + FORM_OVERHEAD_BYTES, upload_limit=max_upload_bytes)
+    app.add_middleware(BodyTimeout, read_timeout=read_timeout, body_timeout=body_timeout)
     app.add_middleware(WriteGuard, token=service.token)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -273,6 +306,10 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"],
                            expose_headers=["Server-Timing", "ETag"])
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)
+    docs_policy = docs_csp(title, app.openapi_url or "/openapi.json")
+    app.add_middleware(SecurityHeaders, csp=CONTENT_SECURITY_POLICY,
+                       csp_for=lambda path: docs_policy if path.startswith(DOCS_URL) else None)
 
     # ------------------------------------------------------------------ routes
     app.include_router(page.router)
@@ -280,10 +317,15 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
     app.include_router(info.router)
     app.include_router(search_router(max_k))
     app.include_router(images.router)
+    app.include_router(docs_router(title, app.openapi_url or "/openapi.json"))
     return app
 
 
 __all__ = [
+    "CONTENT_SECURITY_POLICY",
+    "DEFAULT_ALLOWED_HOSTS",
+    "DEFAULT_BODY_TIMEOUT",
+    "DEFAULT_READ_TIMEOUT",
     "DEFAULT_DECODE_BUDGET_BYTES",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MAX_UPLOAD_BYTES",
