@@ -29,6 +29,7 @@ Endpoints (all errors are JSON ``{"detail": "<one line>"}``):
 ``POST /api/classify``                          classify an uploaded image (``file``, ``top_k``)
 ``POST /api/images``                            add an upload to the archive (token)
 ``DELETE /api/images/{id}``                     remove an image (token)
+``GET /docs``                                   API docs (Swagger UI from the package)
 ==============================================  ==============================================
 
 Relevance feedback (``POST /api/search/feedback``, :mod:`landlens.retrieval.feedback`): the
@@ -63,8 +64,13 @@ pixels (checked on the header before decoding), and their format is judged by co
 (:mod:`landlens.service.uploads`); thumbnails exist only for indexed ids, so a client never
 names a file; writes need ``Authorization: Bearer <token>`` (compared in constant time) and
 are refused outright (403) when the server has no token; CORS headers are sent only for the
-origins given. Unexpected errors answer 500 ``"internal error"``; the traceback goes to the
-log, never to the client.
+origins given. Only the configured ``Host`` names are answered (``allowed_hosts``: DNS
+rebinding); every answer carries ``nosniff``, ``X-Frame-Options: DENY`` and a
+Content-Security-Policy without inline code (``/docs`` has its own, allowing Swagger UI's
+start-up script by hash; its files are served from the ``swagger-ui-py`` package, never a CDN);
+a request body that stalls or takes too long is answered 408
+(:class:`~landlens.service.middleware.BodyTimeout`). Unexpected errors answer 500
+``"internal error"``; the traceback goes to the log, never to the client.
 """
 
 from __future__ import annotations
