@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
                     page.goto(f"http://127.0.0.1:{port}/")
                     page.fill("#k", str(args.k))
                     page.set_input_files("#file-input", str(query))
-                    page.wait_for_function(f"document.querySelectorAll('#results .result').length === {args.k}")
-                    page.wait_for_function("[...document.querySelectorAll('#results img')]"
+                    page.wait_for_function(f"() => document.querySelectorAll('#results .result').length === {args.k}")
+                    page.wait_for_function("() => [...document.querySelectorAll('#results img')]"
                                            ".every(i => i.complete && i.naturalWidth > 0)")
                     out = args.out.parent / f"{args.out.name}{name}.png"
                     out.parent.mkdir(parents=True, exist_ok=True)

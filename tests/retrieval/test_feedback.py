@@ -210,7 +210,7 @@ def test_search_cli_feedback_errors(archive_env: dict[str, Any]) -> None:
         return CliRunner().invoke(search_cmd, [str(a) for a in [archive.directory, query, *extra]])
 
     res = run("--relevant", 99)
-    assert res.exit_code == 2 and "image 99 marked relevant is not in the archive" in res.stderr
+    assert res.exit_code == 2 and "relevant: no image with id 99 in the archive" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     res = run("--relevant", 1, "--irrelevant", 1)
     assert res.exit_code == 2 and "image 1 is marked both" in res.stderr

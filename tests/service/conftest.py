@@ -18,6 +18,9 @@ SERVICE_CLASSES = ("agricultural", "airplane", "beach")
 PER_CLASS = 4
 IMAGE_SIZE = 64
 TOKEN = "test-token-7f3a"
+BASE_URL = "http://localhost"
+"""Where the test clients send requests: a host name the app accepts by default (not
+TestClient's ``testserver``)."""
 
 
 @pytest.fixture(scope="session")
@@ -99,7 +102,8 @@ def service_setup() -> dict[str, Any]:
 
 @pytest.fixture
 def make_client() -> Iterator[Callable[..., Any]]:
-    """``make_client(archive, **create_app_kwargs)``: a started ``TestClient`` (closed after the test)."""
+    """``make_client(archive, **create_app_kwargs)``: a started ``TestClient`` on
+    ``http://localhost`` (closed after the test)."""
     from fastapi.testclient import TestClient
 
     from landlens.service.app import create_app
@@ -107,7 +111,8 @@ def make_client() -> Iterator[Callable[..., Any]]:
     clients: list[Any] = []
 
     def make(archive: Any, *, raise_server_exceptions: bool = True, **kwargs: Any) -> Any:
-        client = TestClient(create_app(archive, **kwargs), raise_server_exceptions=raise_server_exceptions)
+        client = TestClient(create_app(archive, **kwargs), raise_server_exceptions=raise_server_exceptions,
+                            base_url=BASE_URL)
         client.__enter__()
         clients.append(client)
         return client
@@ -124,5 +129,5 @@ def read_client(service_archive_dir: Path, classifier_run: Path) -> Iterator[Any
 
     from landlens.service.app import create_app
 
-    with TestClient(create_app(service_archive_dir, classifier_run=classifier_run)) as client:
+    with TestClient(create_app(service_archive_dir, classifier_run=classifier_run), base_url=BASE_URL) as client:
         yield client

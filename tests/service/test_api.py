@@ -146,7 +146,8 @@ def test_thumbnail_is_a_jpeg_of_the_image(read_client: Any, service_archive: Any
     assert r.headers["content-type"] == "image/jpeg"
     assert r.content[:3] == b"\xff\xd8\xff"
     im = Image.open(io.BytesIO(r.content))
-    assert im.format == "JPEG" and max(im.size) == 48
+    # 48 is served at the fixed size 128, larger than the 64 px image: not enlarged
+    assert im.format == "JPEG" and max(im.size) == 64
     # the same picture: compare with the original shrunk independently
     ref = np.asarray(load_rgb(service_archive.record(4).path).resize(im.size, Image.Resampling.BOX), dtype=float)
     assert np.abs(np.asarray(im.convert("RGB"), dtype=float) - ref).mean() < 12.0
@@ -154,10 +155,12 @@ def test_thumbnail_is_a_jpeg_of_the_image(read_client: Any, service_archive: Any
     assert np.abs(np.asarray(im.convert("RGB"), dtype=float) - other).mean() > 20.0
     # caching headers, ETag and 304
     etag = r.headers["etag"]
-    assert etag == f'"{service_archive.record(4).sha256}-48"'
+    assert etag == f'"{service_archive.record(4).sha256}-128"'
     assert r.headers["cache-control"] == "public, max-age=3600"
     r2 = read_client.get("/api/images/4/thumbnail", params={"size": 48}, headers={"If-None-Match": etag})
     assert r2.status_code == 304 and r2.content == b""
+    r2 = read_client.get("/api/images/4/thumbnail", params={"size": 128}, headers={"If-None-Match": etag})
+    assert r2.status_code == 304
     # default size 256 is larger than the 64 px image: the image is not enlarged
     r3 = read_client.get("/api/images/4/thumbnail")
     assert max(Image.open(io.BytesIO(r3.content)).size) == 64

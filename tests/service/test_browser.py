@@ -132,13 +132,16 @@ def open_page(browser: Any, server_url: str) -> Iterator[Callable[..., Any]]:
     """``open_page(width, height, goto=True, url=None, **context_options)``: a fresh page,
     on the search page of ``url`` (default: :func:`server_url`) unless ``goto`` is false.
 
-    The page records console errors, page errors and failed requests in ``page.problems``.
+    The page records console errors (the browser reports each Content-Security-Policy
+    violation there too), page errors and failed requests in ``page.problems``, and CSP
+    violation events in ``window.__csp`` (:func:`_csp_violations`).
     """
     contexts: list[Any] = []
 
     def make(width: int = 1280, height: int = 900, goto: bool = True, url: str | None = None,
              **options: Any) -> Any:
         context = browser.new_context(viewport={"width": width, "height": height}, **options)
+        context.add_init_script(CSP_LISTENER)  # injected by the browser, not subject to the page's CSP
         contexts.append(context)
         page = context.new_page()
         page.set_default_timeout(30_000)
@@ -158,6 +161,16 @@ def open_page(browser: Any, server_url: str) -> Iterator[Callable[..., Any]]:
 
 
 # ---------------------------------------------------------------------- helpers
+
+CSP_LISTENER = """
+window.__csp = [];
+document.addEventListener('securitypolicyviolation',
+    e => window.__csp.push(`${e.effectiveDirective} blocked ${e.blockedURI || 'inline'}`));
+"""
+
+
+def _csp_violations(page: Any) -> list[str]:
+    return page.evaluate("() => window.__csp")
 
 
 def _is_upload_search(response: Any) -> bool:
@@ -241,7 +254,7 @@ def test_search_page_end_to_end(browser: Any, archive_env: dict[str, Any],
 
     # class filter: "all" plus one option per archive class, filled from /api/classes
     page.wait_for_function(
-        f"document.querySelectorAll('#class-filter option').length === {len(archive.classes) + 1}"
+        f"() => document.querySelectorAll('#class-filter option').length === {len(archive.classes) + 1}"
     )
     options = page.eval_on_selector_all("#class-filter option", "els => els.map(o => o.value)")
     assert options == ["", *archive.classes]
@@ -273,7 +286,7 @@ def test_search_page_end_to_end(browser: Any, archive_env: dict[str, Any],
         "#query-preview", "i => ({src: i.getAttribute('src'), w: i.naturalWidth, shown: i.offsetWidth > 0})"
     )
     assert preview["src"].startswith("blob:") and preview["shown"]
-    page.wait_for_function("document.getElementById('query-preview').complete")
+    page.wait_for_function("() => document.getElementById('query-preview').complete")
     assert page.eval_on_selector("#query-preview", "i => i.naturalWidth") == 64
     assert page.request.get(page.url + "api/health").json()["classifier"] is False
     assert page.is_hidden("#probs")
@@ -297,7 +310,7 @@ def test_search_page_end_to_end(browser: Any, archive_env: dict[str, Any],
     assert f"k={K}" in response.url
     assert [c["id"] for c in _cards(page)] == _ids(archive.search_id(second, K))
     assert second not in [c["id"] for c in _cards(page)]
-    page.wait_for_function("document.getElementById('query-preview').complete")
+    page.wait_for_function("() => document.getElementById('query-preview').complete")
     preview = page.eval_on_selector("#query-preview",
                                     "i => ({src: i.getAttribute('src'), w: i.naturalWidth})")
     assert preview["src"].endswith(f"/api/images/{second}/thumbnail") and preview["w"] > 0
@@ -357,7 +370,7 @@ def test_classifier_panel(browser: Any, archive_env: dict[str, Any], classifier_
     """With a classifier loaded, an upload's predictions fill ``#probs``: one row each."""
     query_path = archive_env["query_path"]
     page = open_page(1280, 900, url=classifier_url)
-    page.wait_for_function("document.getElementById('archive-info').textContent.includes('classifier')")
+    page.wait_for_function("() => document.getElementById('archive-info').textContent.includes('classifier')")
     assert page.is_hidden("#probs")  # nothing to show before the first search
     response = _search(page, lambda: page.set_input_files("#file-input", str(query_path)),
                        _is_upload_search)
@@ -420,7 +433,7 @@ def test_server_strings_are_escaped(browser: Any, archive_env: dict[str, Any],
     page.route(re.compile(r".*/api/health$"), health)
     page.route(re.compile(r".*/api/search$"), search)
     page.goto(server_url + "/")
-    page.wait_for_function("document.getElementById('archive-info').textContent.includes('classifier')")
+    page.wait_for_function("() => document.getElementById('archive-info').textContent.includes('classifier')")
     _search(page, lambda: page.set_input_files("#file-input", str(query_path)), _is_upload_search)
 
     assert page.is_visible("#probs")
@@ -638,3 +651,55 @@ def test_relevance_feedback_on_a_phone_and_an_expired_token(browser: Any, archiv
     assert min(heights) >= 36
     _shot(page, "feedback-mobile.png")
     assert [p for p in page.problems if "status of 410" not in p] == []
+
+
+# ---------------------------------------------------------------------- security headers, docs
+
+
+def test_page_obeys_its_content_security_policy(browser: Any, archive_env: dict[str, Any],
+                                                open_page: Callable[..., Any], server_url: str) -> None:
+    """The page, a search (the preview is a blob: URL), thumbnails and a click run under the
+    server's CSP without one violation; an inline script is refused (the check can fail)."""
+    page = open_page(1280, 900, goto=False)
+    response = page.goto(server_url + "/")
+    headers = response.headers
+    csp = headers["content-security-policy"]
+    assert "script-src 'self';" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+    assert headers["x-content-type-options"] == "nosniff" and headers["x-frame-options"] == "DENY"
+    page.fill("#k", str(K))
+    page.locator("#k").blur()
+    _search(page, lambda: page.set_input_files("#file-input", str(archive_env["query_path"])), _is_upload_search)
+    page.wait_for_function("() => document.getElementById('query-preview').complete")
+    assert all(w > 0 for w in _wait_thumbnails(page))
+    _search(page, lambda: page.click("#results .result >> nth=1"), lambda r: "/api/search/" in r.url)
+    assert _csp_violations(page) == []
+    assert page.problems == []
+
+    # the listener works: markup injected at run time cannot run inline code
+    page.evaluate("""() => {
+        const s = document.createElement('script');
+        s.textContent = 'window.__inline = 1';
+        document.body.appendChild(s);
+    }""")
+    page.wait_for_function("() => window.__csp.length > 0")
+    assert page.evaluate("() => window.__inline") is None
+    assert _csp_violations(page) == ["script-src-elem blocked inline"]
+
+
+def test_docs_render_offline(browser: Any, open_page: Callable[..., Any], server_url: str) -> None:
+    """/docs renders Swagger UI from this server alone (every other origin is cut off, as on a
+    machine without internet), with no CSP violation."""
+    page = open_page(1280, 900, goto=False)
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
+    page.context.route(lambda url: not url.startswith(server_url), lambda route: route.abort())
+    page.goto(server_url + "/docs")
+    page.wait_for_selector(".swagger-ui .info .title")
+    assert "landlens search service" in page.text_content(".swagger-ui .info .title")
+    page.wait_for_function("() => document.querySelectorAll('.swagger-ui .opblock').length >= 9")
+    page.click(".opblock-summary-path[data-path='/api/health']")  # expand one operation
+    page.wait_for_selector(".opblock.is-open")
+    assert requested and all(u.startswith(server_url + "/") for u in requested), requested
+    assert _csp_violations(page) == []
+    assert page.problems == []
+    _shot(page, "docs.png")

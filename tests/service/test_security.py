@@ -219,7 +219,7 @@ def test_server_without_token_refuses_writes_403(make_client: Any, writable_arch
 def test_check_token_compares_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
     import hmac
 
-    from landlens.service import app as app_module
+    from landlens.service import auth as app_module
 
     seen: list[tuple[bytes, bytes]] = []
     original = hmac.compare_digest

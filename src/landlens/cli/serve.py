@@ -71,6 +71,22 @@ def server_url(host: str, port: int) -> str:
     return f"http://{shown}:{port}/"
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+"""``--host`` values that bind every interface (no single name to accept)."""
+
+
+def host_names(host: str, extra: Sequence[str] = ()) -> list[str]:
+    """The ``Host`` names the server accepts: localhost, 127.0.0.1, ::1 ([::1]), the address it
+    binds (unless that is every interface) and ``extra`` (``--allowed-host``), without repeats."""
+    from landlens.service.app import DEFAULT_ALLOWED_HOSTS
+
+    names = list(DEFAULT_ALLOWED_HOSTS)
+    if host not in WILDCARD_HOSTS:
+        names.append(f"[{host}]" if ":" in host and not host.startswith("[") else host)
+    names.extend(extra)
+    return list(dict.fromkeys(n.strip().lower() for n in names if n.strip()))
+
+
 @click.command("serve", cls=OneLineErrorCommand)
 @click.argument("archive_dir", metavar="DIR", type=click.Path(path_type=Path))
 @click.option("--host", default=DEFAULT_HOST, show_default=True,
@@ -80,6 +96,13 @@ def server_url(host: str, port: int) -> str:
               help="run directory of a trained classifier (`landlens train run`): enables classification")
 @click.option("--token-file", type=click.Path(path_type=Path), default=None,
               help=f"file holding the write token (else ${TOKEN_ENV}); without a token writes are refused")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="host name clients may reach the server by, besides localhost, 127.0.0.1, ::1 and --host "
+                   "(repeatable; '*.example.org' patterns; '*' accepts any Host header)")
+@click.option("--read-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              help="seconds a request body may pause between chunks before the request is refused (408; 0: no limit)")
+@click.option("--body-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
+              help="seconds a whole request body may take to arrive (408 past it; 0: no limit)")
 @click.option("--cors-origin", "cors_origins", multiple=True,
               help="origin allowed to call the API from another site's page (repeatable); none by default")
 @click.option("--max-upload-mb", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
@@ -95,14 +118,19 @@ def server_url(host: str, port: int) -> str:
                    "`landlens retrieval evaluate --help`), fitted on the archive at start-up and after each update")
 @click.option("--optimize", type=click.Choice(["jit", "compile", "none"]), default="jit", show_default=True,
               help="the backbone's forward pass: traced and frozen once at start-up, torch.compile, or eager")
+@click.option("--decode-budget-mb", default=1024.0, show_default=True, type=click.FloatRange(min=1),
+              help="MiB that concurrent image decodes (uploads, thumbnails) may hold together, estimated from "
+                   "each header; requests past it wait, and an upload that alone needs more is refused (413)")
+@click.option("--thumbnail-decodes", default=None, type=click.IntRange(min=1),
+              help="thumbnail images decoded at a time (default: one per CPU)")
 @click.option("--workers-threads", default=None, type=click.IntRange(min=1),
               help="threads for decoding, search and thumbnails (default 40)")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
 def serve_cmd(archive_dir: Path, host: str, port: int, run_dir: Path | None, token_file: Path | None,
-              cors_origins: Sequence[str], max_upload_mb: float, max_pixels: int, max_k: int,
-              query_cache: int, rerank: str | None, optimize: str, workers_threads: int | None,
-              log_level: str) -> None:
+              allowed_hosts: Sequence[str], read_timeout: float, body_timeout: float, cors_origins: Sequence[str], max_upload_mb: float, max_pixels: int, max_k: int,
+              query_cache: int, rerank: str | None, optimize: str, decode_budget_mb: float,
+              thumbnail_decodes: int | None, workers_threads: int | None, log_level: str) -> None:
     """Serve the search API and web page over the archive DIR (`landlens index build`).
 
     Open the printed address in a browser: drop an image to find the most similar archive
@@ -114,7 +142,10 @@ def serve_cmd(archive_dir: Path, host: str, port: int, run_dir: Path | None, tok
     app = create_app(archive_dir, classifier_run=run_dir, token=token,
                      max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
                      cors_origins=tuple(cors_origins), max_k=max_k, threads=workers_threads,
-                     query_cache=query_cache, rerank=rerank, optimize=optimize)
+                     query_cache=query_cache, rerank=rerank, optimize=optimize,
+                     decode_budget_bytes=int(decode_budget_mb * 1024 * 1024), thumbnail_decodes=thumbnail_decodes,
+                     allowed_hosts=host_names(host, allowed_hosts), read_timeout=read_timeout or None,
+                     body_timeout=body_timeout or None)
     service = app.state.service
     config = serve_config(app, host=host, port=port, log_level=log_level)
     click.echo(f"landlens: serving {archive_dir} ({len(service.archive)} images, {service.archive.backbone_name}"
@@ -122,6 +153,10 @@ def serve_cmd(archive_dir: Path, host: str, port: int, run_dir: Path | None, tok
                + (f", re-ranked by {rerank}" if rerank else "") + ")")
     click.echo(f"landlens: writes {'enabled (token)' if token else 'disabled (no token)'}"
                + (f"; CORS origins: {', '.join(cors_origins)}" if cors_origins else ""))
+    hosts = host_names(host, allowed_hosts)
+    click.echo("landlens: Host names accepted: " + ("any" if "*" in hosts else ", ".join(hosts))
+               + (" (add this machine's name with --allowed-host)" if host in WILDCARD_HOSTS and "*" not in hosts
+                  else ""))
     click.echo(f"landlens: open {server_url(host, port)}")
     try:
         run_server(config)
@@ -129,5 +164,5 @@ def serve_cmd(archive_dir: Path, host: str, port: int, run_dir: Path | None, tok
         service.close()
 
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "TOKEN_ENV", "read_token", "run_server", "serve_cmd", "serve_config",
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "TOKEN_ENV", "WILDCARD_HOSTS", "host_names", "read_token", "run_server", "serve_cmd", "serve_config",
            "server_url"]

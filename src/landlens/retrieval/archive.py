@@ -204,7 +204,7 @@ class Archive(ArchiveSearch):
         state = self._state
         row = state.row_of.get(int(id))
         if row is None:
-            raise ArchiveError(f"no image with id {id} in the archive")
+            raise UnknownImageError(f"no image with id {id} in the archive")
         return state.records[row]
 
     def records(self) -> list[ImageRecord]:
@@ -215,7 +215,7 @@ class Archive(ArchiveSearch):
         state = self._state
         row = state.row_of.get(int(id))
         if row is None:
-            raise ArchiveError(f"no image with id {id} in the archive")
+            raise UnknownImageError(f"no image with id {id} in the archive")
         return np.array(state.vectors[row], dtype=np.float32)
 
     def info(self) -> dict[str, Any]:

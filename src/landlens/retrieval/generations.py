@@ -91,6 +91,10 @@ class ArchiveError(LandlensError):
     """A user error about an archive: a missing or damaged folder, an unknown id, a bad update."""
 
 
+class UnknownImageError(ArchiveError):
+    """An image id that is not in the archive (the service answers 404)."""
+
+
 def validate_class_name(name: str | None) -> str | None:
     """A class name as archives store it: surrounding space stripped, ``None`` or ``""`` for
     none; refused (:class:`ArchiveError`) when longer than :data:`CLASS_NAME_LIMIT` characters
@@ -339,7 +343,7 @@ def collect_garbage(directory: Path, state: Generation) -> None:
 
 __all__ = [
     "CLASS_NAME_LIMIT", "CURRENT", "FEATURES", "FORMAT_VERSION", "GEN_PREFIX", "LOCK", "READERS", "UPLOADS",
-    "UPLOAD_SUFFIXES", "ArchiveError", "Generation", "ImageRecord", "collect_garbage", "commit_generation",
+    "UPLOAD_SUFFIXES", "ArchiveError", "Generation", "UnknownImageError", "ImageRecord", "collect_garbage", "commit_generation",
     "describe_file", "file_lock", "fsync_dir", "fsync_tree", "generation_name", "is_archive", "load_current",
     "load_generation", "read_current", "sha256_file", "utc_now", "validate_class_name", "write_generation",
 ]  # fmt: skip

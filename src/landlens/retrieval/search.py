@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from landlens.retrieval.feedback import RocchioWeights, rocchio, rocchio_weights
-from landlens.retrieval.generations import ArchiveError, Generation, ImageRecord, sha256_file
+from landlens.retrieval.generations import ArchiveError, Generation, ImageRecord, UnknownImageError, sha256_file
 
 NO_RERANK = "none"
 """The ``rerank`` value that turns off an archive's default re-ranking for one search."""
@@ -280,7 +280,8 @@ class ArchiveSearch:
         Euclidean archive the unit result is scaled back to the query's length.
 
         Raises:
-            ArchiveError: an id that is not in the archive, or one marked both ways.
+            UnknownImageError: an id that is not in the archive.
+            ArchiveError: an id marked both ways.
             FeedbackError: nothing is left of the query (e.g. it was marked not relevant).
         """
         both = sorted(set(relevant) & set(irrelevant))
@@ -289,7 +290,7 @@ class ArchiveSearch:
         w = rocchio_weights(weights)
         q = np.asarray(vector, dtype=np.float32).reshape(-1)
         scale = 1.0 if self.metric == "cosine" else (float(np.linalg.norm(q)) or 1.0)
-        return rocchio(q, self._marked(relevant, "relevant"), self._marked(irrelevant, "not relevant"),
+        return rocchio(q, self._marked(relevant, "relevant"), self._marked(irrelevant, "irrelevant"),
                        a=w.a, b=w.b, c=w.c, scale=scale)
 
     def _marked(self, ids: Sequence[int], what: str) -> np.ndarray:
@@ -298,7 +299,7 @@ class ArchiveSearch:
         for i in ids:
             row = state.row_of.get(int(i))
             if row is None:
-                raise ArchiveError(f"image {i} marked {what} is not in the archive")
+                raise UnknownImageError(f"{what}: no image with id {i} in the archive")
             rows.append(row)
         if not rows:
             return np.zeros((0, int(state.index.dim_)), dtype=np.float32)

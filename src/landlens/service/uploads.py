@@ -85,6 +85,7 @@ class SavedUpload:
         bytes: size in bytes.
         width, height: size in pixels, from the header.
         name: the client's file name, reduced to a safe base name for display only.
+        bands, dtype: channels and sample type the header promises (what decoding costs).
     """
 
     path: Path
@@ -95,6 +96,8 @@ class SavedUpload:
     width: int
     height: int
     name: str
+    bands: int = 3
+    dtype: str = "uint8"
 
     def remove(self) -> None:
         """Delete the temporary file (no error if it is already gone)."""
@@ -200,7 +203,8 @@ def save_upload(src: ReadableStream, *, max_bytes: int, max_pixels: int, name: s
             raise UploadError(413, f"image too large: {info.width}x{info.height} pixels exceeds the limit "
                                    f"of {max_pixels} pixels")
         return SavedUpload(path=path, format=fmt, extension=FORMAT_EXTENSIONS[fmt], sha256=sha, bytes=size,
-                           width=info.width, height=info.height, name=safe_name(name))
+                           width=info.width, height=info.height, name=safe_name(name), bands=info.bands,
+                           dtype=info.dtype)
     except BaseException:
         try:
             path.unlink()

@@ -1,0 +1,169 @@
+"""Search routes: by an uploaded image, by an indexed image, and relevance feedback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from landlens.errors import LandlensError, first_line
+from landlens.service.common import ServiceError, Timer, clamp_k, class_param, hit_dict
+from landlens.service.models import MAX_FEEDBACK_IDS, FeedbackRequest, FeedbackWeights
+from landlens.service.state import SearchService, get_service
+
+Service = Annotated[SearchService, Depends(get_service)]
+
+
+def search_router(max_k: int) -> APIRouter:
+    """The search routes, with ``k`` limited to ``max_k`` (in validation and in the OpenAPI schema)."""
+    router = APIRouter(tags=["search"])
+
+    @router.post("/api/search")
+    async def search_upload(
+        service: Service,
+        file: Annotated[UploadFile, File(description="query image (JPEG, PNG, TIFF, GIF, BMP or WebP)")],
+        k: int = Form(12, ge=1, le=max_k, description="number of results"),  # max_k: not in an annotation
+        class_name: Annotated[str | None, Form(alias="class", description="only images of this class")] = None,
+    ) -> JSONResponse:
+        """Search the archive with an uploaded image."""
+        await run_in_threadpool(service.refresh)
+        timer = Timer()
+        cls = class_param(class_name)
+        service.check_class(cls)
+        saved = await service.receive(file, timer)
+        try:
+            t = time.perf_counter()
+            async with service.decoding(saved):  # the decode budget, held while the pixels live
+                t = timer.add("wait", t)
+                image = await run_in_threadpool(service.decode, saved)
+                t = timer.add("decode", t)
+                width, height = image.width, image.height
+                embed = asyncio.wrap_future(service.batcher.submit(image))
+                classify = None
+                if service.predictor is not None:
+                    n = len(service.predictor.classes)
+                    classify = asyncio.ensure_future(run_in_threadpool(service.classify, image, min(5, n)))
+                del image
+                try:
+                    vector = await embed
+                except BaseException:
+                    if classify is not None:
+                        classify.cancel()
+                    raise
+                t = timer.add("embed", t)
+                available = len(service.archive) if cls is None else service.class_counts().get(cls, 0)
+                kk = clamp_k(k, available)
+                hits = (await run_in_threadpool(service.archive.search_vectors, np.asarray(vector)[None], kk,
+                                                class_name=cls))[0] if kk else []
+                t = timer.add("search", t)
+                classification = None
+                if classify is not None:
+                    classification = await classify
+                    timer.add("classify", t)
+        finally:
+            await run_in_threadpool(saved.remove)
+        query = {"id": None, "name": saved.name, "class": None, "width": width, "height": height}
+        query_token = service.queries.put(np.asarray(vector), query)  # for relevance feedback
+        timing = timer.finish()
+        body = {"k": kk, "class": cls, "query": query, "query_token": query_token,
+                "results": [hit_dict(h) for h in hits], "classification": classification,
+                "timing_ms": timing}
+        return JSONResponse(body, headers={"Server-Timing": Timer.header(timing)})
+
+    @router.get("/api/search/{image_id:int}")
+    async def search_indexed(
+        service: Service,
+        image_id: Annotated[int, PathParam(ge=0, description="id of an indexed image")],
+        k: int = Query(12, ge=1, le=max_k, description="number of results"),  # max_k: not in an annotation
+        class_name: Annotated[str | None, Query(alias="class")] = None,
+    ) -> JSONResponse:
+        """Search the archive with an indexed image (the image itself is left out)."""
+        await run_in_threadpool(service.refresh)
+        timer = Timer()
+        cls = class_param(class_name)
+        record = service.record_or_404(image_id)
+        service.check_class(cls)
+        available = len(service.archive) if cls is None else service.class_counts().get(cls, 0)
+        if cls is None or record.class_name == cls:
+            available -= 1
+        kk = clamp_k(k, available)
+        t = time.perf_counter()
+        try:
+            hits = await run_in_threadpool(service.archive.search_id, image_id, kk, class_name=cls) if kk else []
+        except LandlensError:
+            if not service.archive.has(image_id):
+                raise ServiceError(404, f"no image with id {image_id} in the archive") from None
+            raise
+        timer.add("search", t)
+        timing = timer.finish()
+        q = record.to_dict()
+        body = {"k": kk, "class": cls,
+                "query": {key: q[key] for key in ("id", "name", "class", "width", "height")},
+                "results": [hit_dict(h) for h in hits], "classification": None, "timing_ms": timing}
+        return JSONResponse(body, headers={"Server-Timing": Timer.header(timing)})
+
+    @router.post("/api/search/feedback")
+    async def search_feedback(service: Service, body: FeedbackRequest) -> JSONResponse:
+        """Relevance feedback: refine the query with the images marked relevant and not
+        relevant (Rocchio: q' = a q + b mean(relevant) - c mean(not relevant), on L2-normalised
+        embeddings; defaults a=1, b=0.75, c=0.15) and search again. The query is an indexed
+        image (``{"id": N}``, left out of the results) or an upload (``{"vector_token": T}``,
+        the ``query_token`` of its ``POST /api/search``; 410 once expired). Marked images stay
+        in the results. Send the original query and every mark so far on each round."""
+        from landlens.retrieval.feedback import FeedbackError, RocchioWeights
+
+        await run_in_threadpool(service.refresh)
+        timer = Timer()
+        q = body.query
+        if (q.id is None) == (q.vector_token is None):
+            raise ServiceError(422, "query: give exactly one of 'id' (an indexed image) or 'vector_token'")
+        relevant = list(dict.fromkeys(int(i) for i in body.relevant))
+        irrelevant = list(dict.fromkeys(int(i) for i in body.irrelevant))
+        if not relevant and not irrelevant:
+            raise ServiceError(422, "relevant, irrelevant: mark at least one image relevant or not relevant")
+        if len(relevant) + len(irrelevant) > MAX_FEEDBACK_IDS:
+            raise ServiceError(422, f"relevant, irrelevant: at most {MAX_FEEDBACK_IDS} marked images, "
+                                    f"got {len(relevant) + len(irrelevant)}")
+        both = sorted(set(relevant) & set(irrelevant))
+        if both:
+            raise ServiceError(422, f"image {both[0]} is marked both relevant and not relevant")
+        if body.k > max_k:
+            raise ServiceError(422, f"k: Input should be less than or equal to {max_k}")
+        cls = class_param(body.class_name)
+        service.check_class(cls)
+        w = body.weights or FeedbackWeights()
+        try:
+            weights = RocchioWeights(w.a, w.b, w.c)
+        except FeedbackError as exc:
+            raise ServiceError(422, f"weights: {first_line(exc)}") from None
+        vector, query, query_id = await run_in_threadpool(service.query_vector, q)
+        t = time.perf_counter()
+        refined = await run_in_threadpool(service.refine, vector, relevant, irrelevant, weights)
+        t = timer.add("refine", t)
+        available = len(service.archive) if cls is None else service.class_counts().get(cls, 0)
+        if query_id is not None and (cls is None or query.get("class") == cls):
+            available -= 1
+        kk = clamp_k(body.k, available)
+        exclude = [query_id] if query_id is not None else None
+        hits = (await run_in_threadpool(service.archive.search_vectors, refined[None], kk,
+                                        class_name=cls, exclude=exclude))[0] if kk else []
+        timer.add("search", t)
+        timing = timer.finish()
+        out = {"k": kk, "class": cls, "query": query,
+               "query_token": q.vector_token if query_id is None else None,
+               "results": [hit_dict(h) for h in hits], "classification": None,
+               "feedback": {"method": "rocchio", "weights": weights.to_dict(),
+                            "relevant": relevant, "irrelevant": irrelevant},
+               "timing_ms": timing}
+        return JSONResponse(out, headers={"Server-Timing": Timer.header(timing)})
+
+    return router
+
+
+__all__ = ["search_router"]
