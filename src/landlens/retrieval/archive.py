@@ -33,7 +33,7 @@ from landlens.data.io import file_problem
 from landlens.errors import ImageReadError
 from landlens.retrieval.search import ArchiveHit, ArchiveSearch
 from landlens.retrieval.generations import (
-    CURRENT, FEATURES, GEN_PREFIX, LOCK, UPLOAD_SUFFIXES, UPLOADS, ArchiveError, Generation, ImageRecord,
+    CURRENT, FEATURES, GEN_PREFIX, LOCK, UPLOAD_SUFFIXES, UPLOADS, ArchiveError, Generation, ImageRecord, UnknownImageError,
     collect_garbage, describe_file, file_lock, generation_name, is_archive, load_current, load_generation,
     read_current, sha256_file, utc_now, validate_class_name, write_generation,
 )
