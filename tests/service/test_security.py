@@ -346,3 +346,27 @@ def test_cors_headers_only_for_the_given_origins(make_client: Any, service_archi
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://maps.example.org"
     r = client.get("/api/health", headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in r.headers
+
+
+# ------------------------------------------------------------------------------ TIFF bombs
+
+
+def _tiff(shape: tuple[int, ...], **kwargs: Any) -> bytes:
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros(shape, np.uint8), photometric="minisblack", compression="zlib", **kwargs)
+    return buf.getvalue()
+
+
+def test_many_sample_and_multi_page_tiffs(make_client: Any, service_archive_dir: Path) -> None:
+    """Issue #17.1 through the service: bands count against --max-pixels before decoding, and a
+    stack of pages is read as its first page only."""
+    client = make_client(service_archive_dir, max_pixels=1_000_000)
+    samples = _tiff((100, 500, 500), planarconfig="separate")  # 250,000 pixels x 100 bands
+    r = client.post("/api/search", files={"file": ("s.tif", samples, "image/tiff")}, data={"k": "2"})
+    assert r.status_code == 413 and "500x500 pixels x 100 bands" in r.json()["detail"], r.text
+    pages = _tiff((64, 500, 500))  # 64 pages: only the first is decoded
+    r = client.post("/api/search", files={"file": ("p.tif", pages, "image/tiff")}, data={"k": "2"})
+    assert r.status_code == 200, r.text
+    assert (r.json()["query"]["width"], r.json()["query"]["height"]) == (500, 500)

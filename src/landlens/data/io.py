@@ -80,6 +80,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "SENTINEL2_SCALE",
+    "check_pixels",
     "ImageInfo",
     "file_problem",
     "is_image_file",
@@ -223,10 +224,11 @@ def _is_tiff(head: bytes) -> bool:
     return head[:4] in _TIFF_MAGIC
 
 
-def _check_pixels(
+def check_pixels(
     path: Path, width: int, height: int, max_pixels: int | None, bands: int = 1
 ) -> None:
-    """Refuse an image whose decoded size exceeds the limit (see :data:`BANDS_PER_PIXEL`)."""
+    """Refuse (:class:`ImageReadError`) an image whose decoded size exceeds ``max_pixels``:
+    width x height, or width x height x bands / :data:`BANDS_PER_PIXEL` for more than 4 bands."""
     if max_pixels is None:
         return
     if width * height > max_pixels:
@@ -277,7 +279,7 @@ def _open_pil(path: Path, max_pixels: int | None) -> Image.Image:
     except _DECODE_ERRORS as exc:
         raise ImageReadError(path, _reason(exc)) from None
     try:
-        _check_pixels(path, im.width, im.height, max_pixels)
+        check_pixels(path, im.width, im.height, max_pixels)
     except ImageReadError:
         im.close()
         raise
@@ -301,7 +303,7 @@ def _load_pil(path: Path, im: Image.Image, max_pixels: int | None) -> None:
         raise ImageReadError(path, f"image too large: {_first_line(exc)}") from None
     except _DECODE_ERRORS as exc:
         raise ImageReadError(path, _reason(exc)) from None
-    _check_pixels(path, im.width, im.height, max_pixels)
+    check_pixels(path, im.width, im.height, max_pixels)
 
 
 def _pil_array(path: Path, im: Image.Image, max_pixels: int | None) -> tuple[np.ndarray, bool]:
@@ -345,7 +347,7 @@ def _tiff_page(path: Path, tf: tifffile.TiffFile, max_pixels: int | None) -> tup
         raise ImageReadError(path, f"unsupported TIFF layout (axes {axes})")
     height, width = shape[axes.index("Y")], shape[axes.index("X")]
     bands = int(np.prod(shape)) // max(width * height, 1)
-    _check_pixels(path, width, height, max_pixels, bands)
+    check_pixels(path, width, height, max_pixels, bands)
     return page, axes, shape
 
 

@@ -180,7 +180,7 @@ def save_upload(src: ReadableStream, *, max_bytes: int, max_pixels: int, name: s
         UploadError: 400 empty upload, 413 too many bytes or pixels, 415 not a supported
             image (by content) or an unreadable header.
     """
-    from landlens.data.io import probe_image
+    from landlens.data.io import check_pixels, probe_image
 
     fd, tmp = tempfile.mkstemp(prefix="landlens-upload-", suffix=".bin", dir=directory)
     path = Path(tmp)
@@ -199,9 +199,10 @@ def save_upload(src: ReadableStream, *, max_bytes: int, max_pixels: int, name: s
             info = probe_image(path)
         except ImageReadError as exc:
             raise UploadError(415, f"unreadable {fmt} image: {exc.reason}") from None
-        if info.width * info.height > max_pixels:
-            raise UploadError(413, f"image too large: {info.width}x{info.height} pixels exceeds the limit "
-                                   f"of {max_pixels} pixels")
+        try:
+            check_pixels(path, info.width, info.height, max_pixels, info.bands)
+        except ImageReadError as exc:
+            raise UploadError(413, exc.reason) from None
         return SavedUpload(path=path, format=fmt, extension=FORMAT_EXTENSIONS[fmt], sha256=sha, bytes=size,
                            width=info.width, height=info.height, name=safe_name(name), bands=info.bands,
                            dtype=info.dtype)
