@@ -1,15 +1,93 @@
 """landlens: remote-sensing scene retrieval and classification.
 
-The package is organised by capability (see ``DESIGN.md`` in the shared folder):
-``data`` (catalog, decoding, splits), ``models`` (backbones and weight sources),
-``features`` (extraction and the feature store), ``retrieval`` (metrics, search).
+The public API, in the order data flows (every ``landlens`` command is a thin shell over one
+of these)::
+
+    import landlens
+
+    bb = landlens.create_backbone("tf_efficientnet_lite0", "package")   # backbone + its preprocessing
+    fs = landlens.extract("UCMerced_LandUse", bb)                        # FeatureSet, cached in runs/features
+    both = landlens.fuse([fs, landlens.extract("UCMerced_LandUse", "tv_mobilenet_v2")])
+    print(landlens.evaluate(both).metrics["mAP"])                        # mAP, ANMRR, P@k, class-wise mAP
+    arch = landlens.Archive.build("UCMerced_LandUse", "ucm.archive")     # FAISS index + catalog on disk
+    hits = arch.search("query.jpg", k=10, rerank="kreciprocal")          # by file, image, vector or id
+    run = landlens.train(landlens.load_config("benchmarks/configs/ucm_linear.yaml"))
+
+The package is organised along that flow: ``data`` (catalog, decoding, folders, splits) ->
+``models`` (backbones, weights, preprocessing) -> ``features`` (extraction, the feature store
+and its cache) -> ``retrieval`` (fusion, archives, search, re-ranking, metrics) ->
+``training`` / ``matching`` (learned models) -> ``service`` (the web service). Names below are
+imported on first use, so ``import landlens`` stays light.
 """
 
+from __future__ import annotations
+
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 try:
     __version__ = version("landlens")
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+src"
 
-__all__ = ["__version__"]
+_EXPORTS: dict[str, str] = {
+    # data
+    "scan_folder": "landlens.data.folder",
+    "load_rgb": "landlens.data.io",
+    "make_split": "landlens.data.splits",
+    # models
+    "create_backbone": "landlens.models.registry",
+    "Preprocessing": "landlens.models.preprocessing",
+    "decode_image": "landlens.models.preprocessing",
+    # features
+    "extract": "landlens.features.cache",
+    "FeatureSet": "landlens.features.store",
+    "FeatureStore": "landlens.features.store",
+    # retrieval
+    "fuse": "landlens.retrieval.fusion",
+    "Archive": "landlens.retrieval.archive",
+    "ArchiveHit": "landlens.retrieval.search",
+    "evaluate": "landlens.retrieval.evaluate",
+    "make_reranker": "landlens.retrieval.rerank",
+    # training
+    "TrainConfig": "landlens.training.config",
+    "load_config": "landlens.training.config",
+    "train": "landlens.training.engine",
+    "Predictor": "landlens.training.predict",
+    # errors
+    "LandlensError": "landlens.errors",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from landlens.data.folder import scan_folder
+    from landlens.data.io import load_rgb
+    from landlens.data.splits import make_split
+    from landlens.errors import LandlensError
+    from landlens.features.cache import extract
+    from landlens.features.store import FeatureSet, FeatureStore
+    from landlens.models.preprocessing import Preprocessing, decode_image
+    from landlens.models.registry import create_backbone
+    from landlens.retrieval.archive import Archive
+    from landlens.retrieval.evaluate import evaluate
+    from landlens.retrieval.fusion import fuse
+    from landlens.retrieval.rerank import make_reranker
+    from landlens.retrieval.search import ArchiveHit
+    from landlens.training.config import TrainConfig, load_config
+    from landlens.training.engine import train
+    from landlens.training.predict import Predictor
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'landlens' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -28,7 +28,10 @@ from landlens.data.catalog import CATALOG, DatasetSpec, get_spec, match_spec
 from landlens.data.io import is_image_file
 from landlens.errors import DatasetError
 
-__all__ = ["ImageFolderDataset", "natural_key", "resolve_class_root", "scan_folder"]
+
+
+__all__ = ["ImageFolderDataset", "natural_key", "resolve_class_root", "scan_files",
+    "scan_folder"]
 
 _DIGITS = re.compile(r"(\d+)")
 
@@ -249,3 +252,25 @@ def scan_folder(path: str | os.PathLike[str], dataset: str | None = None) -> Ima
         ignored=ignored,
         empty_classes=empty,
     )
+
+
+def scan_files(files: Sequence[str | os.PathLike[str]], name: str = "images") -> ImageFolderDataset:
+    """A list of image files as an :class:`ImageFolderDataset`: the root is their common
+    folder and each file's class is the name of the folder it sits in.
+
+    Raises:
+        DatasetError: no files, or a file that does not exist.
+    """
+    paths = [Path(f).expanduser().resolve() for f in files]
+    if not paths:
+        raise DatasetError("no image files given")
+    for p in paths:
+        if not p.is_file():
+            raise DatasetError(f"{p}: no such file")
+    root = Path(os.path.commonpath([str(p.parent) for p in paths]))
+    if all(p.parent == root for p in paths) and root.parent != root:
+        root = root.parent  # every file in one folder: that folder is their class
+    classes = sorted({p.parent.name for p in paths})
+    index = {c: i for i, c in enumerate(classes)}
+    return ImageFolderDataset(root=root, classes=classes, paths=[p.relative_to(root).as_posix() for p in paths],
+                              labels=np.asarray([index[p.parent.name] for p in paths], dtype=np.int64), name=name)

@@ -64,6 +64,39 @@ def cached_features(
     return FeatureStore(out).load().only_valid()
 
 
+def extract(
+    data: str | Path | Sequence[str | Path],
+    backbone: str | Backbone = "tf_efficientnet_lite0",
+    weights: str = "auto",
+    *,
+    dataset: str | None = None,
+    cache_dir: str | Path = DEFAULT_CACHE_DIR,
+    workers: int | None = None,
+    optimize: Optimize = "auto",
+    progress: bool = False,
+) -> FeatureSet:
+    """Features of images under ``backbone``: extracted once into the feature cache, then reused.
+
+    ``data`` is a folder with one sub-folder per class (a catalog dataset is recognised, or
+    named by ``dataset``), or a list of image files, whose classes are their parent folders'
+    names. ``backbone`` is a name from ``landlens models list`` (any timm model name, ``hog``,
+    ``lbp_rgb``, ``run:PATH``) built with ``weights`` (``auto``, ``package``, ``hub``, a file),
+    or a built :class:`~landlens.models.registry.Backbone`. Unreadable images are left out of
+    the result (the store records why). The cache is shared with every landlens command, so
+    ``landlens retrieval evaluate`` on the same images reuses it.
+    """
+    from landlens.data.folder import scan_files, scan_folder
+
+    ds = scan_files(data) if not isinstance(data, (str, Path)) else scan_folder(data, dataset)
+    bb = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, weights)
+    if bb.weights.digest is None:
+        from landlens.errors import LandlensError
+
+        raise LandlensError(f"features of randomly initialised {bb.name!r} cannot be cached; pass real weights")
+    out, _ = ensure_features(ds, bb, cache_dir=cache_dir, workers=workers, optimize=optimize, progress=progress)
+    return FeatureStore(out).load().only_valid()
+
+
 def ensure_features(ds: Any, backbone: Backbone, *, cache_dir: str | Path = DEFAULT_CACHE_DIR,
                     workers: int | None = None, optimize: Optimize = "auto", progress: bool = True,
                     command: str | None = None) -> tuple[Path, ExtractResult | None]:
@@ -81,4 +114,4 @@ def ensure_features(ds: Any, backbone: Backbone, *, cache_dir: str | Path = DEFA
     return out, res
 
 
-__all__ = ["DEFAULT_CACHE_DIR", "cached_features", "ensure_features", "store_path"]
+__all__ = ["DEFAULT_CACHE_DIR", "cached_features", "ensure_features", "extract", "store_path"]
