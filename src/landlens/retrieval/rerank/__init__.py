@@ -19,7 +19,7 @@ kreciprocal   k-reciprocal encoding with the Jaccard distance (Zhong, Zheng, Cao
 ============  ===============================================================================
 
 The base class, the per-block binding used by evaluation, the aqe+graph pipeline and the spec
-reader are in ``base.py``; the database's k-NN graph in ``graph.py``.
+reader are in ``base.py``; the database's k-NN graph (FAISS) in ``graph.py``.
 
 A re-ranker is an estimator in the scikit-learn style: the settings go to ``__init__``,
 :meth:`Reranker.fit` learns from the database (attributes ending in ``_``), and then it is
@@ -42,9 +42,9 @@ query already counts once); diffusion and k-reciprocal re-ranking use the query'
 of the graph, as the methods do when the query belongs to the collection. Evaluation then
 leaves the query's own row out of its ranking, as for any distance.
 
-Cost: fitting builds the k-NN lists of the database by blocks of matrix products (never an
-``n x n`` matrix: memory ``O(n k)`` plus one block); a query costs one similarity row to the
-database plus, for diffusion, ``iters`` sparse products with the ``O(n k)``-edge
+Cost: fitting builds the k-NN lists of the database with FAISS's exact search (never an
+``n x n`` matrix: memory ``O(n k)`` plus FAISS's fixed blocks); a query costs one similarity
+row to the database plus, for diffusion, ``iters`` sparse products with the ``O(n k)``-edge
 graph, and, for k-reciprocal, sparse set operations over its candidate lists.
 """
 
