@@ -164,3 +164,40 @@ def test_extract_refuses_unsafe_paths(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="unsafe path"):
         extract_archive(bad, tmp_path / "out")
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_progress_bar_names_the_archive_and_pooch_stays_quiet(
+    ucm_zip: Path, http_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = _spec(f"{http_server}/UCMerced_LandUse.zip", ucm_zip)
+    download_dataset(spec, tmp_path, extract=False, progress=True)
+    err = capsys.readouterr().err
+    assert "UCMerced_LandUse.zip" in err and "100%" in err
+    assert "Downloading data from" not in err and "SHA256 hash" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["UCMerced_LandUse.zip"]  # no temporary file left
+
+
+def test_archive_with_wrong_checksum_is_downloaded_again(ucm_zip: Path, http_server: str, tmp_path: Path) -> None:
+    spec = _spec(f"{http_server}/UCMerced_LandUse.zip", ucm_zip, "sha256")
+    (tmp_path / "UCMerced_LandUse.zip").write_bytes(b"truncated")
+    archive = download_dataset(spec, tmp_path, extract=False)
+    assert archive.read_bytes() == ucm_zip.read_bytes()
+
+
+def test_silent_server_times_out_in_one_line(ucm_zip: Path, tmp_path: Path) -> None:
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        port = silent.getsockname()[1]
+        spec = _spec(f"http://127.0.0.1:{port}/UCMerced_LandUse.zip", ucm_zip)
+        with pytest.raises(LandlensError) as info:
+            download_dataset(spec, tmp_path, timeout=0.5)
+    msg = str(info.value)
+    assert msg.startswith(f"no network access to 127.0.0.1:{port} (timed out after 0.5 s)") and "\n" not in msg
+    assert not list(tmp_path.iterdir())
+
+
+def test_unsupported_url_scheme(ucm_zip: Path, tmp_path: Path) -> None:
+    spec = _spec("s3://bucket/UCMerced_LandUse.zip", ucm_zip)
+    with pytest.raises(LandlensError, match="landlens downloads http, https, ftp and file URLs"):
+        download_dataset(spec, tmp_path)

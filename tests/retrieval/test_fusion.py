@@ -72,3 +72,55 @@ def test_recipes():
     assert parse_recipe("a,pca64") == (["a"], 64, False)
     with pytest.raises(LandlensError, match="fusion recipe"):
         parse_recipe("a+b,zca9")
+
+
+def _numpy_pca(x: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reference PCA by numpy's SVD of the centred data: mean, components (dim, D), variances.
+
+    ``x`` is rounded to float32 first, as Fusion reads its blocks."""
+    x = x.astype(np.float32).astype(np.float64)
+    mean = x.mean(0)
+    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+    return mean, vt[:dim], s[:dim] ** 2 / (len(x) - 1)
+
+
+@pytest.mark.parametrize("n, d, dim", [(300, 12, 5), (40, 90, 40), (40, 90, 10)])  # more images, fewer images
+def test_projection_equals_a_numpy_svd_up_to_component_sign(n, d, dim):
+    rng = np.random.default_rng(n + d)
+    x = rng.gamma(1.0, 1.0, size=(n, d)) @ rng.normal(size=(d, d))
+    mean, comps, var = _numpy_pca(x, dim)
+    keep = var > 1e-9 * var[0]  # well-defined directions (not the null space of a short matrix)
+    fz = Fusion(pca_dim=dim, normalize_blocks=False).fit([x])
+    np.testing.assert_allclose(fz.explained_variance_[keep], var[keep], rtol=1e-8)
+    signs = np.sign(np.sum(fz.components_ * comps, axis=1))
+    np.testing.assert_allclose((fz.components_ * signs[:, None])[keep], comps[keep], atol=1e-8)
+    # the largest loading of every component is positive (a deterministic sign)
+    assert (fz.components_[np.arange(dim), np.abs(fz.components_).argmax(1)] > 0).all()
+    y = (x.astype(np.float32) - mean) @ comps.T * signs
+    ref = (y / np.linalg.norm(y, axis=1, keepdims=True)).astype(np.float32)
+    np.testing.assert_allclose(fz.transform([x]), ref, atol=1e-5)
+
+
+def test_whitening_floors_the_variance_of_directions_the_database_does_not_span():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(30, 50))  # 30 images in 50-d: the 30th component has variance ~0 (rounding)
+    w = Fusion(whiten=True, normalize_blocks=False).fit([x])
+    assert w.pca_dim == 30 and w.explained_variance_[-1] < 1e-20
+    mean, comps, var = _numpy_pca(x, 30)
+    signs = np.sign(np.sum(w.components_ * comps, axis=1))
+    y = ((x.astype(np.float32) - mean) @ comps.T * signs) / np.sqrt(np.maximum(var, 0) + w.eps)
+    out = w.transform([x])
+    np.testing.assert_allclose(out[:, :29], (y / np.linalg.norm(y, axis=1, keepdims=True))[:, :29], atol=1e-5)
+    assert np.abs(out[:, -1]).max() < 1e-6  # the noise direction is damped, not scaled up to unit variance
+    with pytest.raises(LandlensError, match="at least 2 images"):
+        Fusion(whiten=True).fit([np.ones((1, 4))])
+
+
+def test_pca_refuses_nan_features_in_one_line():
+    x = np.random.default_rng(0).normal(size=(10, 4))
+    bad = x.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(LandlensError, match="NaN/inf values"):
+        Fusion(pca_dim=2).fit([bad])
+    with pytest.raises(LandlensError, match="NaN/inf values"):
+        Fusion(pca_dim=2).fit([x]).transform([bad])

@@ -223,3 +223,32 @@ def test_bad_inputs():
         classification_report([0, 1], [0, 1], ["a", "b"], probs=np.zeros((2, 3)))
     with pytest.raises(ValueError, match="integer class indices"):
         classification_report([0.0, 1.0], [0, 1], ["a", "b"])
+
+
+def test_log_probabilities_with_minus_infinity_rank_like_the_probabilities():
+    y_true, y_pred = _noisy_predictions(300, 7, 0.6, seed=21)
+    rng = np.random.default_rng(1)
+    probs = rng.random((300, 7))
+    probs[rng.random((300, 7)) < 0.3] = 0.0  # log(0) = -inf, ties among them
+    with np.errstate(divide="ignore"):
+        logp = np.log(probs)
+    rep = classification_report(y_true, y_pred, CLASSES, probs=logp, n_boot=10)
+    for k in (1, 5):
+        assert rep.top_k[k] == pytest.approx(top_k_accuracy_score(y_true, probs, k=k, labels=range(7)), abs=1e-15)
+    with pytest.raises(ValueError, match="NaN scores"):
+        classification_report(y_true, y_pred, CLASSES, probs=np.full((300, 7), np.nan), n_boot=10)
+
+
+def test_two_class_top1_counts_ties_for_the_higher_class():
+    # hand-worked: rows 2 and 3 tie, so the higher class (1) is ranked first
+    y_true = np.array([0, 1, 0, 1, 1])
+    scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5], [0.5, 0.5], [0.7, 0.3]])
+    rep = classification_report(y_true, np.array([0, 1, 1, 1, 0]), ["x", "y"], probs=scores, n_boot=10)
+    assert rep.top_k == {1: pytest.approx(3 / 5)}  # rows 0, 1, 3
+
+
+def test_bootstrap_of_one_image_is_degenerate():
+    assert bootstrap_accuracy_ci([2], [2]) == (1.0, 1.0)
+    assert bootstrap_accuracy_ci([2], [1]) == (0.0, 0.0)
+    rep = classification_report([0], [0], ["a", "b"], n_boot=10)
+    assert rep.ci == (1.0, 1.0) and rep.accuracy == 1.0

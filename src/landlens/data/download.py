@@ -1,10 +1,11 @@
 """Downloading and extracting catalog datasets, for machines that have a network.
 
-:func:`download_dataset` streams a catalog entry's archive into a ``.part`` file, checks
-its published checksum while it arrives, renames it into place, extracts it with the
-standard library (ZIP, TAR) and returns the class root. An archive already present with
-the right checksum is not downloaded again, and an extraction that finished is not
-repeated.
+:func:`download_dataset` fetches a catalog entry's archive with ``pooch.retrieve``: pooch
+streams it into a temporary file beside the destination, checks the published checksum
+(``md5:...`` / ``sha256:...``, the catalog's own notation), moves it into place only if it
+matches, and does not download again an archive already present with the right checksum.
+Mirrors are tried in turn. The archive is then extracted with the standard library (ZIP,
+TAR) and the class root returned; an extraction that finished is not repeated.
 
 Many landlens users work offline. Without network access the function raises a
 :class:`~landlens.errors.LandlensError` that says so in one line and tells how to use a
@@ -16,19 +17,25 @@ message, with the dataset's homepage.
 
 from __future__ import annotations
 
-import hashlib
-import http.client
+import errno
+import ftplib
+import logging
 import os
+import re
+import shutil
+import socket
 import tarfile
-import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from landlens.data.catalog import DatasetSpec, get_spec
-from landlens.hashing import file_digest as file_checksum
 from landlens.errors import DatasetError, LandlensError
+from landlens.hashing import file_digest as file_checksum
 
 __all__ = ["DEFAULT_TIMEOUT", "download_dataset", "extract_archive", "file_checksum"]
 
@@ -52,6 +59,10 @@ class _HttpError(Exception):
     """The server answered, but not with the file."""
 
 
+class _ChecksumError(Exception):
+    """The file arrived, but its checksum is not the published one (pooch deleted it)."""
+
+
 def _host(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     return parts.netloc or parts.scheme + ":"
@@ -66,77 +77,138 @@ def _local_hint(spec: DatasetSpec) -> str:
     )
 
 
-def _fetch(
-    url: str, part: Path, algorithm: str | None, timeout: float, progress: bool
-) -> str | None:
-    """Stream ``url`` into ``part``; return the digest (``None`` without an algorithm)."""
-    h = hashlib.new(algorithm, usedforsecurity=False) if algorithm else None
-    request = urllib.request.Request(url, headers={"User-Agent": "landlens"})
-    host = _host(url)
+def _copy_file_url(url: str, output_file: str, pooch: Any = None, check_only: bool = False) -> bool | None:
+    """A pooch downloader for ``file://`` URLs (a copy on a local or mounted disk)."""
+    source = Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
+    if check_only:
+        return source.is_file()
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp, open(part, "wb") as out:
-            total = resp.headers.get("Content-Length")
-            bar = None
-            if progress:
-                from tqdm import tqdm
-
-                bar = tqdm(
-                    total=int(total) if total and total.isdigit() else None,
-                    unit="B", unit_scale=True, desc=part.name[: -len(".part")],
-                )  # fmt: skip
-            try:
-                while chunk := resp.read(_CHUNK):
-                    out.write(chunk)
-                    if h is not None:
-                        h.update(chunk)
-                    if bar is not None:
-                        bar.update(len(chunk))
-            finally:
-                if bar is not None:
-                    bar.close()
-    except urllib.error.HTTPError as exc:
-        raise _HttpError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-    except urllib.error.URLError as exc:
-        if urllib.parse.urlsplit(url).scheme == "file":
-            raise _HttpError(f"{url}: {exc.reason}") from None
-        raise _NetworkError(
-            host, str(getattr(exc.reason, "strerror", None) or exc.reason)
-        ) from None
-    except TimeoutError:
-        raise _NetworkError(host, f"timed out after {timeout:g} s") from None
-    except (ConnectionError, http.client.HTTPException) as exc:
-        raise _NetworkError(host, f"connection failed ({type(exc).__name__})") from None
+        shutil.copyfile(source, output_file)
     except OSError as exc:
-        raise LandlensError(f"{part}: cannot write the download ({exc.strerror or exc})") from None
-    return None if h is None else h.hexdigest()
+        raise _HttpError(f"{url}: {exc.strerror or exc}") from None
+    return None
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it wraps: ``__cause__``/``__context__`` and urllib3's ``reason``."""
+    seen: set[int] = set()
+    todo: BaseException | None = exc
+    while todo is not None and id(todo) not in seen:
+        seen.add(id(todo))
+        yield todo
+        reason = getattr(todo, "reason", None)
+        wrapped = todo.args[0] if todo.args and isinstance(todo.args[0], BaseException) else None
+        todo = todo.__cause__ or (reason if isinstance(reason, BaseException) else None) or wrapped or todo.__context__
+
+
+def _is_network(exc: OSError) -> bool:
+    """A socket's failure to reach or hear from a host, not a local file's."""
+    return isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror, socket.herror)) or exc.errno in (
+        errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN)
+
+
+def _network_error(url: str, exc: Exception, timeout: float) -> _NetworkError:
+    """One short reason for a failed connection (the socket's own words where there are some)."""
+    import requests
+
+    chain = list(_causes(exc))
+    if any(isinstance(e, (TimeoutError, requests.exceptions.Timeout)) or "timed out" in str(e) for e in chain):
+        return _NetworkError(_host(url), f"timed out after {timeout:g} s")
+    for e in reversed(chain):
+        if isinstance(e, OSError) and e.strerror:
+            return _NetworkError(_host(url), e.strerror)
+    return _NetworkError(_host(url), f"connection failed ({type(chain[-1]).__name__})")
+
+
+@contextmanager
+def _quiet_pooch() -> Iterator[None]:
+    """pooch logs "Downloading data from ..." on stderr; landlens shows a progress bar instead."""
+    import pooch
+
+    logger = pooch.get_logger()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _fetch(url: str, archive: Path, checksum: str | None, timeout: float, progress: bool) -> None:
+    """Put ``url`` at ``archive`` (already there with ``checksum``: nothing to do)."""
+    import pooch
+    import requests
+
+    scheme = urllib.parse.urlsplit(url).scheme
+    bar = None
+    if scheme == "file":
+        downloader: Any = _copy_file_url
+    elif scheme in ("http", "https"):
+        if progress:
+            from tqdm import tqdm
+
+            class Bar(tqdm):  # pooch tests the bar's truth before it sets the total, which tqdm refuses
+                def __bool__(self) -> bool:
+                    return True
+
+            bar = Bar(unit="B", unit_scale=True, desc=archive.name)
+        downloader = pooch.HTTPDownloader(progressbar=bar if bar is not None else False, chunk_size=_CHUNK,
+                                          timeout=timeout,
+                                          headers={"User-Agent": "landlens"})
+    elif scheme == "ftp":
+        downloader = pooch.FTPDownloader(progressbar=progress, chunk_size=_CHUNK, timeout=timeout)
+    else:
+        raise _HttpError(f"{url}: landlens downloads http, https, ftp and file URLs")
+    try:
+        with _quiet_pooch():
+            pooch.retrieve(url, known_hash=checksum, fname=archive.name, path=archive.parent,
+                           downloader=downloader)
+    except requests.exceptions.HTTPError as exc:
+        response = exc.response
+        status = f"HTTP {response.status_code} {response.reason}" if response is not None else str(exc)
+        raise _HttpError(f"{url}: {status}") from None
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+            requests.exceptions.ChunkedEncodingError) as exc:
+        raise _network_error(url, exc, timeout) from None
+    except requests.exceptions.RequestException as exc:
+        raise _HttpError(f"{url}: {type(exc).__name__}") from None
+    except ftplib.Error as exc:  # the FTP server answered with an error
+        raise _HttpError(f"{url}: FTP {exc}") from None
+    except ValueError as exc:
+        got = re.search(r"but got ([0-9a-fA-F]+)", str(exc))
+        if got is None:  # not pooch's checksum message: a bug
+            raise
+        raise _ChecksumError(got.group(1)) from None
+    except OSError as exc:
+        if _is_network(exc):  # FTP's socket errors are not wrapped
+            raise _network_error(url, exc, timeout) from None
+        raise LandlensError(f"{archive}: cannot write the download ({exc.strerror or exc})") from None
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _download_archive(spec: DatasetSpec, archive: Path, timeout: float, progress: bool) -> None:
     algorithm, expected = spec.checksum_algorithm, spec.checksum_value
-    part = archive.with_name(archive.name + ".part")
     offline: list[_NetworkError] = []
     failures: list[str] = []
     mismatch: str | None = None
     for url in (spec.url, *spec.mirrors):
         assert url is not None
         try:
-            digest = _fetch(url, part, algorithm, timeout, progress)
+            _fetch(url, archive, spec.checksum, timeout, progress)
         except _NetworkError as exc:
             offline.append(exc)
-            part.unlink(missing_ok=True)
             continue
         except _HttpError as exc:
             failures.append(str(exc))
-            part.unlink(missing_ok=True)
             continue
-        if expected is not None and digest != expected:
-            part.unlink(missing_ok=True)
+        except _ChecksumError as exc:
             mismatch = (
                 f"{archive.name} from {url}: {algorithm} checksum mismatch "
-                f"(expected {expected}, got {digest}); the download was discarded"
+                f"(expected {expected}, got {exc}); the download was discarded"
             )
             continue
-        os.replace(part, archive)
         return
     if mismatch is not None:
         raise DatasetError(mismatch)
@@ -166,6 +238,13 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
 
     Members that would land outside ``dest`` are refused. RAR and 7z archives cannot be
     read by the standard library: extract them with ``unrar x`` or ``7z x`` instead.
+
+    Not pooch's ``Unzip``/``Untar``: they extract into a folder of their own and skip it once
+    it exists, where the catalog's layouts need ``dest`` itself; not torchvision's
+    ``extract_archive``: it picks the format from the file name, extracts TAR members
+    without the ``"data"`` filter (absolute paths, ``..`` and links pass), lets a ZIP member
+    with ``..`` in its path through silently (``zipfile`` rewrites it) instead of refusing
+    the archive, and fails with its library's errors rather than one line naming the archive.
 
     Raises:
         LandlensError: the format cannot be extracted here.

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from sklearn.decomposition import PCA
 
 from landlens.errors import LandlensError
 from landlens.features.store import FeatureSet
@@ -31,14 +32,33 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(n, eps)
 
 
+def _check_finite(x: np.ndarray, what: str) -> None:
+    if not np.isfinite(x).all():
+        raise LandlensError(f"the features to {what} hold NaN/inf values (unreadable images?); "
+                            "use FeatureSet.only_valid()")
+
+
 @dataclass
 class Fusion:
     """Concatenate L2-normalised blocks, then optionally PCA (+ whitening) and L2 again.
 
     Settings (``__init__``): ``pca_dim`` (``None``: no projection), ``whiten``,
-    ``normalize_blocks`` (L2 per backbone before concatenating; the studied method).
-    Learned by :meth:`fit` on the database: ``mean_``, ``components_`` (pca_dim, D),
+    ``normalize_blocks`` (L2 per backbone before concatenating; the studied method), ``eps``
+    (added to each component's variance before whitening). Learned by :meth:`fit` on the
+    database: ``pca_`` (a fitted :class:`sklearn.decomposition.PCA`, exact solver), and its
+    ``mean_``, ``components_`` (pca_dim, D; sign: largest loading positive) and
     ``explained_variance_`` (pca_dim,).
+
+    The PCA is scikit-learn's; the whitening is not its ``PCA(whiten=True)``, which divides
+    component ``i`` by ``sqrt(explained_variance_[i])`` (floored only at machine epsilon), so
+    components of tiny variance (directions the database barely spans and, with fewer images
+    than dimensions, as ``--whiten`` without ``--pca`` gives, one it does not span at all:
+    variance ~1e-32, pure rounding noise) get the weight of the main ones. Here component
+    ``i`` is divided by ``sqrt(explained_variance_[i] + eps)``, which damps every component
+    of variance below about ``eps``. Measured on UC Merced, Lite0 features, archive protocol,
+    cosine mAP, ``eps=1e-6``: whitened to 64-d both give 45.29; to all 1,280-d, 13.83 here vs
+    13.13 with ``PCA(whiten=True)``; 1,050 of the images (every other one) whitened to 1,050-d
+    (smallest variance 9.9e-33): 10.78 vs 5.51.
     """
 
     pca_dim: int | None = None
@@ -63,23 +83,16 @@ class Fusion:
             if not 0 < self.pca_dim <= min(x.shape):
                 raise LandlensError(
                     f"PCA dimension {self.pca_dim} must be between 1 and min(images, features) = {min(x.shape)}")
-            x64 = x.astype(np.float64)
-            self.mean_ = x64.mean(0)
-            xc = x64 - self.mean_
-            # covariance eigendecomposition: D x D, cheaper than an SVD of N x D when N > D
-            if xc.shape[1] <= xc.shape[0]:
-                cov = xc.T @ xc / max(1, xc.shape[0] - 1)
-                vals, vecs = np.linalg.eigh(cov)
-                order = np.argsort(vals)[::-1][: self.pca_dim]
-                self.components_ = vecs[:, order].T
-                self.explained_variance_ = vals[order]
-            else:
-                _, s, vt = np.linalg.svd(xc, full_matrices=False)
-                self.components_ = vt[: self.pca_dim]
-                self.explained_variance_ = (s[: self.pca_dim] ** 2) / max(1, xc.shape[0] - 1)
-            # a deterministic sign per component (largest |loading| positive)
-            signs = np.sign(self.components_[np.arange(self.pca_dim), np.abs(self.components_).argmax(1)])
-            self.components_ *= np.where(signs == 0, 1, signs)[:, None]
+            if x.shape[0] < 2:
+                raise LandlensError(f"PCA needs at least 2 images to learn from, got {x.shape[0]}")
+            _check_finite(x, "learn the PCA from")
+            # exact solvers only (scikit-learn's "auto" may pick a randomized SVD): the covariance's
+            # eigendecomposition (D x D) when there are more images than features, else the SVD
+            solver = "covariance_eigh" if x.shape[1] <= x.shape[0] else "full"
+            self.pca_ = PCA(n_components=self.pca_dim, svd_solver=solver).fit(x.astype(np.float64))
+            self.mean_ = self.pca_.mean_
+            self.components_ = self.pca_.components_
+            self.explained_variance_ = self.pca_.explained_variance_
         self.dim_in_ = x.shape[1]
         return self
 
@@ -91,7 +104,8 @@ class Fusion:
             raise LandlensError(f"fused features have {x.shape[1]} dimensions, the fitted fusion {self.dim_in_}")
         if self.pca_dim is None:
             return x
-        y = (x.astype(np.float64) - self.mean_) @ self.components_.T
+        _check_finite(x, "project")
+        y = self.pca_.transform(x.astype(np.float64))
         if self.whiten:
             y = y / np.sqrt(self.explained_variance_ + self.eps)
         return l2_normalize(y.astype(np.float32))

@@ -15,20 +15,32 @@
   row-normalised;
 * top-k accuracy (k = 1 and 5) when scores are given and there are more than k classes.
 
-Conventions follow scikit-learn so the numbers can be checked against it: a class that is
-never predicted has precision 0 (no warning), a class with no test image has recall 0, and
-macro/weighted averages run over the classes that occur in the true or predicted labels
-(scikit-learn's default label set); the per-class table lists every class.
+The metrics are scikit-learn's (``accuracy_score``, ``precision_recall_fscore_support``,
+``cohen_kappa_score``, ``confusion_matrix``, ``top_k_accuracy_score``) and the interval is
+``scipy.stats.bootstrap(method="percentile")``. Conventions: a class that is never predicted
+has precision 0 (no warning), a class with no test image has recall 0, and macro/weighted
+averages run over the classes that occur in the true or predicted labels (scikit-learn's
+default label set); the per-class table lists every class; an undefined kappa is NaN.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.stats import bootstrap
+from sklearn.exceptions import UndefinedMetricWarning
+from sklearn.metrics import (
+    accuracy_score,
+    cohen_kappa_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    top_k_accuracy_score,
+)
 
 _CHUNK_ELEMENTS = 1 << 22
 """Bootstrap index draws held in memory at once (replicates x test images)."""
@@ -54,12 +66,14 @@ def bootstrap_accuracy_ci(
 ) -> tuple[float, float]:
     """Percentile-bootstrap confidence interval of overall accuracy.
 
-    Each replicate draws ``n`` test images with replacement (``numpy.random.default_rng(seed)``,
-    ``integers(0, n, size=(rows, n))`` for successive blocks of ``chunk_size`` replicates) and
-    recomputes the accuracy; the interval is the ``(1-level)/2`` and ``(1+level)/2`` percentiles
-    (``numpy.percentile``, linear interpolation) of the ``n_boot`` replicates (Efron & Tibshirani
-    1993, ch. 13). ``chunk_size`` only bounds memory (default: about 4 million draws per block);
-    the same ``seed`` and ``chunk_size`` give the same interval.
+    ``scipy.stats.bootstrap(method="percentile")`` over the per-image hits (Efron & Tibshirani
+    1993, ch. 13): each replicate draws ``n`` test images with replacement
+    (``numpy.random.default_rng(seed)``, ``integers(0, n, size=(rows, n))`` for successive
+    batches of ``chunk_size`` replicates) and recomputes the accuracy; the interval is the
+    ``(1-level)/2`` and ``(1+level)/2`` percentiles (linear interpolation) of the ``n_boot``
+    replicates. ``chunk_size`` only bounds memory (default: about 4 million draws per batch);
+    the same ``seed`` and ``chunk_size`` give the same interval. A single test image gives
+    the degenerate interval ``(accuracy, accuracy)`` (SciPy asks for two observations).
     """
     t = _as_labels(y_true, "y_true")
     p = _as_labels(y_pred, "y_pred")
@@ -75,28 +89,42 @@ def bootstrap_accuracy_ci(
     rows = chunk_size if chunk_size is not None else max(1, _CHUNK_ELEMENTS // n)
     if rows < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    correct = (t == p).astype(np.int32)
-    rng = np.random.default_rng(seed)
-    accs = np.empty(n_boot, dtype=np.float64)
-    for start in range(0, n_boot, rows):
-        stop = min(start + rows, n_boot)
-        idx = rng.integers(0, n, size=(stop - start, n))
-        accs[start:stop] = correct[idx].sum(axis=1) / n
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.percentile(accs, [100.0 * alpha, 100.0 * (1.0 - alpha)])
-    return float(lo), float(hi)
+    correct = (t == p).astype(np.float64)
+    if n == 1:
+        return float(correct[0]), float(correct[0])
+    res = bootstrap((correct,), np.mean, n_resamples=n_boot, batch=rows, confidence_level=level,
+                    method="percentile", vectorized=True, rng=np.random.default_rng(seed))
+    ci = res.confidence_interval
+    return float(ci.low), float(ci.high)
 
 
-def _top_k_hits(y_true: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
-    """Whether the true class is among the ``k`` highest scores of each row.
+def _finite_ranks(scores: np.ndarray) -> np.ndarray:
+    """``scores`` with -inf / +inf replaced by the floats just below / above every finite score.
 
-    Ties are ranked as scikit-learn's ``top_k_accuracy_score`` ranks them (a stable sort,
-    reversed): among equal scores the higher class index comes first.
+    scikit-learn refuses infinite scores; log-probabilities of exactly 0 are -inf. The stand-ins
+    keep every order and tie, so the ranking (and top-k accuracy) is unchanged.
     """
-    s_true = scores[np.arange(len(y_true)), y_true][:, None]
-    cols = np.arange(scores.shape[1])[None, :]
-    ahead = (scores > s_true) | ((scores == s_true) & (cols > y_true[:, None]))
-    return ahead.sum(axis=1) < k
+    finite = scores[np.isfinite(scores)]
+    if finite.size == scores.size:
+        return scores
+    lo = np.nextafter(finite.min(), -np.inf) if finite.size else -1.0
+    hi = np.nextafter(finite.max(), np.inf) if finite.size else 1.0
+    return np.clip(scores, lo, hi)
+
+
+def _top_k_accuracy(y_true: np.ndarray, scores: np.ndarray, k: int) -> float:
+    """Share of rows whose true class is among the ``k`` highest scores (``scores`` ``(n, C)``).
+
+    scikit-learn's ``top_k_accuracy_score``, which ranks ties by a stable sort, reversed: among
+    equal scores the higher class index comes first. With two classes it reads the scores as
+    one binary column and thresholds it, so there top-1 is counted the same way directly:
+    the predicted class is the highest score, ties to the higher index.
+    """
+    n_classes = scores.shape[1]
+    if n_classes > 2:
+        return float(top_k_accuracy_score(y_true, scores, k=k, labels=np.arange(n_classes)))
+    predicted = n_classes - 1 - np.argmax(scores[:, ::-1], axis=1)
+    return float(accuracy_score(y_true, predicted))
 
 
 def _nan_to_none(x: float) -> float | None:
@@ -218,24 +246,18 @@ def classification_report(
             raise ValueError(f"{name} has labels outside 0..{n_classes - 1}")
     n = int(t.size)
 
-    cm = np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
-    tp = np.diag(cm).astype(np.float64)
-    support = cm.sum(axis=1)
-    predicted = cm.sum(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(predicted > 0, tp / np.maximum(predicted, 1), 0.0)
-        recall = np.where(support > 0, tp / np.maximum(support, 1), 0.0)
-        denom = precision + recall
-        f1 = np.where(denom > 0, 2 * precision * recall / np.where(denom > 0, denom, 1.0), 0.0)
-    present = (support > 0) | (predicted > 0)
-    macro_precision = float(precision[present].mean())
-    macro_recall = float(recall[present].mean())
-    macro_f1 = float(f1[present].mean())
-    weighted_f1 = float((f1 * support).sum() / support.sum())
-
-    accuracy = float(tp.sum() / n)
-    p_e = float((support.astype(np.float64) * predicted).sum() / (float(n) * n))
-    kappa = (accuracy - p_e) / (1.0 - p_e) if p_e < 1.0 else float("nan")
+    labels = np.arange(n_classes)
+    cm = confusion_matrix(t, p, labels=labels)
+    precision, recall, f1, support = precision_recall_fscore_support(t, p, labels=labels, zero_division=0)
+    # macro and weighted averages over scikit-learn's default label set (the classes in y_true or y_pred)
+    macro_precision, macro_recall, macro_f1, _ = precision_recall_fscore_support(
+        t, p, average="macro", zero_division=0)
+    weighted_f1 = precision_recall_fscore_support(t, p, average="weighted", zero_division=0)[2]
+    accuracy = accuracy_score(t, p)
+    with warnings.catch_warnings():  # kappa undefined (p_e = 1) is NaN, without a warning
+        warnings.simplefilter("ignore", UndefinedMetricWarning)  # scikit-learn >= 1.9 warns
+        warnings.simplefilter("ignore", RuntimeWarning)  # older ones divide 0 by 0
+        kappa = cohen_kappa_score(t, p, labels=labels)
 
     rows = support[:, None].astype(np.float64)
     cm_norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
@@ -245,16 +267,19 @@ def classification_report(
         scores = np.asarray(probs, dtype=np.float64)
         if scores.shape != (n, n_classes):
             raise ValueError(f"probs must have shape ({n}, {n_classes}), got {scores.shape}")
+        if np.isnan(scores).any():
+            raise ValueError("probs holds NaN scores: top-k accuracy cannot rank the classes")
+        scores = _finite_ranks(scores)
         for k in (1, 5):
             if n_classes > k:
-                top_k[k] = float(_top_k_hits(t, scores, k).mean())
+                top_k[k] = _top_k_accuracy(t, scores, k)
 
     ci = bootstrap_accuracy_ci(t, p, n_boot=n_boot, level=level, seed=seed)
     return ClassificationReport(
-        classes=classes, n=n, accuracy=accuracy, ci=ci, ci_level=level, n_boot=n_boot, seed=seed,
+        classes=classes, n=n, accuracy=float(accuracy), ci=ci, ci_level=level, n_boot=n_boot, seed=seed,
         precision=precision, recall=recall, f1=f1, support=support.astype(np.int64),
-        macro_precision=macro_precision, macro_recall=macro_recall, macro_f1=macro_f1,
-        weighted_f1=weighted_f1, kappa=float(kappa), confusion=cm.astype(np.int64),
+        macro_precision=float(macro_precision), macro_recall=float(macro_recall), macro_f1=float(macro_f1),
+        weighted_f1=float(weighted_f1), kappa=float(kappa), confusion=cm.astype(np.int64),
         confusion_normalized=cm_norm, top_k=top_k,
     )
 

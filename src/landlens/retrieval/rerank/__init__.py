@@ -1,0 +1,81 @@
+"""Unsupervised re-ranking of retrieval results: alpha-QE (+ alpha-DBA), diffusion, k-reciprocal.
+
+Every method here uses no label: it looks only at the database's features (the k-NN graph
+of the archive) and at the query. The base similarity is the cosine, i.e. the dot product
+of L2-normalised features (the features are normalised on entry, whatever they were).
+
+============  ===============================================================================
+spec          method
+============  ===============================================================================
+aqe           alpha-weighted query expansion, optionally with alpha database-side
+              augmentation (Radenović, Tolias & Chum, "Fine-tuning CNN image retrieval with
+              no human annotation", TPAMI 2018, Sec. 5): :class:`AlphaQE` (``aqe.py``)
+diffusion     diffusion on the mutual k-NN graph solved by conjugate gradient (Iscen, Tolias,
+              Avrithis, Furon & Chum, "Efficient diffusion on region manifolds", CVPR 2017,
+              Sec. 3-4): :class:`Diffusion` (``diffusion.py``)
+kreciprocal   k-reciprocal encoding with the Jaccard distance (Zhong, Zheng, Cao & Li,
+              "Re-ranking person re-identification with k-reciprocal encoding", CVPR 2017,
+              Sec. 3): :class:`KReciprocal` (``kreciprocal.py``)
+============  ===============================================================================
+
+The base class, the per-block binding used by evaluation, the aqe+graph pipeline and the spec
+reader are in ``base.py``; the database's k-NN graph (FAISS) in ``graph.py``.
+
+A re-ranker is an estimator in the scikit-learn style: the settings go to ``__init__``,
+:meth:`Reranker.fit` learns from the database (attributes ending in ``_``), and then it is
+
+- a distance for :func:`landlens.retrieval.metrics.evaluate_retrieval`: ``r(q_block, db)``
+  returns ``(b, n)`` distances (smaller = closer) and checks that ``db`` is the database it
+  was fitted on; :meth:`Reranker.bind` gives the per-block form that knows which database
+  row each query is (what :func:`landlens.retrieval.evaluate.evaluate` uses);
+- a search: :meth:`Reranker.rerank` returns the top-k ``(distances, indices)``.
+
+:func:`make_reranker` builds one from a short spec such as ``"aqe:n=2,alpha=3"``,
+``"diffusion:k=50,gamma=3,alpha=0.99"``, ``"kreciprocal:k1=20,k2=6,lambda=0.3"`` or a
+combination ``"aqe+diffusion"`` (query expansion first, then the graph method on the
+expanded query and, with ``dba``, the augmented database).
+
+Queries that are database rows (the ``archive`` protocol, or searching by an archive
+image): the query's own row is found by its exact feature bytes (or given as
+``query_rows``). alpha-QE and alpha-DBA leave that row out of the neighbours they add (the
+query already counts once); diffusion and k-reciprocal re-ranking use the query's own node
+of the graph, as the methods do when the query belongs to the collection. Evaluation then
+leaves the query's own row out of its ranking, as for any distance.
+
+Cost: fitting builds the k-NN lists of the database with FAISS's exact search (never an
+``n x n`` matrix: memory ``O(n k)`` plus FAISS's fixed blocks); a query costs one similarity
+row to the database plus, for diffusion, ``iters`` sparse products with the ``O(n k)``-edge
+graph, and, for k-reciprocal, sparse set operations over its candidate lists.
+"""
+
+from __future__ import annotations
+
+# importing a method's module registers it with make_reranker, in this (alphabetical) order: aqe,
+# diffusion, kreciprocal (the order `make_reranker` lists them in its messages)
+from landlens.retrieval.rerank.aqe import AlphaQE, augment
+from landlens.retrieval.rerank.base import (
+    SPEC_HELP,
+    BoundReranker,
+    Reranker,
+    RerankPipeline,
+    make_reranker,
+)
+from landlens.retrieval.rerank.diffusion import Diffusion, conjugate_gradient
+from landlens.retrieval.rerank.graph import knn_graph, topk_rows
+from landlens.retrieval.rerank.kreciprocal import KReciprocal, jaccard_min_sums
+
+__all__ = [
+    "SPEC_HELP",
+    "AlphaQE",
+    "BoundReranker",
+    "Diffusion",
+    "KReciprocal",
+    "RerankPipeline",
+    "Reranker",
+    "augment",
+    "conjugate_gradient",
+    "jaccard_min_sums",
+    "knn_graph",
+    "make_reranker",
+    "topk_rows",
+]
