@@ -59,7 +59,28 @@ _EXPORTS: dict[str, str] = {
     "LandlensError": "landlens.errors",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = [
+    "__version__",
+    "Archive",
+    "ArchiveHit",
+    "FeatureSet",
+    "FeatureStore",
+    "LandlensError",
+    "Predictor",
+    "Preprocessing",
+    "TrainConfig",
+    "create_backbone",
+    "decode_image",
+    "evaluate",
+    "extract",
+    "fuse",
+    "load_config",
+    "load_rgb",
+    "make_reranker",
+    "make_split",
+    "scan_folder",
+    "train",
+]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from landlens.data.folder import scan_folder
