@@ -57,9 +57,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from landlens.errors import BackboneError, WeightsError
+from landlens.errors import BackboneError
 from landlens.models.preprocessing import Preprocessing
-from landlens.models.registry import Backbone, BackboneSpec, WeightsInfo
+from landlens.models.base import Backbone
 
 DESCRIPTOR_VERSION = 1
 """Bumped whenever a descriptor's output changes, so cached features are not reused."""
@@ -416,25 +416,6 @@ class HandcraftedBackbone(Backbone):
         self._preprocessing = value
 
 
-def builtin_backbone(spec: BackboneSpec, weights: str, preprocessing: Preprocessing | None = None) -> Backbone:
-    """The hand-crafted backbone ``spec``; ``weights`` must be ``'auto'`` or ``'none'``.
-
-    Raises:
-        WeightsError: any other weights source (hub, package, a file): descriptors have none.
-    """
-    from landlens.models.weights import resolve_source
-
-    kind, _ = resolve_source(spec, weights)
-    if kind != "builtin":
-        raise WeightsError(f"backbone {spec.name!r} is a hand-crafted descriptor with no weights; "
-                           f"--weights {weights!r} does not apply (use 'auto' or 'none')")
-    assert spec.preprocessing is not None
-    pre = preprocessing or spec.preprocessing
-    body, dim = build_descriptor(spec.arch, pre)
-    info = WeightsInfo("builtin", f"{spec.arch}-v{DESCRIPTOR_VERSION}", body.digest())
-    return HandcraftedBackbone(spec, body, dim, pre, info)
-
-
 __all__ = [
     "DESCRIPTOR_VERSION",
     "HOG",
@@ -442,6 +423,5 @@ __all__ = [
     "LUMA_BT601",
     "HandcraftedBackbone",
     "build_descriptor",
-    "builtin_backbone",
     "lbp_uniform_codes",
 ]

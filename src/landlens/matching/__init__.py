@@ -1,14 +1,12 @@
-"""Residual-dyad image matching (Khurshid et al.): autoencoder features, a learned pair discriminator, fast scoring."""
+"""Residual-dyad image matching (Khurshid et al.): autoencoder features, a learned pair discriminator, fast scoring.
+
+The discriminator is the retrieval distance ``"learned"`` (registered by name in
+:mod:`landlens.retrieval.distances`, which imports :mod:`landlens.matching.scoring` on first use).
+"""
 
 from __future__ import annotations
 
 from typing import Any
-
-from landlens.matching.scoring import learned as _learned
-from landlens.retrieval.distances import available_distances as _available, register_distance as _register
-
-if "learned" not in _available():
-    _register("learned", _learned)
 
 #: Names served lazily (training pulls in Lightning, which plain scoring does not need).
 _LAZY = {

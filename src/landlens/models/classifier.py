@@ -39,7 +39,7 @@ from torch.nn import functional as F
 
 from landlens.errors import BackboneError, CheckpointError, LandlensError, WeightsError, first_line
 from landlens.models.preprocessing import Preprocessing
-from landlens.models.registry import Backbone, BackboneSpec, WeightsInfo
+from landlens.models.base import Backbone, BackboneSpec, WeightsInfo
 
 MODEL_FORMAT = "landlens-classifier"
 EMBEDDER_FORMAT = "landlens-embedder"
@@ -269,10 +269,15 @@ def read_model_meta(directory: str | os.PathLike[str], *,
 def build_classifier(backbone_name: str, classes: list[str], head: HeadConfig | None = None, *,
                      weights: str = "auto", preprocessing: Preprocessing | None = None,
                      verify: bool = True) -> Classifier:
-    """A classifier whose backbone starts from ``weights`` (see ``create_backbone``)."""
-    from landlens.models.registry import create_backbone
+    """A classifier whose backbone starts from ``weights`` (as
+    :func:`~landlens.models.registry.create_backbone` builds it, trained runs included)."""
+    from landlens.models.specs import get_spec
+    from landlens.models.weights import load_backbone_weights
 
-    backbone = create_backbone(backbone_name, weights, preprocessing=preprocessing, verify=verify)
+    if backbone_name.strip().lower().startswith("run:"):
+        backbone = run_backbone(backbone_name, weights, preprocessing=preprocessing)
+    else:
+        backbone = load_backbone_weights(get_spec(backbone_name), weights, preprocessing=preprocessing, verify=verify)
     return Classifier(backbone, classes, head)
 
 
@@ -300,7 +305,7 @@ def load_classifier(directory: str | os.PathLike[str], *, map_location: str = "c
 
 def _rebuild_backbone(meta: dict[str, Any], d: Path) -> Backbone:
     """The backbone ``model.json`` describes, randomly initialised (the tensors come next)."""
-    from landlens.models.registry import build_body, get_spec
+    from landlens.models.specs import build_body, get_spec
 
     try:
         spec = get_spec(str(meta["backbone"]))

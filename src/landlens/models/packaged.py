@@ -242,7 +242,7 @@ def packaged_for_backbone(backbone: str) -> list[PackagedWeights]:
     """The packaged weights that load into ``backbone`` (landlens name or alias), installed or not."""
     names = {_norm(backbone)}
     try:  # resolve aliases (e.g. 'efficientnet-lite0' -> 'tf_efficientnet_lite0') when the registry can
-        from landlens.models.registry import get_spec
+        from landlens.models.specs import get_spec
 
         names.add(_norm(get_spec(backbone).name))
     except Exception:  # noqa: BLE001 - unknown name or no registry: plain comparison

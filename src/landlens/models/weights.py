@@ -33,15 +33,8 @@ from landlens.errors import WeightsError, first_line
 from landlens.hashing import cached_file_digest
 from landlens.models.tensorfile import load_tensors_only
 from landlens.models.preprocessing import Preprocessing
-from landlens.models.registry import (
-    HEAD_PREFIXES,
-    Backbone,
-    BackboneSpec,
-    WeightsInfo,
-    build_body,
-    default_preprocessing,
-    get_spec,
-)
+from landlens.models.base import HEAD_PREFIXES, Backbone, BackboneSpec, WeightsInfo
+from landlens.models.specs import build_body, default_preprocessing, get_spec
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "params")
 _STRIP_PREFIXES = ("module.", "model.", "backbone.", "body.", "encoder.", "_orig_mod.")
@@ -232,6 +225,25 @@ def resolve_source(spec: BackboneSpec, weights: str) -> tuple[str, str | None]:
     return "file", w
 
 
+def builtin_backbone(spec: BackboneSpec, weights: str, preprocessing: Preprocessing | None = None) -> Backbone:
+    """The hand-crafted backbone ``spec``; ``weights`` must be ``'auto'`` or ``'none'``.
+
+    Raises:
+        WeightsError: any other weights source (hub, package, a file): descriptors have none.
+    """
+    from landlens.features.handcrafted import DESCRIPTOR_VERSION, HandcraftedBackbone, build_descriptor
+
+    kind, _ = resolve_source(spec, weights)
+    if kind != "builtin":
+        raise WeightsError(f"backbone {spec.name!r} is a hand-crafted descriptor with no weights; "
+                           f"--weights {weights!r} does not apply (use 'auto' or 'none')")
+    assert spec.preprocessing is not None
+    pre = preprocessing or spec.preprocessing
+    body, dim = build_descriptor(spec.arch, pre)
+    info = WeightsInfo("builtin", f"{spec.arch}-v{DESCRIPTOR_VERSION}", body.digest())
+    return HandcraftedBackbone(spec, body, dim, pre, info)
+
+
 def load_backbone_weights(
     spec: BackboneSpec,
     weights: str = "auto",
@@ -241,8 +253,6 @@ def load_backbone_weights(
 ) -> Backbone:
     """Build ``spec`` and load weights from the source ``weights`` names (see module doc)."""
     if spec.family == "handcrafted":
-        from landlens.features.handcrafted import builtin_backbone
-
         return builtin_backbone(spec, weights, preprocessing)
     kind, arg = resolve_source(spec, weights)
     transform_input = spec.family == "torchvision" and spec.arch == "googlenet" and kind == "hub"

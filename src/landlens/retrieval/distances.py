@@ -25,6 +25,7 @@ everywhere a distance is accepted.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
@@ -239,16 +240,19 @@ class CallableDistance(BaseDistance):
 
 DistanceFactory = Callable[..., Distance]
 
-_REGISTRY: dict[str, DistanceFactory] = {}
+_REGISTRY: dict[str, DistanceFactory | str] = {}
+"""Name -> factory, or ``"module:attr"`` naming one that is imported on first use (so this module
+never imports the packages that provide distances, e.g. the learned matching metric)."""
 _ALIASES: dict[str, str] = {"l1": "manhattan", "l2": "euclidean", "chi-square": "chi2", "chisquare": "chi2"}
 
 
-def register_distance(name: str, factory: DistanceFactory, *, overwrite: bool = False) -> None:
+def register_distance(name: str, factory: DistanceFactory | str, *, overwrite: bool = False) -> None:
     """Make ``factory(**options)`` available as ``get_distance(name, **options)``.
 
     ``factory`` is a class or function returning a :class:`Distance` (for instance a learned
-    metric that loads its checkpoint). Registering an existing name raises ``ValueError``
-    unless ``overwrite=True``.
+    metric that loads its checkpoint), or a ``"module:attr"`` string naming one, imported when
+    the distance is first asked for. Registering an existing name raises ``ValueError`` unless
+    ``overwrite=True``.
     """
     key = name.strip().lower()
     if not key:
@@ -273,11 +277,13 @@ def get_distance(name_or_callable: str | Distance | Callable[[torch.Tensor, torc
     if isinstance(name_or_callable, str):
         key = name_or_callable.strip().lower()
         key = _ALIASES.get(key, key)
-        if key == "learned" and key not in _REGISTRY:
-            import landlens.matching  # noqa: F401  - registers "learned" (imported lazily: no import cycle)
         if key not in _REGISTRY:
             raise LandlensError(f"unknown distance {name_or_callable!r}; available: {', '.join(available_distances())}")
-        return _REGISTRY[key](**options)
+        factory = _REGISTRY[key]
+        if isinstance(factory, str):
+            module, _, attr = factory.partition(":")
+            factory = _REGISTRY[key] = getattr(importlib.import_module(module), attr)
+        return factory(**options)
     if options:
         raise TypeError("options apply only to a distance given by name")
     if isinstance(name_or_callable, Distance):
@@ -289,6 +295,7 @@ def get_distance(name_or_callable: str | Distance | Callable[[torch.Tensor, torc
 
 for _cls in (Euclidean, Cosine, Manhattan, ChiSquare):
     register_distance(_cls.name, _cls)
+register_distance("learned", "landlens.matching.scoring:learned")  # residual-dyad discriminator
 
 
 def pairwise_distances(q: torch.Tensor, db: torch.Tensor,

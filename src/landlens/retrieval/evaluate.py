@@ -235,7 +235,7 @@ def _bind_reranker(rerank: Any, dist: Any, p: Protocol, q: np.ndarray, db: np.nd
                    block: int | None) -> tuple[Any, dict[str, Any]]:
     """Fit the re-ranker on the protocol's database; the bound distance and what to record."""
     from landlens.retrieval.distances import Cosine
-    from landlens.retrieval.metrics import _auto_block
+    from landlens.retrieval.metrics import auto_block
     from landlens.retrieval.rerank import Reranker, make_reranker
 
     if distance_name(dist) != "cosine":
@@ -247,7 +247,7 @@ def _bind_reranker(rerank: Any, dist: Any, p: Protocol, q: np.ndarray, db: np.nd
     rr.fit(db)
     rows = np.asarray(p.exclude, dtype=np.int64)  # each query's own position in the database, or -1
     # the plain cosine's own cost over the same query blocks, to state what re-ranking adds
-    bs = int(block) if block else _auto_block(len(db))
+    bs = int(block) if block else auto_block(len(db))
     cos = Cosine()
     qt, dbt = torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(np.ascontiguousarray(db))
     t0 = time.perf_counter()

@@ -362,7 +362,8 @@ def _as_tensor(d: Any) -> torch.Tensor:
     return d if isinstance(d, torch.Tensor) else torch.as_tensor(d)
 
 
-def _auto_block(n_db: int, block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
+def auto_block(n_db: int, block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
+    """Queries per block so that one block of distances to ``n_db`` items stays near ``block_bytes``."""
     return int(max(8, min(4096, block_bytes // max(1, n_db * _BYTES_PER_CELL))))
 
 
@@ -536,7 +537,7 @@ def evaluate_retrieval(
     if int(min(int(ql.min()), int(dl.min()))) < 0:
         raise ValueError("labels must be non-negative integers")
     confusion_k = int(confusion_k)
-    bs = int(block) if block else _auto_block(ndb)
+    bs = int(block) if block else auto_block(ndb)
 
     threads = max(1, torch.get_num_threads())
     base = distance if isinstance(distance, BaseDistance) else None
@@ -615,6 +616,7 @@ def evaluate_retrieval(
 
 __all__ = [
     "DEFAULT_CONFUSION_K",
+    "auto_block",
     "DEFAULT_PRECISION_AT",
     "NoRelevantWarning",
     "RankedBlock",

@@ -145,13 +145,13 @@ def _body_stages(body: nn.Module) -> list[tuple[str, list[str]]]:
     import torchvision.models as tvm
 
     from landlens.models.geoembed import GeoEmbedV3
-    from landlens.models.registry import _AlexNetFc7, _Pooled
+    from landlens.models.base import AlexNetFc7, Pooled
 
     if isinstance(body, tvm.MobileNetV2):
         return _tv_mobilenet_v2_stages(body)
-    if isinstance(body, _Pooled):  # SqueezeNet: stem conv, then each Fire module
+    if isinstance(body, Pooled):  # SqueezeNet: stem conv, then each Fire module
         return _children_stages(body, expand=("features",))
-    if isinstance(body, _AlexNetFc7):  # conv1..conv5, fc6, fc7
+    if isinstance(body, AlexNetFc7):  # conv1..conv5, fc6, fc7
         return _children_stages(body, expand=("features", "classifier"))
     if isinstance(body, (tvm.GoogLeNet, GeoEmbedV3)):  # stem convs, inception modules / stem, layer1-4, fc
         return _children_stages(body)
@@ -173,9 +173,9 @@ def backbone_stages(backbone: nn.Module) -> list[Stage]:
       models without a matcher fall back to their parameter-owning children;
     - torchvision MobileNetV2: ``features.0`` and the seven inverted-residual stages, the
       final 1x1 convolution (``features.18``) joining the last, as timm does;
-    - SqueezeNet (``_Pooled``): every parameter-owning child of ``features`` (stem conv and
+    - SqueezeNet (``Pooled``): every parameter-owning child of ``features`` (stem conv and
       each Fire module);
-    - AlexNet (``_AlexNetFc7``): ``features.0/3/6/8/10`` (conv1-5), ``classifier.1/4`` (fc6, fc7);
+    - AlexNet (``AlexNetFc7``): ``features.0/3/6/8/10`` (conv1-5), ``classifier.1/4`` (fc6, fc7);
     - GoogLeNet: ``conv1``, ``conv2``, ``conv3`` and each inception module;
     - GeoEmbed v3: ``stem``, ``layer1``..``layer4``, ``fc`` (the embedding projection).
 
