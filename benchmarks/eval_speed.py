@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from landlens import __version__
-from landlens.features.store import atomic_write_bytes, atomic_write_json
+from landlens.atomic import atomic_write_bytes, atomic_write_json
 from landlens.retrieval.metrics import evaluate_retrieval
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from landlens import __version__
-from landlens.features.store import atomic_write_bytes, atomic_write_json
+from landlens.atomic import atomic_write_bytes, atomic_write_json
 from landlens.retrieval.rerank.graph import knn_graph
 
 #: (images, dimensions): tiny test sets, a small archive, UC Merced with one backbone (Lite0,

@@ -46,7 +46,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 UCM = REPO.parent / "shared" / "data" / "UCMerced_LandUse"

@@ -286,7 +286,7 @@ def interpretation(doc: dict[str, Any]) -> list[str]:
 
 
 def write_report(out: Path, doc: dict[str, Any]) -> None:
-    from landlens.features.store import atomic_write_bytes, atomic_write_json
+    from landlens.atomic import atomic_write_bytes, atomic_write_json
 
     atomic_write_json(out.with_suffix(".json"), doc)
     m, d = doc["machine"], doc["data"]

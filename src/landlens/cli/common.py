@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import click
 
 from landlens.errors import LandlensError
-from landlens.features.store import atomic_write_json
+from landlens.atomic import atomic_write_json
 
 
 class _OneLineErrors:

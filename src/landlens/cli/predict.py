@@ -57,7 +57,7 @@ def predict_cmd(run_dir: Path, inputs: tuple[Path, ...], top_k: int | None, as_j
     with the preprocessing recorded with the model. An unreadable image is reported on stderr
     and the exit status is then 1.
     """
-    from landlens.features.store import atomic_write_bytes
+    from landlens.atomic import atomic_write_bytes
     from landlens.training.predict import Predictor, expand_inputs
 
     if as_json and as_csv:

@@ -87,7 +87,8 @@ def evaluate_cmd(data: Path, backbones: tuple[str, ...], weights: tuple[str, ...
     from landlens.data.splits import SplitManifest
     from landlens.errors import LandlensError
     from landlens.features.cache import cached_features, store_path
-    from landlens.features.store import FeatureStore, atomic_write_json
+    from landlens.atomic import atomic_write_json
+    from landlens.features.store import FeatureStore
     from landlens.models.registry import create_backbone
     from landlens.retrieval.evaluate import evaluate
     from landlens.retrieval.fusion import align, fuse

@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -43,6 +42,7 @@ from typing import Literal, Union
 
 import numpy as np
 
+from landlens.atomic import atomic_write_json
 from landlens import __version__
 from landlens.errors import DatasetError
 
@@ -433,21 +433,7 @@ class SplitManifest:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the manifest as JSON (atomically) and return its path."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        atomic_write_json(path, self.to_dict(), indent=2, sort_keys=False)
         return path
 
     @classmethod

@@ -17,19 +17,17 @@ rerun with anything different is refused instead of mixing features.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from landlens.atomic import atomic_file, atomic_write_bytes, atomic_write_json
 from landlens.errors import FeatureStoreError
 
 FORMAT_VERSION = 1
@@ -37,35 +35,8 @@ META = "meta.json"
 ITEMS = "items.json"
 
 
-@contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A file handle whose content replaces ``path`` (via a rename) only when the block ends well."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
-    with _atomic_file(path) as f:
-        f.write(data)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
 def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    with _atomic_file(path) as f:
+    with atomic_file(path) as f:
         np.save(f, arr)
 
 
@@ -261,4 +232,4 @@ def _short(v: Any) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
-__all__ = ["FeatureSet", "FeatureStore", "atomic_write_bytes", "atomic_write_json", "items_digest"]
+__all__ = ["FeatureSet", "FeatureStore", "items_digest"]

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from landlens.atomic import atomic_write_json
 from landlens.errors import BackboneError, CheckpointError, LandlensError, WeightsError, first_line
 from landlens.models.preprocessing import Preprocessing
 from landlens.models.base import Backbone, BackboneSpec, WeightsInfo
@@ -224,9 +225,7 @@ def save_classifier(model: "Classifier | Embedder", directory: str | os.PathLike
     meta["weights_sha256"] = file_digest(d / MODEL_WEIGHTS)
     if extra:
         meta["extra"] = extra
-    tmp_meta = d / (MODEL_META + ".part")
-    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp_meta, d / MODEL_META)
+    atomic_write_json(d / MODEL_META, meta, indent=2, sort_keys=False)
     return d / MODEL_META
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from landlens.atomic import atomic_path
 from landlens.errors import CheckpointError, WeightsError, first_line
 
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
@@ -43,14 +44,13 @@ def load_tensors_only(path: str | os.PathLike[str], *, what: str = "weights file
 
 
 def save_module_tensors(model: nn.Module, path: str | os.PathLike[str]) -> Path:
-    """Write ``model.state_dict()`` to ``path`` (via a ``.part`` file, then renamed)."""
+    """Write ``model.state_dict()`` to ``path`` (atomically: :func:`landlens.atomic.atomic_path`)."""
     from safetensors.torch import save_file
 
     p = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = p.with_name(p.name + ".part")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, p)
+    with atomic_path(p) as tmp:
+        save_file(tensors, str(tmp))
     return p
 
 

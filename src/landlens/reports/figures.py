@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from landlens.features.store import atomic_write_bytes
+from landlens.atomic import atomic_write_bytes
 
 GRID_PAD = 2
 """Pixels of white space around and between the cells of :func:`save_image_grid`."""

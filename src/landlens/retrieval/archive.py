@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from landlens.atomic import atomic_path
 from landlens.data.io import file_problem
 from landlens.errors import ImageReadError
 from landlens.retrieval.search import ArchiveHit, ArchiveSearch
@@ -418,9 +419,8 @@ class Archive(ArchiveSearch):
                 return None
             dest = self.upload_path(sha, suffix)
             if not dest.is_file():
-                part = dest.with_name(f".{dest.name}.part")
-                shutil.copyfile(src, part)
-                os.replace(part, dest)
+                with atomic_path(dest) as part:
+                    shutil.copyfile(src, part)
             added = self._add_locked(state, [dest], labels, [(info.width, info.height, sha, size)], 32, False,
                                      max_pixels)
             return added[0]

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from landlens.errors import LandlensError
-from landlens.features.store import atomic_write_bytes
+from landlens.atomic import atomic_write_bytes
 from landlens.retrieval.search import SearchResult
 
 CELL_W_PX = 160

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from landlens.errors import LandlensError, first_line
-from landlens.features.store import atomic_write_bytes
+from landlens.atomic import atomic_write_bytes
 
 FORMAT_VERSION = 1
 CURRENT = "CURRENT"

@@ -76,7 +76,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from landlens.errors import LandlensError, first_line
-from landlens.features.store import atomic_write_json
+from landlens.atomic import atomic_write_json
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"

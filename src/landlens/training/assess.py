@@ -9,7 +9,6 @@ run's test evaluation (the backbone's evaluation view).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from landlens.atomic import atomic_write_json, atomic_write_text
 from landlens.data.folder import scan_folder
 from landlens.errors import ConfigError, DatasetError
 from landlens.models.classifier import load_classifier
@@ -91,10 +91,8 @@ def evaluate_run(run_dir: str | os.PathLike[str], data: str | os.PathLike[str], 
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "evaluation.json.part"
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, out / "evaluation.json")
-        (out / "report.md").write_text(rep.to_markdown() + "\n")
+        atomic_write_json(out / "evaluation.json", result, indent=2, sort_keys=False)
+        atomic_write_text(out / "report.md", rep.to_markdown() + "\n")
         present = sorted(set(y_true.tolist()))
         cm = rep.confusion[np.ix_(present, present)]
         plot_confusion_matrix(cm, [model.classes[i] for i in present], out / "confusion_matrix.png",

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from landlens.atomic import atomic_path
 from landlens.errors import CheckpointError, ConfigError, first_line
 
 EXPORT_FORMATS = ("onnx", "torchscript")
@@ -105,10 +106,6 @@ def _target(run_dir: Path, fmt: str, out_path: str | os.PathLike[str] | None) ->
     if out.is_dir():
         return out / DEFAULT_FILENAMES[fmt]
     return out
-
-
-def _temp_name(out: Path) -> Path:
-    return out.parent / f".{out.name}.{os.getpid()}.tmp"
 
 
 def _parity_inputs(pre: Any, n: int, seed: int) -> torch.Tensor:
@@ -311,56 +308,47 @@ def export_model(run_dir: str | os.PathLike[str], format: str, out_path: str | o
     model = load_classifier(rdir).eval()
     out = _target(rdir, fmt, out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(out)
     s = int(model.preprocessing.input_size)
     batch = TRACE_BATCH if (dynamic_batch or fmt == "torchscript") else 1
     example = _parity_inputs(model.preprocessing, batch, seed + 1)
     meta_text = json.dumps(meta, indent=2, sort_keys=True)
     written_opset: int | None = None
+    tmp = out
     try:
-        if fmt == "torchscript":
-            _trace_torchscript(model, example, meta_text, tmp)
-            exporter = "torch.jit.trace"
-        else:
-            import onnx
+        with atomic_path(out) as tmp:
+            if fmt == "torchscript":
+                _trace_torchscript(model, example, meta_text, tmp)
+                exporter = "torch.jit.trace"
+            else:
+                import onnx
 
-            proto, exporter = _onnx_proto(model, example, opset, dynamic_batch)
-            props = {
-                "classes": json.dumps(list(model.classes)),
-                "preprocessing": json.dumps(model.preprocessing.to_dict(), sort_keys=True),
-                "model": meta_text,
-                "input": json.dumps({"name": INPUT_NAME, "shape": ["batch" if dynamic_batch else 1, 3, s, s],
-                                     "dtype": "float32", "layout": "NCHW, normalised with preprocessing"}),
-                "output": json.dumps({"name": OUTPUT_NAME, "shape": ["batch" if dynamic_batch else 1,
-                                                                     len(model.classes)],
-                                      "meaning": "log-softmax over classes"}),
-            }
-            del proto.metadata_props[:]
-            for key, value in props.items():
-                entry = proto.metadata_props.add()
-                entry.key, entry.value = ONNX_META_PREFIX + key, value
-            proto.doc_string = (f"landlens classifier: {meta['backbone']} + {meta['head'].get('kind')} head, "
-                                f"{len(model.classes)} classes")
-            written_opset = next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-            onnx.checker.check_model(proto)
-            onnx.save(proto, str(tmp))
-        diff = check_export_parity(rdir, tmp, n=n, atol=atol, seed=seed)
-        os.replace(tmp, out)
-    except CheckpointError as exc:
-        _unlink(tmp)
+                proto, exporter = _onnx_proto(model, example, opset, dynamic_batch)
+                props = {
+                    "classes": json.dumps(list(model.classes)),
+                    "preprocessing": json.dumps(model.preprocessing.to_dict(), sort_keys=True),
+                    "model": meta_text,
+                    "input": json.dumps({"name": INPUT_NAME, "shape": ["batch" if dynamic_batch else 1, 3, s, s],
+                                         "dtype": "float32", "layout": "NCHW, normalised with preprocessing"}),
+                    "output": json.dumps({"name": OUTPUT_NAME, "shape": ["batch" if dynamic_batch else 1,
+                                                                         len(model.classes)],
+                                          "meaning": "log-softmax over classes"}),
+                }
+                del proto.metadata_props[:]
+                for key, value in props.items():
+                    entry = proto.metadata_props.add()
+                    entry.key, entry.value = ONNX_META_PREFIX + key, value
+                proto.doc_string = (f"landlens classifier: {meta['backbone']} + {meta['head'].get('kind')} head, "
+                                    f"{len(model.classes)} classes")
+                written_opset = next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+                onnx.checker.check_model(proto)
+                onnx.save(proto, str(tmp))
+            diff = check_export_parity(rdir, tmp, n=n, atol=atol, seed=seed)
+    except CheckpointError as exc:  # the file that failed is the temporary one: name the target
         raise CheckpointError(str(exc).replace(str(tmp), str(out)) + "; nothing written") from None
-    except BaseException:
-        _unlink(tmp)
-        raise
     return ExportResult(path=out, format=fmt, max_abs_diff=diff, seconds=time.perf_counter() - start,
                         exporter=exporter, opset=written_opset, n_checked=int(n))
 
 
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def export_torchscript(run_dir: str | os.PathLike[str], out_path: str | os.PathLike[str] | None = None) -> Path:
