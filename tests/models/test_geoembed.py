@@ -11,6 +11,7 @@ import importlib.util
 
 import numpy as np
 import pytest
+from fixtures.weights import require
 import torch
 
 from landlens.errors import WeightsError
@@ -22,8 +23,7 @@ EPS = 1e-5  # netcl BatchNorm2dModule default (netcl/nn/batchnorm.py), as torch'
 
 def _installed():
     pw = PACKAGED["geoembed-v3"]
-    if not pw.is_installed():
-        pytest.skip(f"{pw.distribution} is not installed")
+    require(pw.distribution)
     return pw
 
 
@@ -101,10 +101,8 @@ def test_matches_independent_numpy_network(converted, tiles):
 
 def test_matches_geoembed_netcl_reference(converted, tiles):
     """geoembed's own TileEncoderV3 + load_v3_netcl, on netcl's NumPy CPU backend."""
-    try:  # netcl imports pyopencl (no OpenCL device is needed for its NumPy backend)
-        from netcl.core.device import manager
-    except ImportError as exc:
-        pytest.skip(f"netcl is not usable here: {exc}")
+    require("netcl", why="geoembed's reference implementation")
+    from netcl.core.device import manager  # imports pyopencl; no OpenCL device is needed for its NumPy backend
 
     pw = _installed()
     arch_py = pw.locate().parents[1] / "arch.py"

