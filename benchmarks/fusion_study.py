@@ -78,7 +78,7 @@ def main() -> None:
     from landlens.features.cache import cached_features
     from landlens.models.registry import get_spec
     from landlens.retrieval.evaluate import evaluate
-    from landlens.retrieval.fusion import fuse
+    from landlens.features.fusion import fuse
 
     backbones = args.backbones or (SEED if args.seed_models else OFFLINE)
     families = {k: v for k, v in (SEED_FAMILIES if args.seed_models else OFFLINE_FAMILIES).items()

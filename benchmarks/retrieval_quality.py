@@ -145,7 +145,7 @@ class Bench:
 def unsupervised(data: Path, backbones: list[str], manifest: Any, cache_dir: Path, log: list[dict[str, Any]]
                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from landlens.features.cache import cached_features
-    from landlens.retrieval.fusion import align, fuse
+    from landlens.features.fusion import align, fuse
 
     sets = []
     for b in backbones:
@@ -202,7 +202,7 @@ def metric_runs(data: Path, runs_dir: Path, manifest_path: Path, cache_dir: Path
     from landlens.data.splits import SplitManifest
     from landlens.features.cache import cached_features
     from landlens.models.registry import create_backbone
-    from landlens.retrieval.fusion import fuse
+    from landlens.features.fusion import fuse
 
     candidates = []
     for (loss, loss_over), dim, lr in itertools.product(METRIC_LOSSES.items(), METRIC_DIMS, METRIC_LRS):

@@ -45,7 +45,7 @@ _EXPORTS: dict[str, str] = {
     "FeatureSet": "landlens.features.store",
     "FeatureStore": "landlens.features.store",
     # retrieval
-    "fuse": "landlens.retrieval.fusion",
+    "fuse": "landlens.features.fusion",
     "Archive": "landlens.retrieval.archive",
     "ArchiveHit": "landlens.retrieval.search",
     "evaluate": "landlens.retrieval.evaluate",
@@ -93,7 +93,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from landlens.models.registry import create_backbone
     from landlens.retrieval.archive import Archive
     from landlens.retrieval.evaluate import evaluate
-    from landlens.retrieval.fusion import fuse
+    from landlens.features.fusion import fuse
     from landlens.retrieval.rerank import make_reranker
     from landlens.retrieval.search import ArchiveHit
     from landlens.training.config import TrainConfig, load_config

@@ -18,7 +18,7 @@ import torch
 from landlens.errors import LandlensError
 from landlens.features.store import FeatureSet
 from landlens.retrieval.evaluate import evaluate
-from landlens.retrieval.fusion import Fusion
+from landlens.features.fusion import Fusion
 from landlens.retrieval.metrics import evaluate_retrieval
 from landlens.retrieval.protocols import Protocol
 from landlens.retrieval.rerank import AlphaQE, Diffusion, KReciprocal, RerankPipeline, make_reranker

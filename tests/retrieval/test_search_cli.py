@@ -250,3 +250,20 @@ def test_rerank_option_refuses_bad_specs_and_the_matcher(archive, tmp_path):
     assert res.exit_code == 2 and "aqe" in res.output and "Traceback" not in res.output
     res = _search([idx, q, "--rerank", "aqe", "--matcher", tmp_path])
     assert res.exit_code == 2 and "cannot be combined" in res.output
+
+
+def test_retrieval_evaluate_takes_an_archive(archive, tmp_path):
+    """An archive is evaluated as indexed: the same scores as its feature store's features."""
+    from landlens.features.store import FeatureStore
+    from landlens.retrieval.evaluate import evaluate
+
+    _, _, store, idx = archive
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(cli, ["retrieval", "evaluate", str(idx), "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    want = evaluate(FeatureStore(store).load().only_valid()).metrics
+    assert doc["metrics"]["mAP"] == pytest.approx(want["mAP"], abs=1e-6)
+    assert doc["data"]["images"] == 12 and doc["backbones"][0]["backbone"] == "resnet18"
+    res = CliRunner().invoke(cli, ["retrieval", "evaluate", str(idx), "-b", "lbp_rgb", "--out", str(out)])
+    assert res.exit_code == 2 and "drop --backbone" in res.output

@@ -33,8 +33,9 @@ def _parse_ks(text: str) -> tuple[int, ...]:
 
 @retrieval.command("evaluate")
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--backbone", "-b", "backbones", multiple=True, required=True,
-              help="backbone name (`landlens models list`); repeat to fuse several (L2-normalised, concatenated)")
+@click.option("--backbone", "-b", "backbones", multiple=True,
+              help="backbone name (`landlens models list`); repeat to fuse several (L2-normalised, concatenated); "
+                   "not with an archive, whose vectors are evaluated as they are")
 @click.option("--weights", "weights", multiple=True, default=("auto",), show_default=True,
               help="auto | hub[:TAG] | package[:KEY] | PATH; one for all backbones or one per --backbone")
 @click.option("--dataset", "-d", default=None, help="catalog name (`landlens data list`), for layout")
@@ -70,7 +71,8 @@ def evaluate_cmd(data: Path, backbones: tuple[str, ...], weights: tuple[str, ...
                  matcher: Path | None, shortlist: int | None, protocol: str, split_path: Path | None, database: str, pca: int | None, whiten: bool,
                  rerank: str | None, precision_at: str, confusion_k: int, cache_dir: Path, workers: int | None,
                  out: Path, quiet: bool) -> None:
-    """Evaluate retrieval on the images under DATA (one sub-folder per class).
+    """Evaluate retrieval on the images under DATA (one sub-folder per class), or on the labelled
+    images of an archive (`landlens index build`) as it is indexed.
 
     Features are extracted into --cache-dir on the first run and reused afterwards. With
     several --backbone, each backbone's features are L2-normalised and concatenated (then
@@ -91,11 +93,18 @@ def evaluate_cmd(data: Path, backbones: tuple[str, ...], weights: tuple[str, ...
     from landlens.features.store import FeatureStore
     from landlens.models.registry import create_backbone
     from landlens.retrieval.evaluate import evaluate
-    from landlens.retrieval.fusion import align, fuse
+    from landlens.features.fusion import align, fuse
     from landlens.retrieval.metrics import NoRelevantWarning
     from landlens.retrieval.protocols import resolve_protocol
 
-    if len(weights) not in (1, len(backbones)):
+    from landlens.retrieval.archive import Archive, is_archive
+
+    archive = Archive.open(data) if is_archive(data) else None
+    if archive is not None and backbones:
+        raise LandlensError(f"{data} is an archive: its vectors are evaluated as indexed; drop --backbone")
+    if archive is None and not backbones:
+        raise LandlensError("give --backbone (repeat it to fuse several), or DATA an archive folder")
+    if len(weights) not in (1, max(1, len(backbones))):
         raise LandlensError(f"--weights: give one value for every backbone or one per --backbone "
                             f"({len(backbones)} backbones, {len(weights)} --weights)")
     if pca is not None and pca < 1:
@@ -123,8 +132,20 @@ def evaluate_cmd(data: Path, backbones: tuple[str, ...], weights: tuple[str, ...
     per_backbone = list(weights) if len(weights) == len(backbones) else list(weights) * len(backbones)
 
     command = command_line()
-    ds = scan_folder(data, dataset)
     sets, records = [], []
+    if archive is not None:
+        fs = archive.feature_set()
+        sets.append(fs)
+        records.append({"backbone": archive.backbone_name, "archive": str(data), "generation": archive.generation,
+                        "identity": fs.meta.get("identity"), "images": len(fs), "dim": int(fs.features.shape[1])})
+        click.echo(f"features  {archive.backbone_name}: {len(fs)} labelled images x {fs.features.shape[1]} "
+                   f"from archive {data} (generation {archive.generation})")
+        ds_doc = {"path": str(data), "root": str(data), "dataset": fs.meta["dataset"]["name"], "images": len(fs),
+                  "classes": list(fs.classes)}
+    else:
+        ds = scan_folder(data, dataset)
+        ds_doc = {"path": str(data), "root": str(ds.root), "dataset": ds.name, "images": len(ds.paths),
+                  "classes": list(ds.classes)}
     for name, w in zip(backbones, per_backbone):
         bb = create_backbone(name, w)
         path = store_path(cache_dir, ds.name, ds.paths, ds.labels, bb)
@@ -181,8 +202,7 @@ def evaluate_cmd(data: Path, backbones: tuple[str, ...], weights: tuple[str, ...
         "command": command,
         "versions": {"landlens": __version__, "torch": torch.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
-        "data": {"path": str(data), "root": str(ds.root), "dataset": ds.name, "images": len(ds.paths),
-                 "classes": list(ds.classes)},
+        "data": ds_doc,
         "backbones": records,
         "fusion": (features.meta or {}).get("fusion"),
         "split": None if manifest is None else {

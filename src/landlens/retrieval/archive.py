@@ -219,6 +219,23 @@ class Archive(ArchiveSearch):
             raise UnknownImageError(f"no image with id {id} in the archive")
         return np.array(state.vectors[row], dtype=np.float32)
 
+    def feature_set(self) -> Any:
+        """The archive's labelled images as a :class:`~landlens.features.store.FeatureSet` (vectors,
+        classes, the extractor's identity), ready for :func:`landlens.retrieval.evaluate.evaluate`;
+        unlabelled images are left out."""
+        from landlens.features.store import FeatureSet
+
+        state = self._state
+        keep = [i for i, r in enumerate(state.records) if r.class_name]
+        classes = sorted({state.records[i].class_name for i in keep})
+        index = {c: k for k, c in enumerate(classes)}
+        meta = {"identity": state.index.meta.get("identity", {}), "backbone": state.index.meta.get("backbone", {}),
+                "dataset": {"name": state.meta.get("dataset"), "root": str(self.directory), "classes": classes},
+                "archive": {"directory": str(self.directory), "generation": state.generation}}
+        return FeatureSet(np.asarray(state.vectors[keep], dtype=np.float32), [state.records[i].path for i in keep],
+                          np.asarray([index[state.records[i].class_name] for i in keep], dtype=np.int64), classes, meta,
+                          np.ones(len(keep), bool))
+
     def info(self) -> dict[str, Any]:
         """A JSON-able summary: size, classes, extractor, index, disk use."""
         state = self._state

@@ -7,7 +7,7 @@ import pytest
 
 from landlens.errors import LandlensError
 from landlens.features.store import FeatureSet
-from landlens.retrieval.fusion import Fusion, align, fuse, parse_recipe
+from landlens.features.fusion import Fusion, align, fuse, parse_recipe
 
 
 def _set(x, paths, labels, name):
