@@ -98,15 +98,21 @@ def _compile(model: nn.Module, example: torch.Tensor) -> Callable:
 
     import torch._inductor.config as inductor_config
 
-    # a CPU-only run needs no CUDA; torch's notice that it found none is noise for users
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    # freezing: weights become constants, so batch-norm folds into convolutions and oneDNN
-    # prepacks the weights (what makes the compiled CPU graph fast); compilation happens on
-    # the first call, inside the patch
-    with inductor_config.patch(freezing=True), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fast = torch.compile(model, dynamic=False)
-        _same(fast, model, example)
+    # a CPU-only run needs no CUDA: torch's notice that it found none is noise for users, so it
+    # is held back while compiling (and the logger's level restored after: a library does not
+    # change the application's logging). freezing: weights become constants, so batch-norm
+    # folds into convolutions and oneDNN prepacks the weights (what makes the compiled CPU
+    # graph fast); compilation happens on the first call, inside the patch
+    notice = logging.getLogger("torch.utils.cpp_extension")
+    level = notice.level
+    notice.setLevel(logging.ERROR)
+    try:
+        with inductor_config.patch(freezing=True), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fast = torch.compile(model, dynamic=False)
+            _same(fast, model, example)
+    finally:
+        notice.setLevel(level)
     return fast
 
 
