@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from landlens.cli.common import OneLineErrorGroup, command_line, echo_json, shortcut_overrides, write_json
+from landlens.cli.common import (OneLineErrorGroup, command_line, echo_json, quiet_lightning, shortcut_overrides,
+                                 write_json)
 
 _SHORTCUTS = {  # option -> config key
     "data_path": "data.path", "dataset": "data.dataset", "split": "data.split", "input_size": "data.input_size",
@@ -69,6 +70,7 @@ def matching() -> None:
     Steps: pretrain-ae (any image folder), finetune-ae (train part of the target dataset),
     train-dml (pairs of the train part), evaluate (retrieval of the test part).
     """
+    quiet_lightning()
 
 
 def _finish(result, as_json: bool, line: str) -> None:

@@ -47,7 +47,6 @@ The steps, each a run directory laid out like a classification run
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -65,7 +64,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from landlens.data.splits import SplitManifest, make_split
 from landlens.errors import CheckpointError, ConfigError, DatasetError, LandlensError, first_line
 from landlens.features.extract import DecodeDataset
-from landlens.features.store import FeatureSet
+from landlens.features.store import FeatureSet, atomic_write_json
 from landlens.matching.config import MatchingConfig, load_matching_run_config
 from landlens.matching.networks import (
     LATENT_SIZE,
@@ -77,17 +76,16 @@ from landlens.matching.networks import (
 )
 from landlens.models.preprocessing import Preprocessing, normalize_batch
 from landlens.models.registry import Backbone, BackboneSpec, WeightsInfo
-from landlens.training.engine import (
+from landlens.training.runs import (
     CONFIG_FILE,
     RESULTS_FILE,
+    FitResult,
+    RNGStateCheckpoint,
+    RunDir,
     RunResult,
-    _atomic_json,
-    _check_run_dir,
-    _History,
-    _unwrap_worker_error,
     environment,
+    fit,
 )
-from landlens.training.task import RNGStateCheckpoint
 
 AE_FORMAT = "landlens-matching-autoencoder"
 AE_FORMAT_VERSION = 1
@@ -140,7 +138,7 @@ def save_autoencoder(model: ResidualAutoencoder, directory: str | os.PathLike[st
             "config": model.config.to_dict(), "preprocessing": pre.to_dict(),
             "latent_shape": list(model.config.latent_shape), "weights_digest": _state_digest(model),
             "extra": extra or {}}
-    _atomic_json(d / AE_META, meta)
+    atomic_write_json(d / AE_META, meta)
     return d / AE_META
 
 
@@ -458,19 +456,16 @@ class DMLTask(_MatchingTask):
 
 # ============================================================================ run directories and the fit
 
-def _start_run(cfg: MatchingConfig, resume: bool) -> tuple[Path, RunResult | None]:
+def _start_run(cfg: MatchingConfig, resume: bool) -> tuple[RunDir, RunResult | None]:
     """Validate, check the run directory (a finished run is returned as is on resume), write config.json."""
     cfg.validate()
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    run_dir = Path(cfg.out)
-    if resume and (run_dir / RESULTS_FILE).is_file():
-        _check_run_dir(run_dir, cfg, resume=True)  # the same config, or a one-line refusal
-        return run_dir, RunResult(run_dir, "complete", json.loads((run_dir / RESULTS_FILE).read_text()))
-    _check_run_dir(run_dir, cfg, resume)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_json(run_dir / CONFIG_FILE, cfg.to_dict())
+    run = RunDir(cfg.out)
+    if resume and run.finished:
+        run.check(cfg, resume=True)  # the same config, or a one-line refusal
+        return run, RunResult(run.path, "complete", run.read_results())
+    run = RunDir.start(cfg, resume=resume)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    return run_dir, None
+    return run, None
 
 
 def _precision(cfg: MatchingConfig) -> str:
@@ -478,62 +473,18 @@ def _precision(cfg: MatchingConfig) -> str:
     return "32-true" if p == "32" else p
 
 
-@dataclass
-class _Fit:
-    trainer: L.Trainer
-    history: list[dict[str, Any]]
-    seconds: float
-    best_epoch: int | None
-
-
-def _fit(task: _MatchingTask, dm: L.LightningDataModule, cfg: MatchingConfig, run_dir: Path, *, has_val: bool,
-         resume: bool, callbacks: Sequence[L.Callback], progress: bool) -> _Fit:
-    """Run Lightning with best/last checkpoints, history, early stopping; load the best weights into ``task``."""
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-
-    ckpt_dir = run_dir / "checkpoints"
-    history = _History(run_dir)
-    cbs: list[L.Callback] = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=task.monitor, mode="min", save_last=False,
-                        save_top_k=1, enable_version_counter=False),
-        # every epoch (Lightning's save_last only follows epochs that improved the monitored metric)
-        ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_last=False, save_top_k=1,
-                        enable_version_counter=False),
-        history,
-    ]
-    if cfg.optim.patience is not None:
-        cbs.append(EarlyStopping(monitor=task.monitor, mode="min", patience=int(cfg.optim.patience)))
-    cbs.extend(callbacks)
+def _fit(task: _MatchingTask, dm: L.LightningDataModule, cfg: MatchingConfig, run: RunDir, *, has_val: bool,
+         resume: bool, callbacks: Sequence[L.Callback], progress: bool) -> FitResult:
+    """:func:`landlens.training.runs.fit` with the matching config's trainer, plateau and early-stopping settings."""
     t = cfg.trainer
-    trainer = L.Trainer(max_epochs=cfg.optim.epochs, accelerator=t.accelerator, devices=t.devices,
-                        precision=_precision(cfg), callbacks=cbs, logger=False, enable_progress_bar=progress,
-                        enable_model_summary=False, default_root_dir=str(run_dir), num_sanity_val_steps=0,
-                        limit_val_batches=1.0 if has_val else 0, log_every_n_steps=t.log_every_n_steps,
-                        use_distributed_sampler=False)
-    t0 = time.perf_counter()
-    task.net.train()
-    try:
-        trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt_dir / "last.ckpt") if resume else None,
-                    weights_only=True)
-    except SystemExit:  # Lightning exits after tearing down on Ctrl+C; the last checkpoint is kept
-        if not trainer.interrupted:
-            raise
-    except DatasetError as exc:
-        raise _unwrap_worker_error(exc) from None
-    seconds = time.perf_counter() - t0
-    best_epoch = None
-    best_path = ckpt_dir / "best.ckpt"
-    if not trainer.interrupted and best_path.is_file():
-        ckpt = torch.load(str(best_path), map_location="cpu", weights_only=True)
-        task.load_state_dict(ckpt["state_dict"])
-        best_epoch = int(ckpt.get("epoch", -1)) + 1
-    task.to("cpu").eval()
-    return _Fit(trainer, history.rows, seconds, best_epoch)
+    return fit(task, dm, run, resume=resume, monitor=task.monitor, patience=cfg.optim.patience, validate=has_val,
+               reload_best=True, callbacks=callbacks, progress=progress, max_epochs=cfg.optim.epochs,
+               accelerator=t.accelerator, devices=t.devices, precision=_precision(cfg),
+               log_every_n_steps=t.log_every_n_steps, use_distributed_sampler=False)
 
 
-def _interrupted(run_dir: Path, command: str) -> RunResult:
-    hint = f"landlens matching {command} {run_dir / CONFIG_FILE} --resume"
-    return RunResult(run_dir, "interrupted", {"resume": hint})
+def _interrupted(run: RunDir, step: str) -> RunResult:
+    return run.interrupted(f"landlens matching {step} {run.path / CONFIG_FILE} --resume")
 
 
 def _learning_curves(run_dir: Path, history: list[dict[str, Any]], title: str) -> None:
@@ -622,9 +573,10 @@ def _train_autoencoder(cfg: MatchingConfig, mode: str, init: str | os.PathLike[s
         raise ConfigError("fine-tuning needs the pre-trained autoencoder: give init= (ae.init=RUN_DIR)")
     if not cfg.data.path:
         raise ConfigError("data.path is not set: give the image folder (data.path=FOLDER)")
-    run_dir, done = _start_run(cfg, resume)
+    run, done = _start_run(cfg, resume)
     if done is not None:
         return done
+    run_dir = run.path
     t_start = time.perf_counter()
     d = cfg.data
     pre = ae_preprocessing(d.input_size, d.resize_mode)
@@ -654,7 +606,7 @@ def _train_autoencoder(cfg: MatchingConfig, mode: str, init: str | os.PathLike[s
         val_paths = [ds.paths[int(i)] for i in val_rows]
         data_info = {**prepared.summary(), "used_parts": ["train"] + (["val"] if "val" in prepared.parts else [])}
     data_info.update({"train_images": len(train_paths), "val_images": len(val_paths)})
-    _atomic_json(run_dir / IMAGES_FILE, {"root": str(root), "train": train_paths, "val": val_paths})
+    atomic_write_json(run_dir / IMAGES_FILE, {"root": str(root), "train": train_paths, "val": val_paths})
 
     ae = ResidualAutoencoder(cfg.ae_config())
     init_info = None
@@ -666,9 +618,9 @@ def _train_autoencoder(cfg: MatchingConfig, mode: str, init: str | os.PathLike[s
     task = AETask(ae, cfg, "val_loss" if has_val else "train_loss")
     dm = _ImageData(root, train_paths, val_paths, pre, rgb_bands, d.batch_size, d.num_workers, cfg.trainer.seed)
     step = "pretrain-ae" if mode == "pretrain" else "finetune-ae"
-    fit = _fit(task, dm, cfg, run_dir, has_val=has_val, resume=resume, callbacks=callbacks, progress=progress)
-    if fit.trainer.interrupted:
-        return _interrupted(run_dir, step)
+    fit = _fit(task, dm, cfg, run, has_val=has_val, resume=resume, callbacks=callbacks, progress=progress)
+    if fit.interrupted:
+        return _interrupted(run, step)
 
     unreadable = dict(task.unreadable)
     t_eval = time.perf_counter()
@@ -696,8 +648,7 @@ def _train_autoencoder(cfg: MatchingConfig, mode: str, init: str | os.PathLike[s
         "timing_s": {"fit": round(fit.seconds, 2), "evaluate": round(time.perf_counter() - t_eval, 2),
                      "total": round(time.perf_counter() - t_start, 2)},
     }
-    _atomic_json(run_dir / RESULTS_FILE, results)
-    return RunResult(run_dir, "complete", results)
+    return run.complete(results)
 
 
 def pretrain_ae(cfg: MatchingConfig, *, resume: bool = False, callbacks: Sequence[L.Callback] = (),
@@ -1027,8 +978,7 @@ def train_dml(cfg: MatchingConfig, features: FeatureSet | None = None, *, resume
     on validation pairs and on balanced test pairs.
     """
     cfg.validate()
-    run_dir = Path(cfg.out)
-    if resume and (run_dir / RESULTS_FILE).is_file():
+    if resume and RunDir(cfg.out).finished:
         return _start_run(cfg, resume)[1]  # type: ignore[return-value]
     if features is None:
         features, source = resolve_features(cfg, progress=progress, command=command)
@@ -1038,7 +988,8 @@ def train_dml(cfg: MatchingConfig, features: FeatureSet | None = None, *, resume
     c, h, w = shape or feature_shape(features)
     if c * h * w != features.features.shape[1] or h != w:
         raise ConfigError(f"feature shape {(c, h, w)} does not fit rows of {features.features.shape[1]} values")
-    run_dir, _ = _start_run(cfg, resume)
+    run, _ = _start_run(cfg, resume)
+    run_dir = run.path
     t_start = time.perf_counter()
     pairs = prepare_pairs(cfg, features, split_out=run_dir / SPLIT_FILE)
     _check_ae_leak(source, pairs.manifest)
@@ -1046,9 +997,9 @@ def train_dml(cfg: MatchingConfig, features: FeatureSet | None = None, *, resume
     net = MatchingDiscriminator(DMLConfig(kind=cfg.dml.kind, in_channels=c, spatial=h, width=cfg.dml.width))
     has_val = pairs.val_pairs is not None
     task = DMLTask(net, cfg, "val_loss" if has_val else "train_loss")
-    fit = _fit(task, pairs, cfg, run_dir, has_val=has_val, resume=resume, callbacks=callbacks, progress=progress)
-    if fit.trainer.interrupted:
-        return _interrupted(run_dir, "train-dml")
+    fit = _fit(task, pairs, cfg, run, has_val=has_val, resume=resume, callbacks=callbacks, progress=progress)
+    if fit.interrupted:
+        return _interrupted(run, "train-dml")
 
     identity = feature_identity(features)
     if shape is not None:
@@ -1090,8 +1041,7 @@ def train_dml(cfg: MatchingConfig, features: FeatureSet | None = None, *, resume
         "timing_s": {"fit": round(fit.seconds, 2), "evaluate": round(time.perf_counter() - t_eval, 2),
                      "total": round(time.perf_counter() - t_start, 2)},
     }
-    _atomic_json(run_dir / RESULTS_FILE, results)
-    return RunResult(run_dir, "complete", results)
+    return run.complete(results)
 
 
 # ============================================================================ retrieval evaluation

@@ -13,14 +13,7 @@ import torch
 from torch import nn
 
 from landlens.training.config import OptimConfig
-
-_RNG_KEY = "landlens_rng"
-
-
-def monitor_mode(monitor: str) -> str:
-    """``'max'`` for accuracy and mAP monitors, ``'min'`` for losses."""
-    return "max" if monitor.endswith(("acc", "map")) else "min"
-
+from landlens.training.runs import RNGStateCheckpoint, monitor_mode
 
 def _no_decay(name: str, p: nn.Parameter) -> bool:
     return p.ndim <= 1 or name.endswith(".bias")
@@ -35,26 +28,6 @@ def head_param_groups(net: nn.Module, lr: float, weight_decay: float) -> list[di
     groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay, "name": "head"},
               {"params": plain, "lr": lr, "weight_decay": 0.0, "name": "head_no_decay"}]
     return [g for g in groups if g["params"]]
-
-
-class RNGStateCheckpoint:
-    """Lightning-module mixin: the torch (and CUDA) RNG state travels in every checkpoint.
-
-    Restored on resume, so dropout and augmentation draw the same numbers as an uninterrupted run.
-    """
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        checkpoint[_RNG_KEY] = state
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get(_RNG_KEY)
-        if state:
-            torch.set_rng_state(state["torch"])
-            if "cuda" in state and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class ClassificationTask(RNGStateCheckpoint, L.LightningModule):
@@ -150,4 +123,4 @@ class ClassificationTask(RNGStateCheckpoint, L.LightningModule):
 
 
 
-__all__ = ["ClassificationTask", "RNGStateCheckpoint", "head_param_groups", "monitor_mode"]
+__all__ = ["ClassificationTask", "head_param_groups"]
