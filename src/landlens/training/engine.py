@@ -1,8 +1,9 @@
 """Train, evaluate and save a scene classifier from one :class:`~landlens.training.config.TrainConfig`.
 
 :func:`train` runs the study's three steps in one go: ``divide_dataset`` (the split, saved as
-``split.json``), ``train`` (Lightning through :func:`landlens.training.runs.fit`: checkpoints,
-early stopping, schedules, DDP and mixed precision where the hardware has them) and the test evaluation. A run directory holds::
+``split.json``), ``train`` (a :class:`~landlens.training.task.ClassificationTask` fitted by
+:func:`landlens.training.runs.fit`: checkpoints, early stopping, schedules, DDP and mixed
+precision where the hardware has them) and the test evaluation. A run directory holds::
 
     config.json            the resolved config (a resume must match it)
     split.json             the split manifest actually used
@@ -40,14 +41,7 @@ import torch
 
 from landlens.errors import CheckpointError, DatasetError
 from landlens.features.store import atomic_write_bytes
-from landlens.models.classifier import (
-    Classifier,
-    Embedder,
-    EmbeddingConfig,
-    HeadConfig,
-    build_classifier,
-    save_classifier,
-)
+from landlens.models.classifier import Classifier, Embedder, EmbeddingConfig, HeadConfig, save_classifier
 from landlens.training.config import TrainConfig, config_from_dict
 from landlens.training.datamodule import (
     FeatureDataModule,
@@ -67,7 +61,7 @@ from landlens.training.runs import (
     fit,
     unwrap_worker_error,
 )
-from landlens.training.task import ClassificationTask, head_param_groups
+from landlens.training.task import ClassificationTask, TrainingTask, build_network, head_param_groups
 
 
 def _precision(cfg: TrainConfig) -> str:
@@ -81,24 +75,9 @@ def build_model(cfg: TrainConfig, classes: Sequence[str]) -> Classifier | Embedd
     """The classifier (or, with ``model.embedding_dim``, the embedder) a config describes, with
     its starting weights and preprocessing."""
     m = cfg.model
-    model: Classifier | Embedder
-    if cfg.is_metric:
-        from landlens.models.registry import create_backbone
-
-        assert m.embedding_dim is not None
-        model = Embedder(create_backbone(m.backbone, m.weights), list(classes),
-                         EmbeddingConfig(int(m.embedding_dim), bool(m.embedding_bn)))
-    else:
-        model = build_classifier(m.backbone, list(classes), HeadConfig(m.head, m.dropout, m.hidden, m.reduction),
-                                 weights=m.weights)
-    changes: dict[str, Any] = {}
-    if cfg.data.input_size is not None:
-        changes["input_size"] = int(cfg.data.input_size)
-    if cfg.data.resize_mode is not None:
-        changes["resize_mode"] = cfg.data.resize_mode
-    if changes:
-        model.backbone.preprocessing = model.backbone.preprocessing.replace(**changes)
-    return model
+    embedding = EmbeddingConfig(int(m.embedding_dim), bool(m.embedding_bn)) if m.embedding_dim is not None else None
+    return build_network(m.backbone, m.weights, classes, head=HeadConfig(m.head, m.dropout, m.hidden, m.reduction),
+                         embedding=embedding, input_size=cfg.data.input_size, resize_mode=cfg.data.resize_mode)
 
 
 def _use_feature_cache(cfg: TrainConfig, model: Classifier | Embedder) -> bool:
@@ -118,9 +97,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[L.Callb
         cache_dir: feature cache used by the frozen-backbone fast path.
         command: the command line recorded in ``results.json``.
     """
-    from landlens.training.losses import build_loss
-    from landlens.training.strategies import apply_strategy, param_groups
-
     cfg.validate()
     run = RunDir.start(cfg, resume=resume)
     run_dir = run.path
@@ -132,8 +108,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[L.Callb
         check_images(data, workers=max(1, cfg.data.num_workers))
     has_val = data.val_part is not None
     monitor = cfg.trainer.monitor if has_val else "train_loss"
-    model = build_model(cfg, data.classes)
-    strategy = apply_strategy(model, cfg.model.strategy, unfreeze_stages=cfg.model.unfreeze_stages)
+    task: TrainingTask
+    if cfg.is_metric:
+        from landlens.training.strategies import apply_strategy
+
+        model: Classifier | Embedder = build_model(cfg, data.classes)
+        strategy = apply_strategy(model, cfg.model.strategy, unfreeze_stages=cfg.model.unfreeze_stages)
+    else:
+        task = ClassificationTask.from_config(cfg, data.classes, monitor=monitor)
+        model, strategy = task.model, task.strategy_report
     use_cache = _use_feature_cache(cfg, model)
     o = cfg.optim
     spc = cfg.samples_per_class()
@@ -158,26 +141,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[L.Callb
                              num_workers=cfg.data.num_workers, seed=cfg.trainer.seed, samples_per_class=spc)
     if spc:  # the class-balanced sampler checks the batch size against the train part now, not mid-fit
         dm.train_dataloader()
-    net: torch.nn.Module = model.head if use_cache else model
-    groups = (head_param_groups(net, o.lr, o.weight_decay) if use_cache else
-              param_groups(model, o.lr, backbone_lr_mult=o.backbone_lr_mult, weight_decay=o.weight_decay))
     start: dict[str, Any] | None = None
     if cfg.is_metric:
         from landlens.training.metric import MetricTask, metric_loss_from_config
+        from landlens.training.strategies import param_groups
 
         assert cfg.model.embedding_dim is not None
+        net: torch.nn.Module = model.head if use_cache else model
+        groups = (head_param_groups(net, o.lr, o.weight_decay) if use_cache else
+                  param_groups(model, o.lr, backbone_lr_mult=o.backbone_lr_mult, weight_decay=o.weight_decay))
         n_train_classes = len(np.unique(np.asarray(data.dataset.labels)[data.parts["train"]]))
         metric_loss = metric_loss_from_config(cfg.loss, len(data.classes), int(cfg.model.embedding_dim))
         if n_train_classes < 2:
             raise DatasetError(f"metric learning needs at least 2 classes in the train part, got {n_train_classes}")
         groups = groups + metric_loss.param_groups(o.lr, cfg.loss.proxy_lr_mult)
         start = _metric_start(net, dm, data, progress)
-        task: ClassificationTask = MetricTask(net, metric_loss, o, cfg.trainer.epochs, param_groups=groups,
-                                              monitor=monitor)
-    else:
-        task = ClassificationTask(net, build_loss(cfg.loss.name, smoothing=cfg.loss.smoothing, eps=cfg.loss.eps,
-                                                  ice_weight=cfg.loss.ice_weight),
-                                  o, cfg.trainer.epochs, param_groups=groups, monitor=monitor)
+        task = MetricTask(net, metric_loss, o, cfg.trainer.epochs, param_groups=groups, monitor=monitor)
+    elif use_cache:
+        task.use_cached_features()
 
     t = cfg.trainer
     result = fit(task, dm, run, resume=resume, monitor=monitor, patience=t.patience,
@@ -247,7 +228,7 @@ def _run_record(*, command: str | None, cfg: TrainConfig, data: PreparedData, mo
     }
 
 
-def _finish_metric(task: ClassificationTask, dm: Any, run: RunDir, start: dict[str, Any], **record: Any) -> RunResult:
+def _finish_metric(task: TrainingTask, dm: Any, run: RunDir, start: dict[str, Any], **record: Any) -> RunResult:
     """Evaluate a metric-learning run's (best) embedding and write results.json and report.md.
 
     ``record``: the arguments of :func:`_run_record` but ``eval_s``.
@@ -311,7 +292,7 @@ def _metric_markdown(rep: Any, start: dict[str, Any], name: str) -> str:
 
 
 @torch.inference_mode()
-def evaluate_task(task: ClassificationTask, dm: L.LightningDataModule, data: PreparedData, run_dir: Path, *,
+def evaluate_task(task: TrainingTask, dm: L.LightningDataModule, data: PreparedData, run_dir: Path, *,
                   bootstrap: int = 1000, seed: int = 0) -> "ClassificationReport":
     """Predict the test part, write ``test_predictions.csv`` and return the classification report."""
     from landlens.training.evaluation import classification_report
