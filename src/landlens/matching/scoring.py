@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from landlens.errors import CheckpointError, ConfigError, LandlensError, first_line
+from landlens.features.store import atomic_write_json
 from landlens.matching.networks import DMLConfig, FeatureMismatchError, MatchingDiscriminator
 from landlens.retrieval.distances import BaseDistance
 
@@ -367,9 +368,7 @@ def save_discriminator(model: MatchingDiscriminator, directory: str | os.PathLik
         "features_shape": list(model.features_shape),
         "extra": extra or {},
     }
-    tmp_meta = d / (DISCRIMINATOR_META + ".part")
-    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp_meta, d / DISCRIMINATOR_META)
+    atomic_write_json(d / DISCRIMINATOR_META, meta)
     return d / DISCRIMINATOR_META
 
 

@@ -9,7 +9,6 @@ run's test evaluation (the backbone's evaluation view).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from landlens.data.folder import scan_folder
 from landlens.errors import ConfigError, DatasetError
+from landlens.features.store import atomic_write_json
 from landlens.models.classifier import load_classifier
 
 
@@ -45,8 +45,8 @@ def evaluate_run(run_dir: str | os.PathLike[str], data: str | os.PathLike[str], 
     from landlens.reports.figures import plot_confusion_matrix
     from landlens.training.class_map import apply_class_map, check_same_classes
     from landlens.training.datamodule import SceneImages
-    from landlens.training.runs import environment, unwrap_worker_error
     from landlens.training.evaluation import classification_report
+    from landlens.training.runs import environment, unwrap_worker_error
 
     if class_map is not None and match_names:
         raise ConfigError("give either a class map file or --match-names, not both")
@@ -91,9 +91,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], data: str | os.PathLike[str], 
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "evaluation.json.part"
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, out / "evaluation.json")
+        atomic_write_json(out / "evaluation.json", result)
         (out / "report.md").write_text(rep.to_markdown() + "\n")
         present = sorted(set(y_true.tolist()))
         cm = rep.confusion[np.ix_(present, present)]

@@ -9,13 +9,14 @@ grid continues where it stopped.
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from landlens.errors import ConfigError
+from landlens.features.store import atomic_write_bytes, atomic_write_json
 from landlens.training.config import TrainConfig, config_from_dict, parse_override
 
 
@@ -83,15 +84,12 @@ def run_grid(base: dict[str, Any], grid: dict[str, list[Any]], out: str | Path, 
 def write_grid_table(rows: list[dict[str, Any]], keys: list[str], out: Path) -> None:
     """``grid.json``, ``grid.csv`` and ``grid.md`` (accuracy in percent with its 95% interval)."""
     cols = [*keys, "accuracy", "ci_low", "ci_high", "macro_f1", "epochs_run", "fit_s", "run"]
-    tmp = out / "grid.json.part"
-    tmp.write_text(json.dumps(rows, indent=2) + "\n")
-    os.replace(tmp, out / "grid.json")
-    tmp = out / "grid.csv.part"
-    with tmp.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, out / "grid.csv")
+    atomic_write_json(out / "grid.json", rows)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_bytes(out / "grid.csv", text.getvalue().encode())
     lines = ["| " + " | ".join([*keys, "OA %", "95% CI", "macro F1", "epochs", "fit s"]) + " |",
              "|" + "---|" * (len(keys) + 5)]
     for r in rows:
@@ -99,9 +97,7 @@ def write_grid_table(rows: list[dict[str, Any]], keys: list[str], out: Path) -> 
         ci = f"{pct(r['ci_low'])}-{pct(r['ci_high'])}" if r.get("ci_low") is not None else "-"
         lines.append("| " + " | ".join([*(str(r[k]) for k in keys), pct(r.get("accuracy")), ci,
                                          pct(r.get("macro_f1")), str(r.get("epochs_run")), str(r.get("fit_s"))]) + " |")
-    tmp = out / "grid.md.part"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out / "grid.md")
+    atomic_write_bytes(out / "grid.md", ("\n".join(lines) + "\n").encode())
 
 
 __all__ = ["grid_configs", "parse_grid", "run_grid", "write_grid_table"]
