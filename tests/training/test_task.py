@@ -50,6 +50,12 @@ def test_user_code_trains_in_its_own_trainer(folder, tmp_path, monkeypatch):
     torch.testing.assert_close(probs.sum(1), torch.ones(6))
     # the trained classifier is task.model, the network `landlens predict` reads once saved
     assert task.model.classes == ["0", "1", "2"] and task.net is task.model
+    from landlens.models.classifier import load_classifier, save_classifier
+
+    save_classifier(task.model, tmp_path / "model")
+    x, _ = next(iter(dm.predict_dataloader()))
+    with torch.inference_mode():
+        torch.testing.assert_close(load_classifier(tmp_path / "model")(x).exp(), task.model.eval()(x).exp())
 
 
 def test_checkpoint_of_a_users_trainer_rebuilds_the_task(folder, tmp_path):
