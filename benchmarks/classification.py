@@ -76,7 +76,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/classification")
     args = ap.parse_args()
 
-    from landlens.training.engine import environment
+    from landlens.cli.common import quiet_lightning
+    from landlens.training.runs import environment
+
+    quiet_lightning()  # an entry point: Lightning's banners off, as `landlens train` does
 
     figures = args.out.parent / (args.out.name + "_figures")
     figures.mkdir(parents=True, exist_ok=True)

@@ -306,8 +306,8 @@ class Study:
     def run_step(self, step: str, name: str, overrides: list[str]) -> Path:
         """Train one matching run, or reuse / resume it; returns its directory."""
         from landlens.matching.config import load_matching_config
-        from landlens.matching.train import finetune_ae, pretrain_ae, train_dml
-        from landlens.training.engine import RESULTS_FILE
+        from landlens.matching.pipeline import finetune_ae, pretrain_ae, train_dml
+        from landlens.training.runs import RESULTS_FILE
 
         run_dir = self.run_dir(name, overrides)
         if name not in self.touched:
@@ -344,7 +344,7 @@ class Study:
         if not s.corpus_limit:
             self._corpus = Path(s.corpus)
             return self._corpus
-        from landlens.matching.train import list_images
+        from landlens.matching.data import list_images
 
         root, paths = list_images(s.corpus)
         k = min(s.corpus_limit, len(paths))
@@ -397,7 +397,7 @@ class Study:
         path = dml_dir / f"study_eval_{self.s.database}.json"
         if path.is_file():
             return _load_json(path)
-        from landlens.matching.train import evaluate_matching, load_run, resolve_features
+        from landlens.matching.pipeline import evaluate_matching, load_run, resolve_features
 
         cfg, _ = load_run(dml_dir)
         t0 = time.perf_counter()
@@ -448,7 +448,7 @@ class Study:
             rows.append(self.row(d, label=FEATURES[key][2], feature=key, combo=f"feature:{key}:resdyad"))
         notes = []
         if ae_run is not None:
-            from landlens.matching.train import SPLIT_FILE
+            from landlens.matching.files import SPLIT_FILE
 
             split, data = s.split, None
             if (ae_run / SPLIT_FILE).is_file():  # fine-tuned: its data and split, so that its test part stays unseen
@@ -564,7 +564,7 @@ def estimate(s: Settings, stages: dict[str, Any], study: Study) -> dict[str, Any
     from landlens.data.io import load_rgb
     from landlens.matching.networks import AEConfig, DMLConfig, MatchingDiscriminator, ResidualAutoencoder
     from landlens.matching.scoring import PairScorer
-    from landlens.matching.train import list_images
+    from landlens.matching.data import list_images
 
     def timed_steps(step, n: int) -> float:
         step()
@@ -983,6 +983,9 @@ def render_md(doc: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    from landlens.cli.common import quiet_lightning
+
+    quiet_lightning()  # an entry point: Lightning's banners off, as `landlens matching` does
     argv_list = list(sys.argv[1:] if argv is None else argv)
     command = shlex.join(["python", "benchmarks/matching_study.py", *argv_list])
 
@@ -1021,7 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     study = Study(s, runs_dir, cache_dir, command)
 
-    from landlens.training.engine import environment
+    from landlens.training.runs import environment
 
     json_path, md_path = out.with_suffix(".json"), out.with_suffix(".md")
     prior = _load_json(json_path) if json_path.is_file() else {}
@@ -1092,7 +1095,7 @@ def main(argv: list[str] | None = None) -> int:
 def _ae_ready(study: Study) -> bool:
     """Whether Table I's fine-tuned ResDyadAE of these settings already exists (then Table II gets an AE row)."""
     from landlens.errors import LandlensError
-    from landlens.training.engine import RESULTS_FILE
+    from landlens.training.runs import RESULTS_FILE
 
     s = study.s
     try:

@@ -57,9 +57,21 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_default(o: Any) -> Any:
+    """NumPy numbers and arrays, and paths, as JSON values (anything else is a bug: TypeError)."""
+    kind = type(o).__module__
+    if kind == "numpy" and hasattr(o, "tolist"):  # numpy scalars and arrays, without importing numpy here
+        return o.tolist()
+    if isinstance(o, os.PathLike):
+        return os.fspath(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int = 1, sort_keys: bool = True) -> None:
-    """Write ``obj`` as JSON (and a final newline) to ``path`` atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False) + "\n")
+    """Write ``obj`` as JSON (and a final newline) to ``path`` atomically; NumPy values and paths
+    become plain JSON values."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False,
+                                       default=json_default) + "\n")
 
 
-__all__ = ["atomic_file", "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_file", "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "json_default"]

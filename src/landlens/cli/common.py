@@ -33,6 +33,16 @@ class OneLineErrorCommand(_OneLineErrors, click.Command):
     """A click command whose user errors are one line, also when run on its own."""
 
 
+def quiet_lightning() -> None:
+    """No Lightning tips and banners ("GPU available", "Seed set") in a command's output: its
+    loggers show warnings only. The command's business, not the library's (which leaves
+    logging to its caller)."""
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+
+
 def backbone_options(f):
     """--backbone / --weights / --input-size / --resize-mode."""
     f = click.option("--resize-mode", type=click.Choice(["crop", "squash"]), default=None,

@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from landlens.cli.common import OneLineErrorGroup, command_line, echo_json, shortcut_overrides, write_json
+from landlens.cli.common import (OneLineErrorGroup, command_line, echo_json, quiet_lightning, shortcut_overrides,
+                                 write_json)
 
 _SHORTCUTS = {  # option -> config key
     "data_path": "data.path", "dataset": "data.dataset", "split": "data.split", "input_size": "data.input_size",
@@ -69,6 +70,7 @@ def matching() -> None:
     Steps: pretrain-ae (any image folder), finetune-ae (train part of the target dataset),
     train-dml (pairs of the train part), evaluate (retrieval of the test part).
     """
+    quiet_lightning()
 
 
 def _finish(result, as_json: bool, line: str) -> None:
@@ -95,7 +97,8 @@ def _ae_line(r: dict[str, Any]) -> str:
 def _ae_command(mode: str, config: Path | None, sets: tuple[str, ...], resume: bool, no_progress: bool,
                 as_json: bool, init: Path | None, **shortcuts: Any) -> None:
     from landlens.matching.config import load_matching_config
-    from landlens.matching.train import finetune_ae, pretrain_ae, read_autoencoder_meta
+    from landlens.matching.files import read_autoencoder_meta
+    from landlens.matching.pipeline import finetune_ae, pretrain_ae
 
     base = None
     if init is not None:  # the pre-trained architecture carries over unless the config changes it
@@ -162,7 +165,8 @@ def train_dml_cmd(config: Path | None, sets: tuple[str, ...], resume: bool, no_p
     """
     from landlens.config import read_config_file
     from landlens.matching.config import apply_matching_overrides, load_matching_config, load_matching_run_config
-    from landlens.matching.train import SPLIT_FILE, train_dml
+    from landlens.matching.files import SPLIT_FILE
+    from landlens.matching.pipeline import train_dml
 
     path = _config_path(config)
     overrides = _overrides(sets, **shortcuts)
@@ -213,7 +217,7 @@ def evaluate_cmd(dml_run: Path, data_path: str | None, dataset: str | None, ae_r
 
     from landlens import __version__
     from landlens.errors import LandlensError
-    from landlens.matching.train import evaluate_matching, load_run, resolve_features
+    from landlens.matching.pipeline import evaluate_matching, load_run, resolve_features
 
     if protocol == "archive" and split_path is not None:
         raise LandlensError("--split is for --protocol split; drop it or use --protocol split")

@@ -184,7 +184,7 @@ def evaluate_cmd(data: Path, backbones: tuple[str, ...], weights: tuple[str, ...
         warnings.simplefilter("ignore", NoRelevantWarning)  # reported in the summary's notes
         dist: object = distance
         if distance == "learned":
-            from landlens.matching.train import feature_identity
+            from landlens.matching.files import feature_identity
             from landlens.retrieval.distances import get_distance
 
             dist = get_distance("learned", model=matcher, shortlist=shortlist, features=feature_identity(features))

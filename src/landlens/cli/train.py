@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from landlens.cli.common import OneLineErrorGroup, command_line, echo_json, shortcut_overrides
+from landlens.cli.common import OneLineErrorGroup, command_line, echo_json, quiet_lightning, shortcut_overrides
 from landlens.training.config import AUGMENTS, CLASSIFICATION_LOSSES, HEADS, STRATEGIES
 
 _SHORTCUTS = {  # option -> config key
@@ -52,6 +52,7 @@ def train() -> None:
     One config (YAML or JSON) drives the dataset division, training and test evaluation;
     see `landlens train run --help` and the README's classification section.
     """
+    quiet_lightning()
 
 
 @train.command("run")

@@ -12,14 +12,14 @@ from typing import Any
 _LAZY = {
     "MatchingConfig": "landlens.matching.config",
     "load_matching_config": "landlens.matching.config",
-    "PairSampler": "landlens.matching.train",
-    "encode_dataset": "landlens.matching.train",
-    "evaluate_matching": "landlens.matching.train",
-    "finetune_ae": "landlens.matching.train",
-    "load_autoencoder": "landlens.matching.train",
-    "pretrain_ae": "landlens.matching.train",
-    "save_autoencoder": "landlens.matching.train",
-    "train_dml": "landlens.matching.train",
+    "PairSampler": "landlens.matching.data",
+    "encode_dataset": "landlens.matching.files",
+    "evaluate_matching": "landlens.matching.pipeline",
+    "finetune_ae": "landlens.matching.pipeline",
+    "load_autoencoder": "landlens.matching.files",
+    "pretrain_ae": "landlens.matching.pipeline",
+    "save_autoencoder": "landlens.matching.files",
+    "train_dml": "landlens.matching.pipeline",
 }
 
 

@@ -45,8 +45,8 @@ def evaluate_run(run_dir: str | os.PathLike[str], data: str | os.PathLike[str], 
     from landlens.reports.figures import plot_confusion_matrix
     from landlens.training.class_map import apply_class_map, check_same_classes
     from landlens.training.datamodule import SceneImages
-    from landlens.training.engine import _unwrap_worker_error, environment
     from landlens.training.evaluation import classification_report
+    from landlens.training.runs import environment, unwrap_worker_error
 
     if class_map is not None and match_names:
         raise ConfigError("give either a class map file or --match-names, not both")
@@ -78,7 +78,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], data: str | os.PathLike[str], 
                 probs_list.append(model(x).float().exp())
                 ys.append(y)
     except DatasetError as exc:
-        raise _unwrap_worker_error(exc) from None
+        raise unwrap_worker_error(exc) from None
     probs = torch.cat(probs_list).numpy()
     y_true = torch.cat(ys).numpy()
     rep = classification_report(y_true, probs.argmax(1), model.classes, probs=probs, n_boot=bootstrap, seed=seed)

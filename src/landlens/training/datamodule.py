@@ -204,6 +204,8 @@ class SceneImages(Dataset):
 class SceneDataModule(L.LightningDataModule):
     """Images of the train / val / test parts, augmented for training only.
 
+    :meth:`from_folder` builds one from a folder of class sub-folders in one line. Batches are
+    ``(images, labels)``; the predict loader serves the test part.
     ``samples_per_class`` > 0 draws class-balanced training batches (:class:`ClassBalancedSampler`).
     """
 
@@ -220,6 +222,58 @@ class SceneDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.samples_per_class = int(samples_per_class)
+
+    @classmethod
+    def from_folder(cls, path: str | Path, split: str = "80/20", *, preprocessing: Preprocessing | None = None,
+                    backbone: str | None = None, dataset: str | None = None, seed: int = 0, augment: str = "none",
+                    batch_size: int = 32, eval_batch_size: int | None = None, num_workers: int = 2,
+                    split_out: str | Path | None = None) -> "SceneDataModule":
+        """The images of a folder of class sub-folders, divided by ``split``, as a network expects them.
+
+        Args:
+            path: the folder (or a catalog dataset's root, with ``dataset``).
+            split: ratios (``80/20``, ``70/10/20``: train/test or train/val/test, seeded and
+                stratified) or the path of a split manifest (``landlens data split``).
+            preprocessing: what the network expects (input size, resizing, normalisation):
+                ``task.preprocessing`` of a :class:`~landlens.training.task.ClassificationTask`.
+            backbone: instead of ``preprocessing``, the registry's preprocessing of this
+                backbone's default weights.
+            dataset: catalog name (``landlens data list``) for layout and band handling.
+            seed: seed of the split and of the training order.
+            augment: training augmentation preset (``none``, ``crop-flip``, ``colour``,
+                ``geometric``, ``dihedral``).
+            batch_size, eval_batch_size: training and evaluation batch sizes (the latter
+                defaults to the former).
+            num_workers: image-decoding worker processes.
+            split_out: also save the split manifest there.
+
+        Raises:
+            ConfigError: neither ``preprocessing`` nor ``backbone``, or an unknown ``augment``.
+            DatasetError: the folder cannot be scanned, or the split leaves a part empty.
+        """
+        from landlens.data.augment import build_eval_transform, build_train_transform
+        from landlens.errors import ConfigError
+
+        if preprocessing is None:
+            if backbone is None:
+                raise ConfigError("give the network's preprocessing (preprocessing=task.preprocessing) or backbone=")
+            from landlens.models.registry import default_preprocessing, get_spec
+
+            preprocessing = default_preprocessing(get_spec(backbone))
+        data = prepare_data(DataConfig(path=str(path), dataset=dataset, split=str(split), seed=int(seed)),
+                            split_out=split_out)
+        return cls(data, build_train_transform(augment, preprocessing), build_eval_transform(preprocessing),
+                   preprocessing=preprocessing, batch_size=int(batch_size),
+                   eval_batch_size=int(eval_batch_size or batch_size), num_workers=int(num_workers), seed=int(seed))
+
+    @property
+    def classes(self) -> list[str]:
+        """The class names, in label order."""
+        return self.data.classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.data.classes)
 
     def _loader(self, part: str, train: bool) -> DataLoader:
         return self._rows_loader(self.data.parts[part], train)
@@ -250,6 +304,10 @@ class SceneDataModule(L.LightningDataModule):
         return self._loader("val", False) if self.data.val_part else []
 
     def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test part without augmentation, in order (``(images, labels)`` batches)."""
         return self._loader("test", False)
 
 

@@ -1,7 +1,8 @@
 """Train, evaluate and save a scene classifier from one :class:`~landlens.training.config.TrainConfig`.
 
 :func:`train` runs the study's three steps in one go: ``divide_dataset`` (the split, saved as
-``split.json``), ``train`` (Lightning: checkpoints, early stopping, schedules, DDP and mixed
+``split.json``), ``train`` (a :class:`~landlens.training.task.ClassificationTask` fitted by
+:func:`landlens.training.runs.fit`: checkpoints, early stopping, schedules, DDP and mixed
 precision where the hardware has them) and the test evaluation. A run directory holds::
 
     config.json            the resolved config (a resume must match it)
@@ -27,13 +28,10 @@ and the same numbers for the backbone's own features and for the embedding befor
 from __future__ import annotations
 
 import csv
+import io
 import json
-import logging
-import os
-import platform
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,15 +39,9 @@ import lightning as L
 import numpy as np
 import torch
 
-from landlens.errors import CheckpointError, ConfigError, DatasetError
-from landlens.models.classifier import (
-    Classifier,
-    Embedder,
-    EmbeddingConfig,
-    HeadConfig,
-    build_classifier,
-    save_classifier,
-)
+from landlens.errors import CheckpointError, DatasetError
+from landlens.atomic import atomic_write_bytes
+from landlens.models.classifier import Classifier, Embedder, EmbeddingConfig, HeadConfig, save_classifier
 from landlens.training.config import TrainConfig, config_from_dict
 from landlens.training.datamodule import (
     FeatureDataModule,
@@ -60,101 +52,16 @@ from landlens.training.datamodule import (
     prepare_data,
 )
 from landlens.training.evaluation import ClassificationReport
-from landlens.training.task import ClassificationTask, head_param_groups, monitor_mode
-
-CONFIG_FILE = "config.json"
-RESULTS_FILE = "results.json"
-
-
-@dataclass
-class RunResult:
-    """What a finished (or interrupted) run produced."""
-
-    run_dir: Path
-    status: str  # 'complete' | 'interrupted'
-    results: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def accuracy(self) -> float | None:
-        return (self.results.get("test") or {}).get("accuracy")
-
-    @property
-    def map(self) -> float | None:
-        """Test mAP of a metric-learning run (split protocol), ``None`` for a classifier."""
-        return ((self.results.get("test") or {}).get("metrics") or {}).get("mAP")
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def environment() -> dict[str, Any]:
-    """Versions and hardware recorded with every result."""
-    from landlens import __version__
-
-    env = {"landlens": __version__, "python": platform.python_version(), "torch": torch.__version__,
-           "lightning": L.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(),
-           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    return env
-
-
-class _History(L.Callback):
-    """Per-epoch metrics to ``history.csv`` / ``history.json`` (rewritten atomically each epoch)."""
-
-    KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_s")
-    METRIC_KEYS = ("epoch", "train_loss", "val_map", "lr", "epoch_s")
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.rows: list[dict[str, Any]] = []
-        self._t0 = 0.0
-        path = run_dir / "history.json"
-        if path.is_file():  # a resumed run keeps the epochs it already has
-            try:
-                self.rows = list(json.loads(path.read_text()))
-            except ValueError:
-                self.rows = []
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._t0 = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.global_rank != 0:
-            return
-        m = trainer.callback_metrics
-        row: dict[str, Any] = {"epoch": int(trainer.current_epoch) + 1}
-        for k in ("train_loss", "train_acc", "val_loss", "val_acc", "val_map"):
-            if k in m:
-                row[k] = float(m[k])
-        row["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None
-        row["epoch_s"] = round(time.perf_counter() - self._t0, 3)
-        self.rows = [r for r in self.rows if r.get("epoch") != row["epoch"]] + [row]
-        self.save()
-
-    def save(self) -> None:
-        _atomic_json(self.run_dir / "history.json", self.rows)
-        tmp = self.run_dir / "history.csv.part"
-        with tmp.open("w", newline="") as fh:
-            keys = self.METRIC_KEYS if any("val_map" in r for r in self.rows) else self.KEYS
-            w = csv.DictWriter(fh, fieldnames=list(keys), extrasaction="ignore")
-            w.writeheader()
-            w.writerows(self.rows)
-        os.replace(tmp, self.run_dir / "history.csv")
+from landlens.training.runs import (
+    CONFIG_FILE,
+    RESULTS_FILE,
+    RunDir,
+    RunResult,
+    environment,
+    fit,
+    unwrap_worker_error,
+)
+from landlens.training.task import ClassificationTask, TrainingTask, build_network, head_param_groups
 
 
 def _precision(cfg: TrainConfig) -> str:
@@ -164,51 +71,13 @@ def _precision(cfg: TrainConfig) -> str:
     return "32-true" if p == "32" else p
 
 
-def _check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
-    saved = run_dir / CONFIG_FILE
-    if resume:
-        if not (run_dir / "checkpoints" / "last.ckpt").is_file():
-            raise CheckpointError(f"nothing to resume in {run_dir}: checkpoints/last.ckpt not found")
-        if saved.is_file():
-            old = json.loads(saved.read_text())
-            new = json.loads(json.dumps(cfg.to_dict()))
-            try:  # the defaults of the config's own type (classification or matching)
-                defaults = json.loads(json.dumps(type(cfg)().to_dict()))
-            except TypeError:
-                defaults = {}
-            # a key that a run saved by an older landlens lacks matches when the new value is its default
-            diff = sorted(f"{s}.{k}" for s in new if isinstance(new[s], dict)
-                          for k in new[s] if (old.get(s) or {}).get(k, (defaults.get(s) or {}).get(k)) != new[s][k])
-            if diff:
-                raise ConfigError(f"cannot resume {run_dir} with a different config: {', '.join(diff[:5])} changed")
-        return
-    if (run_dir / RESULTS_FILE).is_file() or (run_dir / "checkpoints").is_dir():
-        raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume to continue it "
-                          "or choose another out=")
-
-
 def build_model(cfg: TrainConfig, classes: Sequence[str]) -> Classifier | Embedder:
     """The classifier (or, with ``model.embedding_dim``, the embedder) a config describes, with
     its starting weights and preprocessing."""
     m = cfg.model
-    model: Classifier | Embedder
-    if cfg.is_metric:
-        from landlens.models.registry import create_backbone
-
-        assert m.embedding_dim is not None
-        model = Embedder(create_backbone(m.backbone, m.weights), list(classes),
-                         EmbeddingConfig(int(m.embedding_dim), bool(m.embedding_bn)))
-    else:
-        model = build_classifier(m.backbone, list(classes), HeadConfig(m.head, m.dropout, m.hidden, m.reduction),
-                                 weights=m.weights)
-    changes: dict[str, Any] = {}
-    if cfg.data.input_size is not None:
-        changes["input_size"] = int(cfg.data.input_size)
-    if cfg.data.resize_mode is not None:
-        changes["resize_mode"] = cfg.data.resize_mode
-    if changes:
-        model.backbone.preprocessing = model.backbone.preprocessing.replace(**changes)
-    return model
+    embedding = EmbeddingConfig(int(m.embedding_dim), bool(m.embedding_bn)) if m.embedding_dim is not None else None
+    return build_network(m.backbone, m.weights, classes, head=HeadConfig(m.head, m.dropout, m.hidden, m.reduction),
+                         embedding=embedding, input_size=cfg.data.input_size, resize_mode=cfg.data.resize_mode)
 
 
 def _use_feature_cache(cfg: TrainConfig, model: Classifier | Embedder) -> bool:
@@ -228,23 +97,26 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[L.Callb
         cache_dir: feature cache used by the frozen-backbone fast path.
         command: the command line recorded in ``results.json``.
     """
-    from landlens.training.losses import build_loss
-    from landlens.training.strategies import apply_strategy, param_groups
-
     cfg.validate()
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no tips and banners
-    run_dir = Path(cfg.out)
-    _check_run_dir(run_dir, cfg, resume)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_json(run_dir / CONFIG_FILE, cfg.to_dict())
+    run = RunDir.start(cfg, resume=resume)
+    run_dir = run.path
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     t_start = time.perf_counter()
 
     data = prepare_data(cfg.data, split_out=run_dir / "split.json")
     if cfg.data.verify:
         check_images(data, workers=max(1, cfg.data.num_workers))
-    model = build_model(cfg, data.classes)
-    strategy = apply_strategy(model, cfg.model.strategy, unfreeze_stages=cfg.model.unfreeze_stages)
+    has_val = data.val_part is not None
+    monitor = cfg.trainer.monitor if has_val else "train_loss"
+    task: TrainingTask
+    if cfg.is_metric:
+        from landlens.training.strategies import apply_strategy
+
+        model: Classifier | Embedder = build_model(cfg, data.classes)
+        strategy = apply_strategy(model, cfg.model.strategy, unfreeze_stages=cfg.model.unfreeze_stages)
+    else:
+        task = ClassificationTask.from_config(cfg, data.classes, monitor=monitor)
+        model, strategy = task.model, task.strategy_report
     use_cache = _use_feature_cache(cfg, model)
     o = cfg.optim
     spc = cfg.samples_per_class()
@@ -260,8 +132,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[L.Callb
                                                       batch_size=cfg.data.batch_size,
                                                       eval_batch_size=cfg.data.eval_batch_size, seed=cfg.trainer.seed,
                                                       samples_per_class=spc)
-        net: torch.nn.Module = model.head
-        groups = head_param_groups(net, o.lr, o.weight_decay)
     else:
         from landlens.data.augment import build_eval_transform, build_train_transform
 
@@ -269,103 +139,58 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[L.Callb
         dm = SceneDataModule(data, build_train_transform(cfg.data.augment, pre), build_eval_transform(pre),
                              preprocessing=pre, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
                              num_workers=cfg.data.num_workers, seed=cfg.trainer.seed, samples_per_class=spc)
-        net = model
-        groups = param_groups(model, o.lr, backbone_lr_mult=o.backbone_lr_mult, weight_decay=o.weight_decay)
     if spc:  # the class-balanced sampler checks the batch size against the train part now, not mid-fit
         dm.train_dataloader()
-    has_val = data.val_part is not None
-    monitor = cfg.trainer.monitor if has_val else "train_loss"
     start: dict[str, Any] | None = None
     if cfg.is_metric:
         from landlens.training.metric import MetricTask, metric_loss_from_config
+        from landlens.training.strategies import param_groups
 
         assert cfg.model.embedding_dim is not None
+        net: torch.nn.Module = model.head if use_cache else model
+        groups = (head_param_groups(net, o.lr, o.weight_decay) if use_cache else
+                  param_groups(model, o.lr, backbone_lr_mult=o.backbone_lr_mult, weight_decay=o.weight_decay))
         n_train_classes = len(np.unique(np.asarray(data.dataset.labels)[data.parts["train"]]))
         metric_loss = metric_loss_from_config(cfg.loss, len(data.classes), int(cfg.model.embedding_dim))
         if n_train_classes < 2:
             raise DatasetError(f"metric learning needs at least 2 classes in the train part, got {n_train_classes}")
         groups = groups + metric_loss.param_groups(o.lr, cfg.loss.proxy_lr_mult)
         start = _metric_start(net, dm, data, progress)
-        task: ClassificationTask = MetricTask(net, metric_loss, o, cfg.trainer.epochs, param_groups=groups,
-                                              monitor=monitor)
-    else:
-        task = ClassificationTask(net, build_loss(cfg.loss.name, smoothing=cfg.loss.smoothing, eps=cfg.loss.eps,
-                                                  ice_weight=cfg.loss.ice_weight),
-                                  o, cfg.trainer.epochs, param_groups=groups, monitor=monitor)
+        task = MetricTask(net, metric_loss, o, cfg.trainer.epochs, param_groups=groups, monitor=monitor)
+    elif use_cache:
+        task.use_cached_features()
 
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-
-    mode = monitor_mode(monitor)
-    ckpt_dir = run_dir / "checkpoints"
-    cbs: list[L.Callback] = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_last=False,
-                        save_top_k=1, enable_version_counter=False),
-        _History(run_dir),
-        # last.ckpt after every epoch (Lightning's save_last only follows epochs that improved the monitor)
-        ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_last=False, save_top_k=1,
-                        enable_version_counter=False),
-    ]
-    if cfg.trainer.checkpoint_every_n_steps:
-        cbs.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_last=False, save_top_k=1,
-                                   every_n_train_steps=int(cfg.trainer.checkpoint_every_n_steps),
-                                   enable_version_counter=False))
-    if cfg.trainer.patience is not None:
-        cbs.append(EarlyStopping(monitor=monitor, mode=mode, patience=int(cfg.trainer.patience)))
-    cbs.extend(callbacks)
     t = cfg.trainer
-    trainer = L.Trainer(
-        max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-        strategy=t.strategy, precision=_precision(cfg), deterministic=t.deterministic, callbacks=cbs,
-        logger=False, enable_progress_bar=progress, enable_model_summary=False, default_root_dir=str(run_dir),
-        limit_train_batches=t.limit_train_batches, log_every_n_steps=t.log_every_n_steps,
-        num_sanity_val_steps=0, limit_val_batches=1.0 if has_val else 0,
-    )
-    t_fit = time.perf_counter()
-    net.train()  # Lightning keeps modules in the mode it finds them; frozen BatchNorm goes back to eval per epoch
-    try:
-        trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt_dir / "last.ckpt") if resume else None,
-                    weights_only=True)
-    except SystemExit:  # Lightning exits after tearing down on Ctrl+C; the last checkpoint is kept
-        if not trainer.interrupted:
-            raise
-    except DatasetError as exc:
-        raise _unwrap_worker_error(exc) from None
-    fit_s = time.perf_counter() - t_fit
-    if trainer.interrupted:
-        return RunResult(run_dir, "interrupted", {"resume": f"landlens train run --resume {run_dir / CONFIG_FILE}"})
-    if trainer.global_rank != 0:
+    result = fit(task, dm, run, resume=resume, monitor=monitor, patience=t.patience,
+                 checkpoint_every_n_steps=t.checkpoint_every_n_steps, validate=has_val, reload_best=has_val,
+                 callbacks=callbacks, progress=progress, max_epochs=t.epochs, accelerator=t.accelerator,
+                 devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=_precision(cfg),
+                 deterministic=t.deterministic, limit_train_batches=t.limit_train_batches,
+                 log_every_n_steps=t.log_every_n_steps)
+    if result.interrupted:
+        return run.interrupted(f"landlens train run --resume {run_dir / CONFIG_FILE}")
+    if result.trainer.global_rank != 0:
         return RunResult(run_dir, "complete")
 
-    best_path = ckpt_dir / "best.ckpt"
-    best_epoch = None
-    if has_val and best_path.is_file():
-        ckpt = torch.load(str(best_path), map_location="cpu", weights_only=True)
-        task.load_state_dict(ckpt["state_dict"])
-        best_epoch = int(ckpt.get("epoch", -1)) + 1
-    task.to("cpu").eval()
     rgb = getattr(data.dataset.spec, "rgb_bands", None) if data.dataset.spec is not None else None
     save_classifier(model, run_dir, extra={"rgb_bands": list(rgb)} if rgb else None)
+    record = dict(command=command, cfg=cfg, data=data, model=model, strategy=strategy, use_cache=use_cache,
+                  history=result.history, best_epoch=result.best_epoch, fit_s=result.seconds, t_start=t_start)
     if cfg.is_metric:
-        return _finish_metric(cfg, task, dm, data, run_dir, model, strategy, start or {}, cbs[1], use_cache=use_cache,
-                              best_epoch=best_epoch, fit_s=fit_s, t_start=t_start, command=command)
+        assert isinstance(model, Embedder)
+        return _finish_metric(task, dm, run, start or {}, **record)
 
     t_eval = time.perf_counter()
     try:
         report = evaluate_task(task, dm, data, run_dir, bootstrap=cfg.trainer.bootstrap, seed=cfg.trainer.seed)
     except DatasetError as exc:
-        raise _unwrap_worker_error(exc) from None
+        raise unwrap_worker_error(exc) from None
     test = report.to_dict()
     eval_s = time.perf_counter() - t_eval
-    history = cbs[1].rows if isinstance(cbs[1], _History) else []
-    _plots(run_dir, history, test, data.classes)
-    results = {
-        **_run_record(command, cfg, data, model, strategy, use_cache, history, best_epoch, fit_s, eval_s, t_start),
-        "test": test,
-        "test_summary": report.summary_line(),
-    }
+    _plots(run_dir, result.history, test, data.classes)
+    results = {**_run_record(eval_s=eval_s, **record), "test": test, "test_summary": report.summary_line()}
     (run_dir / "report.md").write_text(report.to_markdown() + "\n")
-    _atomic_json(run_dir / RESULTS_FILE, results)
-    return RunResult(run_dir, "complete", results)
+    return run.complete(results)
 
 
 def _metric_start(net: torch.nn.Module, dm: Any, data: PreparedData, progress: bool) -> dict[str, Any]:
@@ -376,7 +201,7 @@ def _metric_start(net: torch.nn.Module, dm: Any, data: PreparedData, progress: b
     try:
         feats, emb, _ = embed_loader(net, loader)
     except DatasetError as exc:
-        raise _unwrap_worker_error(exc) from None
+        raise unwrap_worker_error(exc) from None
     out = {}
     for key, x in (("backbone", feats), ("embedding", emb)):
         rep = evaluate_split(x, rows, data, key)
@@ -384,7 +209,7 @@ def _metric_start(net: torch.nn.Module, dm: Any, data: PreparedData, progress: b
     return out
 
 
-def _run_record(command: str | None, cfg: TrainConfig, data: PreparedData, model: Classifier | Embedder,
+def _run_record(*, command: str | None, cfg: TrainConfig, data: PreparedData, model: Classifier | Embedder,
                 strategy: Any, use_cache: bool, history: list[dict[str, Any]], best_epoch: int | None,
                 fit_s: float, eval_s: float, t_start: float) -> dict[str, Any]:
     """The part of ``results.json`` every run has: command, environment, config, data, model, timings."""
@@ -403,26 +228,29 @@ def _run_record(command: str | None, cfg: TrainConfig, data: PreparedData, model
     }
 
 
-def _finish_metric(cfg: TrainConfig, task: ClassificationTask, dm: Any, data: PreparedData, run_dir: Path,
-                   model: Embedder, strategy: Any, start: dict[str, Any], history_cb: Any, *, use_cache: bool,
-                   best_epoch: int | None, fit_s: float, t_start: float, command: str | None) -> RunResult:
-    """Evaluate a metric-learning run's (best) embedding and write results.json and report.md."""
+def _finish_metric(task: TrainingTask, dm: Any, run: RunDir, start: dict[str, Any], **record: Any) -> RunResult:
+    """Evaluate a metric-learning run's (best) embedding and write results.json and report.md.
+
+    ``record``: the arguments of :func:`_run_record` but ``eval_s``.
+    """
     from landlens.training.metric import embed_loader, evaluate_split
 
+    cfg: TrainConfig = record["cfg"]
+    data: PreparedData = record["data"]
     t_eval = time.perf_counter()
     rows, loader = dm.split_dataloader()
     try:
         _, emb, _ = embed_loader(task.net, loader)
     except DatasetError as exc:
-        raise _unwrap_worker_error(exc) from None
-    name = f"run:{run_dir.name}"
+        raise unwrap_worker_error(exc) from None
+    name = f"run:{run.path.name}"
     rep = evaluate_split(emb, rows, data, name)
     eval_s = time.perf_counter() - t_eval
-    history = history_cb.rows if isinstance(history_cb, _History) else []
+    history = record["history"]
     if history:
         from landlens.reports.figures import plot_learning_curves
 
-        plot_learning_curves(history, run_dir / "learning_curves.png")
+        plot_learning_curves(history, run.path / "learning_curves.png")
     test = rep.test.to_dict()
     m = rep.test.metrics
     summary = (f"test retrieval (split protocol, {rep.test.protocol.n_queries} test queries, archive minus query): "
@@ -431,7 +259,7 @@ def _finish_metric(cfg: TrainConfig, task: ClassificationTask, dm: Any, data: Pr
     if val is not None:
         summary += f"; val mAP {100 * val['mAP']:.2f}"
     results = {
-        **_run_record(command, cfg, data, model, strategy, use_cache, history, best_epoch, fit_s, eval_s, t_start),
+        **_run_record(eval_s=eval_s, **record),
         "task": "metric",
         "loss": task.loss_fn.describe(),
         "samples_per_class": cfg.samples_per_class(),
@@ -439,11 +267,10 @@ def _finish_metric(cfg: TrainConfig, task: ClassificationTask, dm: Any, data: Pr
         "test": test,
         "start": start,
         "test_summary": summary,
-        "backbone": f"run:{run_dir.resolve()}",
+        "backbone": f"run:{run.path.resolve()}",
     }
-    (run_dir / "report.md").write_text(_metric_markdown(rep, start, name) + "\n")
-    _atomic_json(run_dir / RESULTS_FILE, results)
-    return RunResult(run_dir, "complete", results)
+    (run.path / "report.md").write_text(_metric_markdown(rep, start, name) + "\n")
+    return run.complete(results)
 
 
 def _metric_markdown(rep: Any, start: dict[str, Any], name: str) -> str:
@@ -464,18 +291,8 @@ def _metric_markdown(rep: Any, start: dict[str, Any], name: str) -> str:
     return "\n".join(lines)
 
 
-def _unwrap_worker_error(exc: DatasetError) -> DatasetError:
-    """A DataLoader worker wraps the error in a traceback; keep only the original message."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    if len(lines) <= 1:
-        return exc
-    prefix = "landlens.errors.DatasetError: "
-    msg = next((ln[len(prefix):] for ln in reversed(lines) if ln.startswith(prefix)), lines[-1])
-    return DatasetError(msg)
-
-
 @torch.inference_mode()
-def evaluate_task(task: ClassificationTask, dm: L.LightningDataModule, data: PreparedData, run_dir: Path, *,
+def evaluate_task(task: TrainingTask, dm: L.LightningDataModule, data: PreparedData, run_dir: Path, *,
                   bootstrap: int = 1000, seed: int = 0) -> "ClassificationReport":
     """Predict the test part, write ``test_predictions.csv`` and return the classification report."""
     from landlens.training.evaluation import classification_report
@@ -490,14 +307,13 @@ def evaluate_task(task: ClassificationTask, dm: L.LightningDataModule, data: Pre
     y_pred = probs.argmax(1)
     rep = classification_report(y_true, y_pred, data.classes, probs=probs, n_boot=bootstrap, seed=seed)
     idx = data.parts["test"]
-    tmp = run_dir / "test_predictions.csv.part"
-    with tmp.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "true", "predicted", "probability", "correct"])
-        for i, t_, p_, pr in zip(idx, y_true, y_pred, probs):
-            w.writerow([data.dataset.paths[int(i)], data.classes[int(t_)], data.classes[int(p_)],
-                        f"{float(pr[p_]):.6f}", int(t_ == p_)])
-    os.replace(tmp, run_dir / "test_predictions.csv")
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["path", "true", "predicted", "probability", "correct"])
+    for i, t_, p_, pr in zip(idx, y_true, y_pred, probs):
+        w.writerow([data.dataset.paths[int(i)], data.classes[int(t_)], data.classes[int(p_)],
+                    f"{float(pr[p_]):.6f}", int(t_ == p_)])
+    atomic_write_bytes(run_dir / "test_predictions.csv", text.getvalue().encode())
     return rep
 
 
@@ -525,4 +341,5 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     return config_from_dict(raw, str(path))
 
 
-__all__ = ["RunResult", "build_model", "environment", "evaluate_task", "load_run_config", "train"]
+__all__ = ["CONFIG_FILE", "RESULTS_FILE", "RunResult", "build_model", "environment", "evaluate_task",
+           "load_run_config", "train"]

@@ -42,7 +42,7 @@ from torch import nn
 
 from landlens.errors import ConfigError
 from landlens.training.config import METRIC_LOSSES, MINING, PROXY_LOSSES, LossConfig, OptimConfig
-from landlens.training.task import ClassificationTask
+from landlens.training.task import TrainingTask
 
 if TYPE_CHECKING:
     from landlens.retrieval.evaluate import EvaluationResult
@@ -269,7 +269,7 @@ def evaluate_split(x: np.ndarray, rows: np.ndarray, data: Any, name: str) -> Ret
 # --------------------------------------------------------------------------- the Lightning task
 
 
-class MetricTask(ClassificationTask):
+class MetricTask(TrainingTask):
     """Train ``net`` (L2-normalised embeddings out) with a :class:`MetricLoss`.
 
     Logs ``train_loss`` per epoch and, when the data module has a val part, ``val_map``: the
@@ -279,13 +279,16 @@ class MetricTask(ClassificationTask):
     Args:
         net: an :class:`~landlens.models.classifier.Embedder`, or its head on cached features.
         loss: the metric loss (its parameters, if any, train too and are checkpointed).
-        optim, epochs, param_groups, monitor: as for :class:`ClassificationTask`.
+        optim, epochs, param_groups, monitor: as for :class:`~landlens.training.task.TrainingTask`.
+
+    ``test_step`` collects ``(embeddings, labels)`` of the test batches in ``test_outputs``.
     """
 
-    def __init__(self, net: nn.Module, loss: MetricLoss, optim: OptimConfig, epochs: int, *,
+    def __init__(self, net: nn.Module, loss: MetricLoss, optim: OptimConfig, epochs: int | None = None, *,
                  param_groups: list[dict[str, Any]] | None = None, monitor: str = "val_map") -> None:
         super().__init__(net, loss, optim, epochs, param_groups=param_groups, monitor=monitor)
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def training_step(self, batch, batch_idx):  # noqa: D102 - Lightning hook
         x, y = batch
@@ -312,6 +315,9 @@ class MetricTask(ClassificationTask):
         labels = np.concatenate([ql, dbl])
         scores = part_map(x, labels, np.arange(len(q)), np.arange(len(q), len(x)))
         self.log("val_map", float(scores.map), prog_bar=True, sync_dist=True)
+
+    def on_test_epoch_start(self) -> None:
+        self.test_outputs = []
 
     def test_step(self, batch, batch_idx):  # noqa: D102
         x, y = batch
