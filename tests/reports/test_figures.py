@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import landlens.features.store as store
+import landlens.atomic as atomic
 from landlens.reports.figures import (
     GRID_PAD,
     GRID_TITLE_PX,
@@ -152,7 +152,7 @@ def test_atomic_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch) -
     def broken_replace(src, dst):  # noqa: ANN001, ANN202
         raise OSError("disk full")
 
-    monkeypatch.setattr(store.os, "replace", broken_replace)
+    monkeypatch.setattr(atomic.os, "replace", broken_replace)  # the one atomic writer
     with pytest.raises(OSError, match="disk full"):
         plot_confusion_matrix(np.array([[1, 2], [3, 4]]), ["a", "b"], target)
     with pytest.raises(OSError, match="disk full"):
