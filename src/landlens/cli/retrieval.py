@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import platform
-import time
-import warnings
 from pathlib import Path
 
 import click
@@ -81,115 +78,14 @@ def evaluate_cmd(data: Path, backbones: tuple[str, ...], weights: tuple[str, ...
     summary table and writes --out (JSON) with the command, versions, backbones, protocol and
     every metric.
     """
-    import numpy as np
-    import torch
-
-    from landlens import __version__
-    from landlens.data.folder import scan_folder
-    from landlens.data.splits import SplitManifest
-    from landlens.errors import LandlensError
-    from landlens.features.cache import cached_features, store_path
     from landlens.atomic import atomic_write_json
-    from landlens.features.store import FeatureStore
-    from landlens.models.registry import create_backbone
-    from landlens.retrieval.evaluate import evaluate
-    from landlens.features.fusion import align, fuse
-    from landlens.retrieval.metrics import NoRelevantWarning
-    from landlens.retrieval.protocols import resolve_protocol
+    from landlens.retrieval.study import evaluate_sources
 
-    from landlens.retrieval.archive import Archive, is_archive
-
-    archive = Archive.open(data) if is_archive(data) else None
-    if archive is not None and backbones:
-        raise LandlensError(f"{data} is an archive: its vectors are evaluated as indexed; drop --backbone")
-    if archive is None and not backbones:
-        raise LandlensError("give --backbone (repeat it to fuse several), or DATA an archive folder")
-    if len(weights) not in (1, max(1, len(backbones))):
-        raise LandlensError(f"--weights: give one value for every backbone or one per --backbone "
-                            f"({len(backbones)} backbones, {len(weights)} --weights)")
-    if pca is not None and pca < 1:
-        raise LandlensError(f"--pca {pca}: the number of components must be >= 1")
-    if confusion_k < 1:
-        raise LandlensError(f"--confusion-k {confusion_k}: must be >= 1")
-    ks = _parse_ks(precision_at)
-    if protocol == "archive" and split_path is not None:
-        raise LandlensError("--split is for --protocol split; drop it or add --protocol split")
-    if protocol == "split" and split_path is None:
-        raise LandlensError("--protocol split needs --split FILE (make one with `landlens data split`)")
-    if protocol == "archive" and database != "archive-minus-query":
-        raise LandlensError("--database test needs --protocol split")
-    if (distance == "learned") != (matcher is not None):
-        raise LandlensError("--distance learned and --matcher DIR go together (the discriminator to rank with)")
-    if shortlist is not None and (distance != "learned" or shortlist < 1):
-        raise LandlensError("--shortlist K (K >= 1) applies to --distance learned")
-    if rerank is not None:
-        from landlens.retrieval.rerank import make_reranker
-
-        if distance != "cosine":
-            raise LandlensError(f"--rerank ranks by cosine similarity; drop --distance {distance} or --rerank")
-        make_reranker(rerank)  # a bad spec fails before any extraction
-    manifest = SplitManifest.load(split_path) if split_path is not None else None
-    per_backbone = list(weights) if len(weights) == len(backbones) else list(weights) * len(backbones)
-
-    command = command_line()
-    sets, records = [], []
-    if archive is not None:
-        fs = archive.feature_set()
-        sets.append(fs)
-        records.append({"backbone": archive.backbone_name, "archive": str(data), "generation": archive.generation,
-                        "identity": fs.meta.get("identity"), "images": len(fs), "dim": int(fs.features.shape[1])})
-        click.echo(f"features  {archive.backbone_name}: {len(fs)} labelled images x {fs.features.shape[1]} "
-                   f"from archive {data} (generation {archive.generation})")
-        ds_doc = {"path": str(data), "root": str(data), "dataset": fs.meta["dataset"]["name"], "images": len(fs),
-                  "classes": list(fs.classes)}
-    else:
-        ds = scan_folder(data, dataset)
-        ds_doc = {"path": str(data), "root": str(ds.root), "dataset": ds.name, "images": len(ds.paths),
-                  "classes": list(ds.classes)}
-    for name, w in zip(backbones, per_backbone):
-        bb = create_backbone(name, w)
-        path = store_path(cache_dir, ds.name, ds.paths, ds.labels, bb)
-        store = FeatureStore(path)
-        reused = store.exists() and store.read_meta().get("status") == "complete"
-        t0 = time.perf_counter()
-        fs = cached_features(data, dataset, bb, cache_dir=cache_dir, workers=workers, progress=not quiet,
-                             command=command)
-        secs = time.perf_counter() - t0
-        click.echo(f"features  {bb.name}: {len(fs)} images x {fs.features.shape[1]} "
-                   f"({'reused' if reused else f'extracted in {secs:.1f} s'}) {path}")
-        meta = fs.meta or {}
-        records.append({
-            "backbone": bb.name,
-            "weights_option": w,
-            "weights": (meta.get("backbone") or {}).get("weights", bb.weights.to_dict()),
-            "identity": meta.get("identity"),
-            "describe": meta.get("backbone"),
-            "store": str(path),
-            "reused": bool(reused),
-            "images": len(fs),
-            "dim": int(fs.features.shape[1]),
-            "unreadable": len(meta.get("failures", [])),
-        })
-        sets.append(fs)
-
-    if len(sets) > 1 or pca is not None or whiten:
-        aligned = align(sets)
-        p = resolve_protocol(aligned[0], protocol, manifest=manifest, database=database)
-        everything = p.n_database == len(aligned[0])
-        features = fuse(aligned, pca_dim=pca, whiten=whiten, fit_on=None if everything else p.database_indices)
-    else:
-        features = sets[0]
-        p = resolve_protocol(features, protocol, manifest=manifest, database=database)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NoRelevantWarning)  # reported in the summary's notes
-        dist: object = distance
-        if distance == "learned":
-            from landlens.matching.files import feature_identity
-            from landlens.retrieval.distances import get_distance
-
-            dist = get_distance("learned", model=matcher, shortlist=shortlist, features=feature_identity(features))
-        result = evaluate(features, distance=dist, protocol=p, precision_at=ks, confusion_k=confusion_k,
-                          rerank=rerank)
+    result, doc = evaluate_sources(
+        data, backbones, weights, dataset=dataset, distance=distance, matcher=matcher, shortlist=shortlist,
+        protocol=protocol, split=split_path, database=database, pca=pca, whiten=whiten, rerank=rerank,
+        precision_at=_parse_ks(precision_at), confusion_k=confusion_k, cache_dir=cache_dir, workers=workers,
+        progress=not quiet, command=command_line(), say=click.echo)
     click.echo("")
     click.echo(result.to_markdown())
     if result.rerank is not None:
@@ -197,19 +93,6 @@ def evaluate_cmd(data: Path, backbones: tuple[str, ...], weights: tuple[str, ...
         click.echo(f"\nrerank  {r['spec']}: fitted in {r['fit_seconds']:.2f} s on {r['database_size']} database "
                    f"images; {r['query_ms']:.3f} ms/query ({r['added_query_ms']:+.3f} ms/query over cosine "
                    f"{r['cosine_query_ms']:.3f})")
-
-    doc = {
-        "command": command,
-        "versions": {"landlens": __version__, "torch": torch.__version__, "numpy": np.__version__,
-                     "python": platform.python_version()},
-        "data": ds_doc,
-        "backbones": records,
-        "fusion": (features.meta or {}).get("fusion"),
-        "split": None if manifest is None else {
-            "path": str(split_path), "kind": manifest.kind, "seed": manifest.seed, "ratios": manifest.ratios,
-            "source_digest": manifest.source_digest, "sizes": {k: len(v) for k, v in manifest.parts.items()}},
-        **result.to_dict(),
-    }
     atomic_write_json(out, doc)
     click.echo(f"\nresults: {out}")
 

@@ -456,17 +456,22 @@ def check_features(meta: dict[str, Any], feature_identity: dict[str, Any]) -> No
 
 
 def learned(model: str | os.PathLike[str], shortlist: int | None = None, *,
-            features: dict[str, Any] | None = None, batch_pairs: int = DEFAULT_BATCH_PAIRS) -> LearnedDistance:
+            features: Any = None, batch_pairs: int = DEFAULT_BATCH_PAIRS) -> LearnedDistance:
     """The ``"learned"`` distance: ``get_distance("learned", model=<discriminator directory>)``.
 
     Args:
         model: a directory written by :func:`save_discriminator` (or its ``discriminator.json``).
         shortlist: re-score only each query's ``shortlist`` Euclidean neighbours (see :func:`match_distance`).
-        features: identity of the features to be ranked; refused if it contradicts the one recorded
-            at training (:func:`check_features`).
+        features: identity of the features to be ranked (a dict, or the
+            :class:`~landlens.features.store.FeatureSet` itself); refused if it contradicts the one
+            recorded at training (:func:`check_features`).
         batch_pairs: pairs per discriminator batch.
     """
     meta = read_discriminator_meta(model)
+    if features is not None and not isinstance(features, dict):
+        from landlens.matching.files import feature_identity
+
+        features = feature_identity(features)
     if features is not None:
         check_features(meta, features)
     disc = load_discriminator(model)
