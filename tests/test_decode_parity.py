@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from fixtures.make_datasets import class_image
-from landlens.data.augment import build_eval_transform
+from landlens.training.augment import build_eval_transform
 from landlens.data.folder import scan_folder
 from landlens.data.io import load_rgb
 from landlens.features.extract import DecodeDataset

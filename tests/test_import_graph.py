@@ -1,5 +1,6 @@
 """The import graph of landlens: no cycle between its modules, counting imports made inside
-functions, and no import of another module's private (``_name``) objects.
+functions; each layer of the flow imports only the layers below it; and no import of another
+module's private (``_name``) objects.
 
 Imports inside functions keep ``import landlens`` light, but they still bind the two modules
 together: a cycle hidden that way makes the layering (folder -> dataset -> backbone -> feature
@@ -136,6 +137,24 @@ def test_no_cycle_between_landlens_modules() -> None:
 def test_no_private_name_is_imported_from_another_module() -> None:
     _, private = import_graph()
     assert not private, "private names imported across modules:\n" + "\n".join(private)
+
+
+LAYERS = ("errors", "atomic", "hashing", "config", "reports", "data", "models", "features", "retrieval",
+          "training", "matching", "service", "cli")
+"""The flow, bottom first: a module may import its own layer and the layers before it."""
+
+
+def test_each_layer_imports_only_the_layers_below_it() -> None:
+    edges, _ = import_graph()
+    rank = {name: i for i, name in enumerate(LAYERS)}
+
+    def layer(module: str) -> str:
+        return module.split(".")[1] if module.count(".") else "landlens"
+
+    assert {layer(m) for m in edges} - {"landlens"} <= set(LAYERS), "a new top-level module: place it in LAYERS"
+    upward = sorted(f"{a} -> {b}" for a, bs in edges.items() for b in bs
+                    if layer(a) in rank and layer(b) in rank and rank[layer(b)] > rank[layer(a)])
+    assert not upward, "imports against the flow " + " < ".join(LAYERS) + ":\n" + "\n".join(upward)
 
 
 def test_cycle_finder_on_a_hand_made_graph() -> None:

@@ -186,7 +186,7 @@ def test_choices_are_named_in_errors():
 
 def test_choice_lists_are_the_library_lists():
     from landlens.cli.train import train
-    from landlens.data.augment import AUGMENT_PRESETS
+    from landlens.training.augment import AUGMENT_PRESETS
     from landlens.models.heads import HEAD_KINDS
     from landlens.training.config import AUGMENTS, HEADS
 

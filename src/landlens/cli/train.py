@@ -132,7 +132,7 @@ def preview_augment_cmd(data: Path, preset: str, backbone: str, input_size: int 
     """Write a PNG grid: each row an image's evaluation view, then augmented samples."""
     import numpy as np
 
-    from landlens.data.augment import preview_augment
+    from landlens.training.augment import preview_augment
     from landlens.data.folder import scan_folder
     from landlens.models.registry import default_preprocessing, get_spec
 

@@ -3,7 +3,7 @@ the identity of its weights (:class:`Backbone`, :class:`BackboneSpec`, :class:`W
 
 The bottom of :mod:`landlens.models`: it imports no other landlens module but the
 preprocessing, so every backbone family (:mod:`~landlens.models.specs` for timm, torchvision
-and GeoEmbed, :mod:`landlens.features.handcrafted`, trained runs in
+and GeoEmbed, :mod:`landlens.models.handcrafted`, trained runs in
 :mod:`~landlens.models.classifier`) builds on it, and :mod:`~landlens.models.registry` puts
 them behind one door.
 """

@@ -317,7 +317,7 @@ def _rebuild_backbone(meta: dict[str, Any], d: Path) -> Backbone:
     info = WeightsInfo(source=str(init.get("source", "none")), ref=str(init.get("ref", "")),
                        digest=init.get("digest"), file_sha256=init.get("file_sha256"))
     if spec.family == "handcrafted":  # its length and input normalisation follow the preprocessing
-        from landlens.features.handcrafted import HandcraftedBackbone, build_descriptor
+        from landlens.models.handcrafted import HandcraftedBackbone, build_descriptor
 
         body, dim = build_descriptor(spec.arch, pre)
         return HandcraftedBackbone(spec, body, dim, pre, info)

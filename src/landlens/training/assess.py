@@ -40,7 +40,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], data: str | os.PathLike[str], 
         part: which part of ``split``.
         out_dir: where to write ``evaluation.json``, ``report.md`` and ``confusion_matrix.png``.
     """
-    from landlens.data.augment import build_eval_transform
+    from landlens.training.augment import build_eval_transform
     from landlens.data.splits import SplitManifest, make_split
     from landlens.reports.figures import plot_confusion_matrix
     from landlens.training.class_map import apply_class_map, check_same_classes

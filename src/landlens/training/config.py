@@ -40,7 +40,7 @@ from landlens.errors import ConfigError
 
 Strategy = Literal["linear", "partial", "full"]
 Head = Literal["linear", "mlp", "se"]  # landlens.models.heads.HEAD_KINDS
-Augment = Literal["none", "crop-flip", "colour", "geometric", "dihedral"]  # landlens.data.augment.AUGMENT_PRESETS
+Augment = Literal["none", "crop-flip", "colour", "geometric", "dihedral"]  # landlens.training.augment.AUGMENT_PRESETS
 ClassificationLoss = Literal["ce", "nll", "label_smoothing", "ice"]
 MetricLoss = Literal["proxy_anchor", "arcface", "triplet", "multi_similarity", "contrastive"]
 Mining = Literal["semihard", "hard", "all", "easy", "none"]

@@ -251,7 +251,7 @@ class SceneDataModule(L.LightningDataModule):
             ConfigError: neither ``preprocessing`` nor ``backbone``, or an unknown ``augment``.
             DatasetError: the folder cannot be scanned, or the split leaves a part empty.
         """
-        from landlens.data.augment import build_eval_transform, build_train_transform
+        from landlens.training.augment import build_eval_transform, build_train_transform
         from landlens.errors import ConfigError
 
         if preprocessing is None:

@@ -133,7 +133,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[L.Callb
                                                       eval_batch_size=cfg.data.eval_batch_size, seed=cfg.trainer.seed,
                                                       samples_per_class=spc)
     else:
-        from landlens.data.augment import build_eval_transform, build_train_transform
+        from landlens.training.augment import build_eval_transform, build_train_transform
 
         pre = model.backbone.preprocessing
         dm = SceneDataModule(data, build_train_transform(cfg.data.augment, pre), build_eval_transform(pre),

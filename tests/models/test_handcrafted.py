@@ -14,7 +14,7 @@ from PIL import Image
 from landlens.errors import BackboneError, WeightsError
 from landlens.features import cache as cache_mod
 from landlens.features.extract import extract_features, optimize_for_inference
-from landlens.features.handcrafted import HOG, LBPRGB, HandcraftedBackbone, lbp_uniform_codes
+from landlens.models.handcrafted import HOG, LBPRGB, HandcraftedBackbone, lbp_uniform_codes
 from landlens.features.store import FeatureStore
 from landlens.models.preprocessing import Preprocessing, normalize_batch
 from landlens.models.registry import create_backbone, get_spec, list_backbones

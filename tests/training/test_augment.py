@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from landlens.data.augment import (
+from landlens.training.augment import (
     AUGMENT_PRESETS,
     affine_nearest_fill,
     build_eval_transform,
