@@ -7,7 +7,7 @@ a rootdir-level conftest's folder there), so test modules import the generators 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,17 @@ from fixtures.weights import require
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 """Real benchmark data (``../shared/data``), present on some machines only."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _feature_cache_outside_the_repository(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Commands whose feature cache defaults to ``runs/features`` (relative to the working folder,
+    the repository when testing) write into a temporary folder instead."""
+    import landlens.features.cache as cache
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cache, "DEFAULT_CACHE_DIR", tmp_path_factory.mktemp("feature_cache"))
+        yield
 
 
 @pytest.fixture

@@ -191,7 +191,7 @@ def test_stale_generations_are_ignored_then_collected(arch: Archive) -> None:
     write_image(img, class_image(4, 1, (32, 32)))
     arch.add([img])
     names = sorted(p.name for p in d.iterdir())
-    assert names == [".lock", ".readers", CURRENT, "features", "gen-00000002"]
+    assert names == [".lock", ".readers", CURRENT, "gen-00000002"]  # features live in the shared cache
     assert json.loads((d / "gen-00000002" / "generation.json").read_text())["images"] == 13
 
 

@@ -31,7 +31,7 @@ def index_group() -> None:
               help="auto | exact | hnsw | ivf-flat | ivf-pq | a FAISS factory string such as 'IVF256,Flat'")
 @click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
-              help="feature-store cache to reuse (default: OUT/features)")
+              help="feature cache to extract into or reuse [default: runs/features, shared by every command]")
 @click.option("--workers", type=int, default=None, help="image decoding processes")
 @click.option("--overwrite", is_flag=True, help="rebuild an existing archive at OUT (atomically)")
 @click.option("--json", "as_json", is_flag=True, help="print the archive summary as JSON")

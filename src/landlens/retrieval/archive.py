@@ -90,20 +90,21 @@ class Archive(ArchiveSearch):
         """Index every readable image of the class-folder dataset ``data`` into a new archive ``out``.
 
         Features come from ``backbone`` (with ``weights``) through a feature store in
-        ``cache_dir`` (default ``out/features``; an existing store of the same images and
+        ``cache_dir`` (default ``runs/features``, the cache every landlens command shares; an
+        existing store of the same images and
         extractor is reused); classes are the sub-folder names. ``index_factory`` is any
         :class:`~landlens.retrieval.index.SearchIndex` kind or FAISS factory string. An existing
         archive at ``out`` is refused unless ``overwrite``, which replaces it atomically.
         """
         from landlens.data.folder import scan_folder
-        from landlens.features.cache import ensure_features
+        from landlens.features.cache import DEFAULT_CACHE_DIR, ensure_features
         from landlens.models.registry import create_backbone
 
         outp = Path(out)
         _check_out(outp, overwrite)
         ds = scan_folder(data, dataset)
         bb = create_backbone(backbone, weights)
-        store_dir, _ = ensure_features(ds, bb, cache_dir=Path(cache_dir) if cache_dir is not None else outp / FEATURES,
+        store_dir, _ = ensure_features(ds, bb, cache_dir=Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR,
                                        workers=workers, progress=progress, command="landlens index build")
         return cls.from_store(store_dir, outp, index_factory=index_factory, metric=metric, overwrite=overwrite)
 

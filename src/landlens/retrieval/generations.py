@@ -11,7 +11,7 @@ stands on::
         vectors.npy        (n, dim) float32 features, row i = FAISS row i
         catalog.sqlite     one row per image: id, row, path, class, width, height, sha256, bytes, added
         generation.json    generation number, image count, next id, parent generation
-      features/            the feature store extracted at build time (reused by a rebuild)
+      features/            (archives built before 0.2: their feature store; now in the shared cache)
       uploads/             images added through the service, named by their sha256
       .lock                serialises writers across processes (``fcntl.flock``)
       .readers             readers hold it shared while loading a generation; the writer's
