@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -64,6 +65,23 @@ def cached_features(
     return FeatureStore(out).load().only_valid()
 
 
+def cached_features_report(data: str | Path, dataset: str | None, backbone: Backbone, *,
+                           cache_dir: str | Path = DEFAULT_CACHE_DIR, workers: int | None = None,
+                           progress: bool = True, command: str | None = None) -> tuple[FeatureSet, Path, bool, float]:
+    """:func:`cached_features` of a built backbone, with what a results file records about it:
+    ``(features, store folder, reused an existing complete store, seconds spent)``."""
+    from landlens.data.folder import scan_folder
+
+    ds = scan_folder(data, dataset)
+    path = store_path(cache_dir, ds.name, ds.paths, ds.labels, backbone)
+    store = FeatureStore(path)
+    reused = store.exists() and store.read_meta().get("status") == "complete"
+    t0 = time.perf_counter()
+    fs = cached_features(data, dataset, backbone, cache_dir=cache_dir, workers=workers, progress=progress,
+                         command=command)
+    return fs, path, reused, time.perf_counter() - t0
+
+
 def extract(
     data: str | Path | Sequence[str | Path],
     backbone: str | Backbone = "tf_efficientnet_lite0",
@@ -114,4 +132,4 @@ def ensure_features(ds: Any, backbone: Backbone, *, cache_dir: str | Path = DEFA
     return out, res
 
 
-__all__ = ["DEFAULT_CACHE_DIR", "cached_features", "ensure_features", "extract", "store_path"]
+__all__ = ["DEFAULT_CACHE_DIR", "cached_features", "cached_features_report", "ensure_features", "extract", "store_path"]

@@ -16,7 +16,7 @@ from torch import nn
 from landlens.matching.config import MatchingConfig
 from landlens.matching.data import PairFeatures
 from landlens.matching.networks import MatchingDiscriminator, ResidualAutoencoder, reconstruction_loss
-from landlens.training.runs import RNGStateCheckpoint
+from landlens.training.runs import RNGStateCheckpoint, log_loss_and_accuracy
 
 
 class _MatchingTask(RNGStateCheckpoint, L.LightningModule):
@@ -73,9 +73,7 @@ class DMLTask(_MatchingTask):
         a, b, y = batch
         logits = self.net(a, b).float()
         loss = F.cross_entropy(logits, y)
-        acc = (logits.argmax(1) == y).float().mean()
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
-        self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
+        log_loss_and_accuracy(self, stage, loss, logits, y)
         return loss
 
     def training_step(self, batch, batch_idx):  # noqa: D102 - Lightning hook

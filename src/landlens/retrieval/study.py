@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from landlens.errors import LandlensError
-from landlens.features.cache import DEFAULT_CACHE_DIR, cached_features, store_path
+from landlens.features.cache import DEFAULT_CACHE_DIR, cached_features_report
 from landlens.features.fusion import align, fuse
-from landlens.features.store import FeatureSet, FeatureStore
+from landlens.features.store import FeatureSet
 from landlens.retrieval.evaluate import EvaluationResult, evaluate
 from landlens.retrieval.metrics import DEFAULT_CONFUSION_K, DEFAULT_PRECISION_AT, NoRelevantWarning
 from landlens.retrieval.protocols import resolve_protocol
@@ -71,13 +70,8 @@ def _folder_sources(data: Any, dataset: str | None, backbones: Sequence[str], we
     sets, records = [], []
     for name, w in zip(backbones, per_backbone):
         bb = create_backbone(name, w)
-        path = store_path(cache_dir, ds.name, ds.paths, ds.labels, bb)
-        store = FeatureStore(path)
-        reused = store.exists() and store.read_meta().get("status") == "complete"
-        t0 = time.perf_counter()
-        fs = cached_features(data, dataset, bb, cache_dir=cache_dir, workers=workers, progress=progress,
-                             command=command)
-        secs = time.perf_counter() - t0
+        fs, path, reused, secs = cached_features_report(data, dataset, bb, cache_dir=cache_dir, workers=workers,
+                                                        progress=progress, command=command)
         say(f"features  {bb.name}: {len(fs)} images x {fs.features.shape[1]} "
             f"({'reused' if reused else f'extracted in {secs:.1f} s'}) {path}")
         meta = fs.meta or {}

@@ -267,8 +267,7 @@ def baseline_features(
         DatasetError: bad folder, split or manifest; ConfigError: a k-fold manifest.
     """
     from landlens.data.folder import scan_folder
-    from landlens.features.cache import DEFAULT_CACHE_DIR, cached_features, store_path
-    from landlens.features.store import FeatureStore
+    from landlens.features.cache import DEFAULT_CACHE_DIR, cached_features_report
     from landlens.models.registry import Backbone, create_backbone
 
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
@@ -283,13 +282,8 @@ def baseline_features(
             raise ConfigError(f"{where} has no {part!r} part (it has {', '.join(manifest.parts)})")
 
     bb = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, weights)
-    path = store_path(cache_dir, ds.name, ds.paths, ds.labels, bb)
-    store = FeatureStore(path)
-    reused = store.exists() and store.read_meta().get("status") == "complete"
-    t0 = time.perf_counter()
-    fs = cached_features(data_path, dataset, bb, cache_dir=cache_dir, workers=workers, progress=progress,
-                         command=command)
-    seconds = time.perf_counter() - t0
+    fs, path, reused, seconds = cached_features_report(data_path, dataset, bb, cache_dir=cache_dir, workers=workers,
+                                                       progress=progress, command=command)
     meta = fs.meta or {}
     record = {
         "backbone": bb.name,

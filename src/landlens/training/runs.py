@@ -76,6 +76,15 @@ def unwrap_worker_error(exc: DatasetError) -> DatasetError:
     return DatasetError(msg)
 
 
+def log_loss_and_accuracy(module: L.LightningModule, stage: str, loss: Any, scores: Any, target: Any) -> None:
+    """Log ``{stage}_loss`` and ``{stage}_acc`` (argmax of ``scores`` against ``target``) per epoch,
+    as every landlens task does (checkpoints and early stopping monitor these names)."""
+    acc = (scores.argmax(1) == target).float().mean()
+    n = len(target)
+    module.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
+    module.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
+
+
 class RNGStateCheckpoint:
     """Lightning-module mixin: the torch (and CUDA) RNG state travels in every checkpoint.
 
@@ -379,6 +388,7 @@ def fit(task: L.LightningModule, datamodule: L.LightningDataModule, run_dir: Run
 
 
 __all__ = [
+    "log_loss_and_accuracy",
     "CONFIG_FILE",
     "FitResult",
     "History",

@@ -32,7 +32,7 @@ from torch import nn
 from landlens.errors import ConfigError, first_line
 from landlens.models.classifier import Classifier, Embedder, EmbeddingConfig, HeadConfig
 from landlens.training.config import OptimConfig, TrainConfig
-from landlens.training.runs import RNGStateCheckpoint, monitor_mode
+from landlens.training.runs import RNGStateCheckpoint, log_loss_and_accuracy, monitor_mode
 
 
 def _no_decay(name: str, p: nn.Parameter) -> bool:
@@ -292,9 +292,7 @@ class ClassificationTask(TrainingTask):
         x, y = batch
         logp = self.net(x)
         loss = self.loss_fn(logp.float(), y)
-        acc = (logp.argmax(1) == y).float().mean()
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
-        self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
+        log_loss_and_accuracy(self, stage, loss, logp, y)
         return loss
 
     def training_step(self, batch, batch_idx):  # noqa: D102 - Lightning hook
