@@ -54,32 +54,33 @@ def cached_features(
     ``weights='none'`` is refused.
     """
     from landlens.data.folder import scan_folder
-    from landlens.errors import LandlensError
 
     ds = scan_folder(data, dataset)
     bb = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, weights)
-    if bb.weights.digest is None:
-        raise LandlensError(f"features of randomly initialised {bb.name!r} cannot be cached; pass real --weights")
-    out, _ = ensure_features(ds, bb, cache_dir=cache_dir, workers=workers, optimize=optimize, progress=progress,
-                             command=command)
-    return FeatureStore(out).load().only_valid()
+    return cached_store(ds, bb, cache_dir=cache_dir, workers=workers, optimize=optimize, progress=progress,
+                        command=command)[0]
 
 
-def cached_features_report(data: str | Path, dataset: str | None, backbone: Backbone, *,
-                           cache_dir: str | Path = DEFAULT_CACHE_DIR, workers: int | None = None,
-                           progress: bool = True, command: str | None = None) -> tuple[FeatureSet, Path, bool, float]:
-    """:func:`cached_features` of a built backbone, with what a results file records about it:
-    ``(features, store folder, reused an existing complete store, seconds spent)``."""
-    from landlens.data.folder import scan_folder
+def cached_store(ds: Any, backbone: Backbone, *, cache_dir: str | Path = DEFAULT_CACHE_DIR,
+                 workers: int | None = None, optimize: Optimize = "auto", progress: bool = True,
+                 command: str | None = None) -> tuple[FeatureSet, Path, bool, float]:
+    """The readable images' features of the scanned dataset ``ds`` under a built backbone, from the
+    cache (extracted first when needed), with what a results file records about them:
+    ``(features, store folder, reused a complete store, seconds spent)``.
 
-    ds = scan_folder(data, dataset)
-    path = store_path(cache_dir, ds.name, ds.paths, ds.labels, backbone)
-    store = FeatureStore(path)
-    reused = store.exists() and store.read_meta().get("status") == "complete"
+    Raises:
+        LandlensError: randomly initialised weights, whose features cannot be cached meaningfully.
+    """
+    from landlens.errors import LandlensError
+
+    if backbone.weights.digest is None:
+        raise LandlensError(f"features of randomly initialised {backbone.name!r} cannot be cached; "
+                            "pass real --weights")
     t0 = time.perf_counter()
-    fs = cached_features(data, dataset, backbone, cache_dir=cache_dir, workers=workers, progress=progress,
-                         command=command)
-    return fs, path, reused, time.perf_counter() - t0
+    out, extracted = ensure_features(ds, backbone, cache_dir=cache_dir, workers=workers, optimize=optimize,
+                                     progress=progress, command=command)
+    fs = FeatureStore(out).load().only_valid()
+    return fs, out, extracted is None, time.perf_counter() - t0
 
 
 def extract(
@@ -107,12 +108,7 @@ def extract(
 
     ds = scan_files(data) if not isinstance(data, (str, Path)) else scan_folder(data, dataset)
     bb = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, weights)
-    if bb.weights.digest is None:
-        from landlens.errors import LandlensError
-
-        raise LandlensError(f"features of randomly initialised {bb.name!r} cannot be cached; pass real weights")
-    out, _ = ensure_features(ds, bb, cache_dir=cache_dir, workers=workers, optimize=optimize, progress=progress)
-    return FeatureStore(out).load().only_valid()
+    return cached_store(ds, bb, cache_dir=cache_dir, workers=workers, optimize=optimize, progress=progress)[0]
 
 
 def ensure_features(ds: Any, backbone: Backbone, *, cache_dir: str | Path = DEFAULT_CACHE_DIR,
@@ -132,4 +128,4 @@ def ensure_features(ds: Any, backbone: Backbone, *, cache_dir: str | Path = DEFA
     return out, res
 
 
-__all__ = ["DEFAULT_CACHE_DIR", "cached_features", "cached_features_report", "ensure_features", "extract", "store_path"]
+__all__ = ["DEFAULT_CACHE_DIR", "cached_features", "cached_store", "ensure_features", "extract", "store_path"]

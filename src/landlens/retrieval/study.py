@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from landlens.errors import LandlensError
-from landlens.features.cache import DEFAULT_CACHE_DIR, cached_features_report
+from landlens.features.cache import DEFAULT_CACHE_DIR, cached_store
 from landlens.features.fusion import align, fuse
 from landlens.features.store import FeatureSet
 from landlens.retrieval.evaluate import EvaluationResult, evaluate
@@ -70,8 +70,8 @@ def _folder_sources(data: Any, dataset: str | None, backbones: Sequence[str], we
     sets, records = [], []
     for name, w in zip(backbones, per_backbone):
         bb = create_backbone(name, w)
-        fs, path, reused, secs = cached_features_report(data, dataset, bb, cache_dir=cache_dir, workers=workers,
-                                                        progress=progress, command=command)
+        fs, path, reused, secs = cached_store(ds, bb, cache_dir=cache_dir, workers=workers, progress=progress,
+                                              command=command)
         say(f"features  {bb.name}: {len(fs)} images x {fs.features.shape[1]} "
             f"({'reused' if reused else f'extracted in {secs:.1f} s'}) {path}")
         meta = fs.meta or {}

@@ -267,7 +267,7 @@ def baseline_features(
         DatasetError: bad folder, split or manifest; ConfigError: a k-fold manifest.
     """
     from landlens.data.folder import scan_folder
-    from landlens.features.cache import DEFAULT_CACHE_DIR, cached_features_report
+    from landlens.features.cache import DEFAULT_CACHE_DIR, cached_store
     from landlens.models.registry import Backbone, create_backbone
 
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
@@ -282,8 +282,8 @@ def baseline_features(
             raise ConfigError(f"{where} has no {part!r} part (it has {', '.join(manifest.parts)})")
 
     bb = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, weights)
-    fs, path, reused, seconds = cached_features_report(data_path, dataset, bb, cache_dir=cache_dir, workers=workers,
-                                                       progress=progress, command=command)
+    fs, path, reused, seconds = cached_store(ds, bb, cache_dir=cache_dir, workers=workers, progress=progress,
+                                             command=command)
     meta = fs.meta or {}
     record = {
         "backbone": bb.name,
