@@ -99,12 +99,11 @@ class ArchiveSearch:
 
         if self.metric != "cosine":
             raise ArchiveError(f"re-ranking ranks by cosine similarity; this archive uses {self.metric}")
-        rr = make_reranker(spec)
         with self._rerank_lock:
             cached = self._rerankers.get(spec)
             if cached is not None and cached[0] == state.generation:
-                return cached[1]
-            rr.fit(np.asarray(state.vectors, dtype=np.float32))
+                return cached[1]  # every search after the first: no spec parsing, no fit
+            rr = make_reranker(spec).fit(np.asarray(state.vectors, dtype=np.float32))
             self._rerankers = {s: v for s, v in self._rerankers.items() if v[0] == state.generation}
             self._rerankers[spec] = (state.generation, rr)
             return rr
