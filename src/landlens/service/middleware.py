@@ -31,6 +31,26 @@ def header_value(scope: Any, name: bytes) -> str | None:
     return None
 
 
+async def run_or_answer(app: Any, scope: Any, receive: Any, send: Any, error: type[Exception],
+                        answer: Callable[[Any], Any]) -> None:
+    """Run ``app``; when it raises ``error`` before its response has started, send ``answer(exc)``
+    (an ASGI response) instead; once the response has started the error propagates."""
+    started = False
+
+    async def tracking_send(message: Any) -> None:
+        nonlocal started
+        if message["type"] == "http.response.start":
+            started = True
+        await send(message)
+
+    try:
+        await app(scope, receive, tracking_send)
+    except error as exc:
+        if started:
+            raise
+        await answer(exc)(scope, receive, send)
+
+
 class WriteGuard:
     """ASGI middleware: refuses write requests without a valid token *before* their body is read.
 
@@ -92,7 +112,6 @@ class BodyLimit:
                 await self._response()(scope, receive, send)
                 return
         received = 0
-        started = False
 
         async def limited_receive() -> Any:
             nonlocal received
@@ -103,18 +122,7 @@ class BodyLimit:
                     raise BodyTooLarge(self.upload_limit)
             return message
 
-        async def tracking_send(message: Any) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            if started:
-                raise
-            await self._response()(scope, receive, send)
+        await run_or_answer(self.app, scope, limited_receive, send, BodyTooLarge, lambda exc: self._response())
 
 
 DEFAULT_READ_TIMEOUT = 10.0
@@ -156,7 +164,6 @@ class BodyTimeout:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.body_timeout if self.body_timeout is not None else None
         complete = False
-        started = False
 
         async def timed_receive() -> Any:
             nonlocal complete
@@ -178,19 +185,9 @@ class BodyTimeout:
                 complete = True
             return message
 
-        async def tracking_send(message: Any) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, timed_receive, tracking_send)
-        except BodyTimedOut as exc:
-            if started:
-                raise
-            response = JSONResponse({"detail": exc.detail}, status_code=408, headers={"Connection": "close"})
-            await response(scope, receive, send)
+        await run_or_answer(self.app, scope, timed_receive, send, BodyTimedOut,
+                            lambda exc: JSONResponse({"detail": exc.detail}, status_code=408,
+                                                     headers={"Connection": "close"}))
 
 
 class SecurityHeaders:
