@@ -333,8 +333,20 @@ def _pil_array(path: Path, im: Image.Image, max_pixels: int | None) -> tuple[np.
     return np.ascontiguousarray(arr), alpha
 
 
-def _tiff_page(path: Path, tf: tifffile.TiffFile, max_pixels: int | None) -> tuple[Any, str, tuple[int, ...]]:
-    """The first page of a TIFF, its axes and shape, after the size check (nothing decoded).
+@dataclass(frozen=True)
+class _TiffPage:
+    """A TIFF's first page and its layout: axes, shape, and the size they give."""
+
+    page: Any
+    axes: str
+    shape: tuple[int, ...]
+    height: int
+    width: int
+    bands: int
+
+
+def _tiff_page(path: Path, tf: tifffile.TiffFile, max_pixels: int | None) -> _TiffPage:
+    """The first page of a TIFF and its layout, after the size check (nothing decoded).
 
     Only the first page is ever read: the pages after it (a multi-page TIFF, a pyramid's
     overviews, a stack) are ignored, so they cost neither time nor memory.
@@ -348,7 +360,7 @@ def _tiff_page(path: Path, tf: tifffile.TiffFile, max_pixels: int | None) -> tup
     height, width = shape[axes.index("Y")], shape[axes.index("X")]
     bands = int(np.prod(shape)) // max(width * height, 1)
     check_pixels(path, width, height, max_pixels, bands)
-    return page, axes, shape
+    return _TiffPage(page, axes, shape, height, width, bands)
 
 
 def _read_tiff(path: Path, max_pixels: int | None) -> tuple[np.ndarray, bool] | None:
@@ -356,7 +368,8 @@ def _read_tiff(path: Path, max_pixels: int | None) -> tuple[np.ndarray, bool] | 
     Pillow has."""
     try:
         with tifffile.TiffFile(path) as tf:
-            page, axes, shape = _tiff_page(path, tf, max_pixels)
+            layout = _tiff_page(path, tf, max_pixels)
+            page, axes, shape = layout.page, layout.axes, layout.shape
             arr = page.asarray()
             photometric = int(getattr(page, "photometric", -1))
             colormap = getattr(page, "colormap", None)
@@ -377,7 +390,7 @@ def _read_tiff(path: Path, max_pixels: int | None) -> tuple[np.ndarray, bool] | 
     arr = np.asarray(arr).reshape(shape)
     # Put Y, X first and fold every other axis (samples, depth) into channels.
     yi, xi = axes.index("Y"), axes.index("X")
-    height, width = shape[yi], shape[xi]
+    height, width = layout.height, layout.width
     rest = [i for i in range(arr.ndim) if i not in (yi, xi)]
     arr = arr.transpose([yi, xi, *rest]).reshape(height, width, -1)
     if photometric == 3 and colormap is not None and arr.shape[-1] == 1:  # PALETTE
@@ -574,9 +587,8 @@ def probe_image(path: str | os.PathLike[str]) -> ImageInfo:
     if _is_tiff(head):
         try:
             with tifffile.TiffFile(p) as tf:
-                page, axes, shape = _tiff_page(p, tf, None)
-                height, width = shape[axes.index("Y")], shape[axes.index("X")]
-                bands = int(np.prod(shape)) // max(width * height, 1)
+                layout = _tiff_page(p, tf, None)
+                page, height, width, bands = layout.page, layout.height, layout.width, layout.bands
                 dtype = np.dtype(page.dtype)
                 if int(getattr(page, "photometric", -1)) == 3 and bands == 1:
                     bands, dtype = 3, np.dtype(np.uint8)
