@@ -3,7 +3,6 @@ captions reader's errors, and heads that learn a planted pairing."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -11,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from landlens.errors import LandlensError
-from landlens.retrieval.alignment import Alignment, info_nce, read_captions, recall_at_k
+from landlens.errors import CheckpointError
+from landlens.retrieval.alignment import Alignment, AlignmentMismatchError, info_nce, recall_at_k
+from landlens.retrieval.textspace import TextIndex, readable_class_name
 
 
 def test_info_nce_by_hand() -> None:
@@ -38,19 +38,6 @@ def test_recall_at_k_equals_a_brute_force() -> None:
         assert got[f"R@{k}"] == pytest.approx(hits / 40)
 
 
-def test_read_captions_and_its_errors(tmp_path: Path) -> None:
-    good = tmp_path / "c.json"
-    good.write_text(json.dumps({"images": [{"image": "Images/a/a00.jpg", "split": "test", "sentences": ["x", "y"]}]}))
-    (item,) = read_captions(good)
-    assert item.image == "Images/a/a00.jpg" and item.split == "test" and item.sentences == ("x", "y")
-    bad = tmp_path / "b.json"
-    bad.write_text(json.dumps({"images": [{"image": "a.jpg"}]}))
-    with pytest.raises(LandlensError, match="entry 0 lacks"):
-        read_captions(bad)
-    with pytest.raises(LandlensError, match="cannot read captions file"):
-        read_captions(tmp_path / "none.json")
-
-
 def test_heads_learn_a_planted_pairing() -> None:
     """Image and text features are two random rotations of the same 16 class codes plus noise:
     trained heads must retrieve each caption's own class far above chance (1/16)."""
@@ -67,3 +54,91 @@ def test_heads_learn_a_planted_pairing() -> None:
     sim = model.texts(texts) @ model.images(images).T
     same_class = [set(np.flatnonzero(img_class == img_class[o]).tolist()) for o in owner]
     assert recall_at_k(sim, same_class, ks=(1,))["R@1"] > 0.9
+
+
+def test_mlp_heads_learn_it_too() -> None:
+    rng = np.random.default_rng(2)
+    codes = rng.normal(size=(8, 6))
+    img_class = np.repeat(np.arange(8), 12)
+    images = codes[img_class] @ rng.normal(size=(6, 20)) + 0.05 * rng.normal(size=(96, 20))
+    owner = np.arange(96)
+    texts = codes[img_class] @ rng.normal(size=(6, 10)) + 0.05 * rng.normal(size=(96, 10))
+    model = Alignment(20, 10, dim=8, head="mlp", hidden=32, temperature=0.1)
+    model.fit(images, texts, owner, epochs=60, batch_size=16, lr=1e-2, seed=0)
+    sim = model.texts(texts) @ model.images(images).T
+    same_class = [set(np.flatnonzero(img_class == img_class[o]).tolist()) for o in owner]
+    assert recall_at_k(sim, same_class, ks=(1,))["R@1"] > 0.9
+
+
+def _planted_model() -> Alignment:
+    torch.manual_seed(0)
+    return Alignment(6, 4, dim=3, temperature=0.05,
+                     image_tower={"backbone": "tf_efficientnet_lite0", "weights_digest": "ab" * 32, "dim": 6,
+                                  "extractors": [{"backbone": "tf_efficientnet_lite0"}]},
+                     text_tower={"name": "all-MiniLM-L6-v2", "digest": "cd" * 32, "dim": 4, "pooling": "mean"})
+
+
+def test_alignment_file_round_trip_and_identity_checks(tmp_path: Path) -> None:
+    model = _planted_model()
+    model.trained = {"epochs": 3}
+    path = model.save(tmp_path / "a.safetensors")
+    back = Alignment.load(path)
+    x, t = np.random.default_rng(0).normal(size=(5, 6)), np.random.default_rng(1).normal(size=(5, 4))
+    np.testing.assert_allclose(back.images(x), model.images(x), atol=1e-7)
+    np.testing.assert_allclose(back.texts(t), model.texts(t), atol=1e-7)
+    assert back.trained == {"epochs": 3} and back.image_tower == model.image_tower
+    # by hand: a linear head without bias on the unit input, renormalised
+    w = model.image_head.weight.detach().numpy()
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    want = u @ w.T
+    np.testing.assert_allclose(back.images(x), want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-6)
+    back.check_images({"backbone": "tf_efficientnet_lite0", "weights_digest": "ab" * 32, "dim": 6})
+    with pytest.raises(AlignmentMismatchError, match="differ in weights_digest"):
+        back.check_images({"backbone": "tf_efficientnet_lite0", "weights_digest": "ef" * 32, "dim": 6})
+    with pytest.raises(AlignmentMismatchError, match="differ in backbone, dim"):
+        back.check_images({"backbone": "tv_mobilenet_v2", "dim": 1280})
+    back.check_text({"name": "all-MiniLM-L6-v2", "digest": "cd" * 32, "dim": 4, "pooling": "mean", "ref": "x"})
+    with pytest.raises(AlignmentMismatchError, match="text tower"):
+        back.check_text({"name": "all-MiniLM-L6-v2", "digest": "00" * 32, "dim": 4})
+    with pytest.raises(AlignmentMismatchError, match="do not fit"):
+        back.images(np.zeros((2, 7)))
+
+
+def test_alignment_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        Alignment.load(tmp_path / "none.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        Alignment.load(tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="not a landlens alignment file"):
+        Alignment.load(tmp_path / "other.safetensors")
+
+
+def test_identity_alignment_only_normalises() -> None:
+    model = Alignment(4, 4, dim=4, head="identity")
+    x = np.array([[3.0, 0, 4, 0]])
+    np.testing.assert_allclose(model.images(x), [[0.6, 0, 0.8, 0]], atol=1e-7)
+
+
+def test_text_index_extends_and_subsets_like_a_fresh_projection() -> None:
+    model = _planted_model()
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(4, 6)), rng.normal(size=(3, 6))
+    idx = TextIndex.create(model, a).extended(b).subset([0, 5, 6])
+    np.testing.assert_allclose(idx.vectors, model.images(np.concatenate([a, b])[[0, 5, 6]]), atol=1e-7)
+
+
+@pytest.mark.parametrize(("name", "vocab", "want"), [
+    ("HerbaceousVegetation", None, "herbaceous vegetation"),
+    ("parking_lot", None, "parking lot"),
+    ("SeaLake", None, "sea lake"),
+    ("denseresidential", {"dense", "residential", "den", "ser"}, "dense residential"),
+    ("mobilehomepark", {"mobile", "home", "park", "mob"}, "mobile home park"),
+    ("chaparral", {"chap", "dense"}, "chaparral"),  # no complete split: kept whole
+    ("forest", {"for", "est", "forest"}, "forest"),  # a known word is never split
+])
+def test_readable_class_names(name: str, vocab: set[str] | None, want: str) -> None:
+    assert readable_class_name(name, frozenset(vocab) if vocab else None) == want

@@ -71,6 +71,24 @@ class FeatureSet:
                           self.classes, self.meta, self.valid[idx])
 
 
+def features_identity(meta: dict[str, Any] | None, dim: int) -> dict[str, Any]:
+    """What identifies features for a model trained on them (a matching discriminator, an image-text
+    alignment): the extractor's backbone, weights digest and preprocessing, the fusion recipe
+    and its sources when fused, and the vector length. Recorded with the model and compared key
+    by key with the features it is later given."""
+    meta = meta or {}
+    ident = meta.get("identity") or {}
+    out: dict[str, Any] = {}
+    fusion = meta.get("fusion")
+    if fusion:
+        out["fusion"] = {k: v for k, v in fusion.items() if k != "fit_rows"}
+    for key in ("backbone", "weights_digest", "preprocessing"):
+        if ident.get(key) is not None:
+            out[key] = ident[key]
+    out["dim"] = int(dim)
+    return out
+
+
 class FeatureStore:
     """Create, resume and read a feature store folder (see module docstring)."""
 
@@ -232,4 +250,4 @@ def _short(v: Any) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
-__all__ = ["FeatureSet", "FeatureStore", "items_digest"]
+__all__ = ["FeatureSet", "FeatureStore", "features_identity", "items_digest"]

@@ -21,7 +21,7 @@ from torch import nn
 
 from landlens.errors import CheckpointError, LandlensError, first_line
 from landlens.atomic import atomic_write_json
-from landlens.features.store import FeatureSet
+from landlens.features.store import FeatureSet, features_identity
 from landlens.matching.networks import LATENT_SIZE, AEConfig, ResidualAutoencoder
 from landlens.models.preprocessing import Preprocessing
 from landlens.models.registry import Backbone, BackboneSpec, WeightsInfo
@@ -193,16 +193,10 @@ def feature_identity(features: FeatureSet) -> dict[str, Any]:
     Recorded with a trained discriminator and compared (key by key) with the features it is
     later asked to rank (:func:`~landlens.matching.scoring.check_features`).
     """
-    meta = features.meta or {}
-    ident = meta.get("identity") or {}
-    out: dict[str, Any] = {}
-    fusion = meta.get("fusion")
-    if fusion:
+    fusion = (features.meta or {}).get("fusion")
+    out = features_identity(features.meta, int(features.features.shape[1]))
+    if fusion:  # discriminators record the fusion in full, fit rows included, as they always have
         out["fusion"] = fusion
-    for key in ("backbone", "weights_digest", "preprocessing"):
-        if ident.get(key) is not None:
-            out[key] = ident[key]
-    out["dim"] = int(features.features.shape[1])
     out["shape"] = list(feature_shape(features))
     return out
 

@@ -1,0 +1,194 @@
+"""Train and evaluate image-text alignments on a captions file (what ``landlens retrieval align``,
+``landlens retrieval evaluate-text`` and ``benchmarks/text_search.py`` run).
+
+:func:`image_features` gives the locked image tower's features of a labelled folder (one
+backbone, or several fused by concatenating their L2-normalised features) from the shared
+feature cache; :func:`encode_cached` the text tower's vectors of sentences, cached beside them.
+:func:`train_alignment` fits the heads on the captions of the train split (plus, optionally, the
+class-name prompts of the folder's labels); :func:`evaluate_text` scores text-to-image and
+image-to-text R@1/5/10 on a split, and :func:`evaluate_zero_shot` the accuracy of zero-shot
+labels on a labelled folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from landlens.data.captions import CaptionedImage, CaptionsError, match_captions, read_captions
+from landlens.errors import LandlensError
+from landlens.retrieval.alignment import Alignment, recall_at_k
+from landlens.retrieval.textspace import DEFAULT_TEMPLATES, TextSpace, class_prompts, zero_shot
+
+
+def image_features(data: str | os.PathLike[str], backbones: Sequence[str] | str, weights: str = "auto", *,
+                   dataset: str | None = None, cache_dir: str | os.PathLike[str] | None = None,
+                   progress: bool = False) -> Any:
+    """The folder's features under one backbone or the concatenation of several (each block
+    L2-normalised, no PCA: an alignment can rebuild it for new images), via the feature cache."""
+    from landlens.features.cache import DEFAULT_CACHE_DIR, extract
+    from landlens.features.fusion import fuse
+
+    names = [backbones] if isinstance(backbones, str) else list(backbones)
+    if not names:
+        raise LandlensError("name at least one image backbone")
+    sets = [extract(data, b, weights, dataset=dataset, cache_dir=cache_dir or DEFAULT_CACHE_DIR, progress=progress)
+            for b in names]
+    fs = fuse(sets) if len(sets) > 1 else sets[0]
+    return fs.only_valid()
+
+
+def image_tower_identity(fs: Any) -> dict[str, Any]:
+    """What an alignment records of its image tower: the features' identity (compared with the
+    features it is later given) and, under ``extractors``, the weights to rebuild each backbone."""
+    from landlens.features.store import features_identity
+
+    ident = features_identity(fs.meta, int(np.asarray(fs.features).shape[1]))
+    if (fs.meta or {}).get("fusion", {}).get("pca_dim"):
+        raise LandlensError("an alignment needs image features it can rebuild: fuse without PCA")
+    fusion = (fs.meta or {}).get("fusion")
+    sources = fusion["sources"] if fusion else [{"backbone": ident.get("backbone")}]
+    weights = (fs.meta or {}).get("backbone", {}).get("weights", {})
+    ident["extractors"] = [{"backbone": s.get("backbone"), "weights": weights if not fusion else None}
+                           for s in sources]
+    return ident
+
+
+def encode_cached(tower: Any, sentences: Sequence[str], cache_dir: str | os.PathLike[str] | None = None) -> np.ndarray:
+    """The text tower's vectors of ``sentences``, cached under ``CACHE/text/<tower>-<digest>.npy``."""
+    from landlens.atomic import atomic_path
+    from landlens.features.cache import DEFAULT_CACHE_DIR
+
+    h = hashlib.sha256(tower.info.digest.encode())
+    for s in sentences:
+        h.update(s.encode() + b"\n")
+    path = Path(cache_dir or DEFAULT_CACHE_DIR) / "text" / f"{tower.info.name}-{h.hexdigest()[:16]}.npy"
+    if path.is_file():
+        try:
+            out = np.load(path)
+            if out.shape == (len(sentences), tower.dim):
+                return out
+        except (OSError, ValueError):
+            pass
+    out = tower.encode(list(sentences))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, out)
+    return out
+
+
+@dataclass
+class CaptionPart:
+    """The captioned images of one split: their feature rows, sentences and each sentence's image."""
+
+    rows: np.ndarray  # (images,) rows of the feature set
+    sentences: list[str]
+    owner: np.ndarray  # (sentences,) index into rows
+
+    def relevant_images(self) -> list[set[int]]:
+        return [{int(o)} for o in self.owner]
+
+    def relevant_sentences(self) -> list[set[int]]:
+        return [set(np.flatnonzero(self.owner == i).tolist()) for i in range(len(self.rows))]
+
+
+def caption_parts(captions: str | os.PathLike[str], fs: Any,
+                  items: Sequence[CaptionedImage] | None = None) -> dict[str, CaptionPart]:
+    """The captions file's splits matched to the rows of ``fs`` (paths relative to its root)."""
+    items = list(items) if items is not None else read_captions(captions)
+    rows = match_captions(captions, items, fs.meta["dataset"]["root"], fs.paths)
+    out = {}
+    for split in ("train", "val", "test"):
+        sel = [(r, it) for r, it in zip(rows, items) if it.split == split]
+        if sel:
+            out[split] = CaptionPart(np.array([r for r, _ in sel]), [s for _, it in sel for s in it.sentences],
+                                     np.array([i for i, (_, it) in enumerate(sel) for _ in it.sentences]))
+    if "train" not in out:
+        raise CaptionsError(f"{captions}: no image in the train split")
+    return out
+
+
+def train_alignment(fs: Any, tower: Any, captions: str | os.PathLike[str], *, head: str = "linear", dim: int = 256,
+                    temperature: float = 0.1, epochs: int = 20, batch_size: int = 256, lr: float = 1e-3,
+                    class_weight: float = 0.0, templates: Sequence[str] = DEFAULT_TEMPLATES, seed: int = 0,
+                    cache_dir: str | os.PathLike[str] | None = None) -> Alignment:
+    """Heads trained on the captions of the train split of ``captions`` over the image features
+    ``fs`` (:func:`image_features`) and the text tower ``tower``. With ``class_weight > 0`` the
+    class names of ``fs`` (train-split images' labels only) add the prompts-as-classifier term
+    (:meth:`Alignment.fit`)."""
+    parts = caption_parts(captions, fs)
+    tr = parts["train"]
+    feats = np.asarray(fs.features, np.float32)
+    text = encode_cached(tower, tr.sentences, cache_dir)
+    model = Alignment(feats.shape[1], tower.dim, dim, head=head, temperature=temperature,
+                      image_tower=image_tower_identity(fs), text_tower=tower.info.to_dict())
+    labels = class_texts = None
+    if class_weight > 0:
+        labels = np.asarray(fs.labels)[tr.rows]
+        vocab = getattr(getattr(tower, "tokenizer", None), "get_vocab", None)
+        prompts = class_prompts(fs.classes, templates, frozenset(vocab()) if vocab else None)
+        flat = encode_cached(tower, [p for ps in prompts for p in ps], cache_dir)
+        class_texts = flat.reshape(len(fs.classes), len(templates), -1)
+    losses = model.fit(feats[tr.rows], text, tr.owner, labels=labels, class_texts=class_texts,
+                       class_weight=class_weight, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    model.trained = {"captions": str(Path(captions).resolve()), "images": int(len(tr.rows)),
+                     "sentences": len(tr.sentences), "head": head, "dim": dim, "temperature": temperature,
+                     "epochs": epochs, "lr": lr, "class_weight": class_weight,
+                     "classes": list(fs.classes) if class_weight > 0 else [],
+                     "templates": list(templates) if class_weight > 0 else [], "seed": seed,
+                     "final_loss": losses[-1] if losses else None}
+    return model
+
+
+def evaluate_text(space: TextSpace, fs: Any, captions: str | os.PathLike[str], split: str = "test",
+                  ks: Sequence[int] = (1, 5, 10), cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Text-to-image and image-to-text R@k (and their mean) on one split of a captions file, and
+    the text-to-image R@1 ceiling of that split (identical sentences are one query with one
+    ranking: at most the captions of the image ranked first can be right)."""
+    space.alignment.check_images(image_tower_identity(fs))
+    parts = caption_parts(captions, fs)
+    if split not in parts:
+        raise CaptionsError(f"{captions}: no image in the {split!r} split")
+    part = parts[split]
+    zi = space.images(np.asarray(fs.features, np.float32)[part.rows])
+    zt = space.alignment.texts(encode_cached(space.tower, part.sentences, cache_dir))
+    sim = zt @ zi.T
+    t2i = recall_at_k(sim, part.relevant_images(), ks)
+    i2t = recall_at_k(sim.T, part.relevant_sentences(), ks)
+    counts: dict[str, dict[int, int]] = {}
+    for s, o in zip(part.sentences, part.owner):
+        counts.setdefault(s, {}).setdefault(int(o), 0)
+        counts[s][int(o)] += 1
+    ceiling = sum(max(c.values()) for c in counts.values()) / len(part.sentences)
+    return {"split": split, "images": int(len(part.rows)), "sentences": len(part.sentences),
+            "text_to_image": t2i, "image_to_text": i2t, "mean_recall": float(np.mean([*t2i.values(), *i2t.values()])),
+            "t2i_R1_ceiling": float(ceiling)}
+
+
+def evaluate_zero_shot(space: TextSpace, fs: Any, classes: Sequence[str] | None = None,
+                       templates: Sequence[str] = DEFAULT_TEMPLATES, rows: Sequence[int] | None = None) -> dict[str, Any]:
+    """Zero-shot accuracy on labelled features ``fs`` (``rows``: a subset): every image labelled
+    with the most probable of ``classes`` (default: the folder's class names), prompts from
+    ``templates``."""
+    space.alignment.check_images(image_tower_identity(fs))
+    names = list(classes) if classes is not None else list(fs.classes)
+    if len(names) != len(fs.classes):
+        raise LandlensError(f"{len(names)} class names for the folder's {len(fs.classes)} classes")
+    sel = np.arange(len(fs.paths)) if rows is None else np.asarray(rows, dtype=np.int64)
+    probs = zero_shot(space, np.asarray(fs.features, np.float32)[sel], names, templates)
+    pred = probs.argmax(1)
+    truth = np.asarray(fs.labels)[sel]
+    per_class = {fs.classes[c]: float((pred[truth == c] == c).mean()) for c in range(len(fs.classes)) if (truth == c).any()}
+    return {"images": int(len(sel)), "accuracy": float((pred == truth).mean()), "per_class": per_class,
+            "class_names": names, "templates": list(templates),
+            "confusion": np.bincount(truth * len(names) + pred, minlength=len(names) ** 2).reshape(len(names), -1).tolist()}
+
+
+__all__ = ["CaptionPart", "caption_parts", "encode_cached", "evaluate_text", "evaluate_zero_shot", "image_features",
+           "image_tower_identity", "train_alignment"]
