@@ -1,4 +1,4 @@
-"""``landlens index build | add | remove | info | list``: persistent, updatable search archives.
+"""``landlens index build | add | remove | text | info | list``: persistent, updatable search archives.
 
 A thin layer over :class:`landlens.retrieval.archive.Archive`; the archive folder is what
 ``landlens serve`` serves. Every update is atomic: an interrupted ``add`` or ``remove`` leaves
@@ -95,6 +95,24 @@ def remove_cmd(archive: Path, ids: tuple[int, ...], as_json: bool) -> None:
     click.echo(f"{archive}: removed {n} image(s); {len(arch)} images, generation {arch.generation}")
 
 
+@index_group.command("text", cls=OneLineErrorCommand)
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("alignment", required=False, type=click.Path(path_type=Path))
+@click.option("--detach", is_flag=True, help="remove the attached alignment (text queries are then refused)")
+@click.option("--json", "as_json", is_flag=True, help="print the archive summary as JSON")
+def text_cmd(archive: Path, alignment: Path | None, detach: bool, as_json: bool) -> None:
+    """Let ARCHIVE answer text queries with ALIGNMENT (`landlens retrieval align`, trained on the
+    archive's backbone): its image vectors are projected once and kept with every update."""
+    from landlens.errors import LandlensError
+    from landlens.retrieval.archive import Archive
+
+    if (alignment is None) == (not detach):
+        raise LandlensError("give an ALIGNMENT file to attach, or --detach")
+    arch = Archive.open(archive)
+    arch.enable_text(None if detach else alignment)
+    _summary(arch, as_json)
+
+
 @index_group.command("info", cls=OneLineErrorCommand)
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
@@ -141,6 +159,10 @@ def _summary(arch, as_json: bool) -> None:
                f"{(info['weights'] or {}).get('ref')}), {idx['dim']}-d")
     click.echo(f"  index: {idx['factory']} ({idx['kind']}), {idx['metric']}, {idx['bytes'] / 1e6:.1f} MB; "
                f"generation on disk {info['generation_bytes'] / 1e6:.1f} MB")
+    text = info.get("text")
+    if text:
+        click.echo(f"  words: {text['text_tower']} aligned to {text['image_tower']} ({text['head']} heads, "
+                   f"{text['dim']}-d shared space)")
     click.echo(f"  data: {info['data_root']}; updated {info['updated']}")
 
 

@@ -34,10 +34,13 @@ def _register() -> None:
     from landlens.cli.search import index_cmd, search_cmd
     from landlens.cli.serve import serve_cmd
     from landlens.cli.split import split
+    from landlens.cli.text import align_cmd, evaluate_text_cmd
     from landlens.cli.train import train
 
     data.add_command(split)
     retrieval.add_command(index_cmd)
+    retrieval.add_command(align_cmd)
+    retrieval.add_command(evaluate_text_cmd)
     for group in (data, models, features, retrieval, search_cmd, train, predict_cmd, export_cmd, matching,
                   quickstart, index_group, serve_cmd):
         cli.add_command(group)

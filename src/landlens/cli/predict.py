@@ -47,9 +47,19 @@ def _csv_rows(pred) -> list[list[str]]:
 @click.option("--batch-size", default=32, show_default=True, help="images per forward pass")
 @click.option("--num-workers", default=0, show_default=True, help="image decoding worker processes")
 @click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, cuda:1...)")
+@click.option("--zero-shot", "zero_shot", is_flag=True,
+              help="RUN is an image-text alignment (`landlens retrieval align`): label with --classes, "
+                   "classes nobody trained on")
+@click.option("--classes", "classes", default=None, help="--zero-shot: comma-separated class names")
+@click.option("--classes-file", type=click.Path(path_type=Path), default=None,
+              help="--zero-shot: class names, one per line")
+@click.option("--templates", "templates_file", type=click.Path(path_type=Path), default=None,
+              help="--zero-shot: prompt templates, one per line with {} [default: the built-in ensemble]")
 def predict_cmd(run_dir: Path, inputs: tuple[Path, ...], top_k: int | None, as_json: bool, as_csv: bool,
-                out: Path | None, batch_size: int, num_workers: int, device: str) -> None:
-    """Predict the scene class of each image with the trained classifier in RUN.
+                out: Path | None, batch_size: int, num_workers: int, device: str, zero_shot: bool,
+                classes: str | None, classes_file: Path | None, templates_file: Path | None) -> None:
+    """Predict the scene class of each image with the trained classifier in RUN, or, with
+    --zero-shot, with any class names through the image-text alignment file RUN.
 
     IMAGE_OR_FOLDER: image files, or folders scanned recursively for image files (natural
     order). Prints one line per image, `path  label1 0.973  label2 0.011 ...`, the top-k
@@ -62,7 +72,12 @@ def predict_cmd(run_dir: Path, inputs: tuple[Path, ...], top_k: int | None, as_j
 
     if as_json and as_csv:
         raise ConfigError("give --json or --csv, not both")
-    predictor = Predictor(run_dir, device=device, batch_size=batch_size, num_workers=num_workers)
+    if zero_shot:
+        predictor = _zero_shot_predictor(run_dir, classes, classes_file, templates_file, batch_size)
+    elif classes or classes_file or templates_file:
+        raise ConfigError("--classes, --classes-file and --templates go with --zero-shot")
+    else:
+        predictor = Predictor(run_dir, device=device, batch_size=batch_size, num_workers=num_workers)
     if top_k is None:
         top_k = min(DEFAULT_TOP_K, len(predictor.classes))
     predictor.check_top_k(top_k)
@@ -100,6 +115,24 @@ def predict_cmd(run_dir: Path, inputs: tuple[Path, ...], top_k: int | None, as_j
     if failed:
         click.echo(f"landlens: {failed} of {len(files)} image(s) could not be read", err=True)
         click.get_current_context().exit(1)
+
+
+def _zero_shot_predictor(alignment: Path, classes: str | None, classes_file: Path | None, templates_file: Path | None,
+                         batch_size: int):
+    from landlens.retrieval.textspace import read_templates
+    from landlens.training.predict import ZeroShotPredictor
+
+    if (classes is None) == (classes_file is None):
+        raise ConfigError("--zero-shot needs the class names: --classes a,b,c or --classes-file FILE (one of them)")
+    if classes_file is not None:
+        try:
+            names = [s.strip() for s in classes_file.read_text(encoding="utf-8").splitlines() if s.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read --classes-file {classes_file}: {exc}") from None
+    else:
+        names = [s.strip() for s in (classes or "").split(",")]
+    templates = read_templates(templates_file) if templates_file is not None else None
+    return ZeroShotPredictor(alignment, names, templates=templates, batch_size=batch_size)
 
 
 class _EchoFile:

@@ -73,7 +73,12 @@ def open_archive(path: Path) -> Any:
 
 @click.command("search", cls=OneLineErrorCommand)
 @click.argument("archive_dir", metavar="ARCHIVE", type=click.Path(path_type=Path))
-@click.argument("queries", metavar="QUERY...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("queries", metavar="[QUERY]...", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--text", "-t", "text", default=None, metavar="SENTENCE",
+              help="search by words (the archive needs an alignment: `landlens index text`); with QUERY "
+                   "images, each image combined with the sentence ('this image, but with water')")
+@click.option("--image-weight", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="--text with QUERY images: the image's share of the combined query")
 @click.option("--k", "-k", default=10, show_default=True, help="hits per query")
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
 @click.option("--gallery", type=click.Path(path_type=Path), default=None,
@@ -103,8 +108,9 @@ def search_cmd(archive_dir: Path, queries: tuple[Path, ...], k: int, as_json: bo
                class_name: str | None, query_class: tuple[str, ...], weights: str | None, nprobe: int | None,
                ef_search: int | None, matcher: Path | None, shortlist: int, relevant: tuple[int, ...],
                irrelevant: tuple[int, ...], rocchio_weights: tuple[float, float, float], rerank: str | None,
-               max_pixels: int) -> None:
-    """Find the K images of ARCHIVE (`landlens index build`) most similar to each QUERY image.
+               max_pixels: int, text: str | None, image_weight: float) -> None:
+    """Find the K images of ARCHIVE (`landlens index build`) most similar to each QUERY image,
+    or to a sentence (--text "harbor with many boats"), or to each QUERY image with a sentence.
 
     The backbone the archive was built with is rebuilt from its recorded weights (and checked
     against the recorded weights digest and preprocessing); every query is decoded before any
@@ -118,11 +124,19 @@ def search_cmd(archive_dir: Path, queries: tuple[Path, ...], k: int, as_json: bo
 
     --rerank SPEC re-ranks the whole archive without labels (alpha query expansion, diffusion,
     k-reciprocal; see `landlens retrieval evaluate --help`); it combines with relevance feedback.
+
+    --text ranks the archive by cosine in the space of the alignment attached with `landlens
+    index text` (one text encoding and one scan of the projected vectors per query); relevance
+    feedback refines it in that space; --rerank and --matcher do not apply to it.
     """
     from landlens.retrieval.archive import ArchiveError
     from landlens.retrieval.rerank import make_reranker
     from landlens.retrieval.search import search_files
 
+    if not queries and text is None:
+        raise ArchiveError("give QUERY images, --text SENTENCE, or both")
+    if text is not None and (rerank is not None or matcher is not None):
+        raise ArchiveError("--rerank and --matcher re-rank image queries; they do not apply to --text")
     arch = open_archive(archive_dir)
     arch.set_search_params(nprobe=nprobe, ef_search=ef_search)
     if query_class and len(query_class) not in (1, len(queries)):
@@ -140,9 +154,16 @@ def search_cmd(archive_dir: Path, queries: tuple[Path, ...], k: int, as_json: bo
     if weights is not None:
         arch.use_weights(weights)
     relevant_ids, irrelevant_ids = list(dict.fromkeys(relevant)), list(dict.fromkeys(irrelevant))
-    results = search_files(arch, [str(q) for q in queries], k, query_classes=classes, class_name=class_name,
-                           rerank=rerank, matcher=matcher, shortlist=shortlist, relevant=relevant_ids,
-                           irrelevant=irrelevant_ids, weights=rocchio_weights, max_pixels=max_pixels)
+    if text is not None:
+        from landlens.retrieval.textsearch import search_text_files
+
+        results = search_text_files(arch, text, [str(q) for q in queries], k, image_weight=image_weight,
+                                    class_name=class_name, relevant=relevant_ids, irrelevant=irrelevant_ids,
+                                    weights=rocchio_weights, max_pixels=max_pixels)
+    else:
+        results = search_files(arch, [str(q) for q in queries], k, query_classes=classes, class_name=class_name,
+                               rerank=rerank, matcher=matcher, shortlist=shortlist, relevant=relevant_ids,
+                               irrelevant=irrelevant_ids, weights=rocchio_weights, max_pixels=max_pixels)
     feedback_doc = None
     if relevant_ids or irrelevant_ids:
         a, b, c = rocchio_weights
@@ -153,14 +174,20 @@ def search_cmd(archive_dir: Path, queries: tuple[Path, ...], k: int, as_json: bo
 
         write_gallery(results, gallery)
     if as_json:
-        echo_json({"archive": str(archive_dir), "k": k, "metric": arch.metric, "factory": arch.factory,
+        echo_json({"archive": str(archive_dir), "k": k, "metric": "cosine (words)" if text else arch.metric,
+                   "factory": arch.factory, **({"text": text, "image_weight": image_weight} if text else {}),
                    "rerank": rerank, "matcher": str(matcher) if matcher is not None else None,
                    "gallery": str(gallery) if gallery is not None else None,
                    **({"feedback": feedback_doc} if feedback_doc is not None else {}),
                    "results": [r.to_dict() for r in results]})
         return
     for res in results:
-        click.echo(f"query {res.query} (class: {res.query_class or 'unknown'})")
+        if text is not None and not queries:
+            click.echo(f"query: {text!r}")
+        elif text is not None:
+            click.echo(f"query {res.query} + {text!r} (image weight {image_weight:g})")
+        else:
+            click.echo(f"query {res.query} (class: {res.query_class or 'unknown'})")
         if feedback_doc is not None:
             w = feedback_doc["weights"]
             click.echo(f"refined by Rocchio (a={w['a']:g}, b={w['b']:g}, c={w['c']:g}) with "

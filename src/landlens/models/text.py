@@ -165,8 +165,10 @@ def _folder_digest(folder: Path) -> str:
 def _load_folder(folder: Path, name: str, source: str, ref: str, digest: str) -> TextTower:
     try:
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
     except ImportError:
         raise WeightsError("text towers need the transformers package: pip install 'landlens[text]'") from None
+    hf_logging.disable_progress_bar()  # a 'Loading weights' bar per load would bury landlens's own output
     if not (folder / "config.json").is_file():
         raise WeightsError(f"{folder}: no config.json; not a Hugging Face model folder")
     try:

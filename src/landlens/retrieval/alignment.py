@@ -103,7 +103,7 @@ class Alignment(nn.Module):
             raise AlignmentMismatchError(f"{what} of shape {a.shape} do not fit this alignment, which takes "
                                          f"(n, {d_in}) {what}")
         with torch.inference_mode():
-            t = nn.functional.normalize(torch.as_tensor(a), dim=1)  # the towers' vectors, unit length
+            t = nn.functional.normalize(torch.from_numpy(np.array(a)), dim=1)  # the towers' vectors, unit length
             return nn.functional.normalize(head(t), dim=1).numpy()
 
     def images(self, x: Any) -> np.ndarray:

@@ -6,7 +6,8 @@ An :class:`Archive` is a folder (layout and crash guarantees in
 stable ids. It is built from a folder of class sub-folders (:meth:`Archive.build`) or a feature
 store (:meth:`Archive.from_store`), searched by image, vector or id (:meth:`Archive.search`),
 optionally re-ranked without labels or by a learned matching discriminator, refined by
-relevance feedback, and updated in place (:meth:`Archive.add`, :meth:`Archive.remove`).
+relevance feedback, searched by words once an image-text alignment is attached
+(:mod:`landlens.retrieval.textsearch`), and updated in place (:meth:`Archive.add`, :meth:`Archive.remove`).
 ``landlens index``, ``landlens search`` and ``landlens serve`` are thin shells over it.
 
 Image ids are stable integers that are never reused; FAISS rows are positions in
@@ -33,6 +34,7 @@ from landlens.atomic import atomic_path
 from landlens.data.io import file_problem
 from landlens.errors import ImageReadError
 from landlens.retrieval.search import ArchiveHit, ArchiveSearch
+from landlens.retrieval.textsearch import ArchiveTextSearch
 from landlens.retrieval.generations import (
     CURRENT, FEATURES, GEN_PREFIX, LOCK, UPLOAD_SUFFIXES, UPLOADS, ArchiveError, Generation, ImageRecord, UnknownImageError,
     collect_garbage, describe_file, file_lock, generation_name, is_archive, load_current, load_generation,
@@ -52,7 +54,7 @@ def _check_out(outp: Path, overwrite: bool) -> None:
                            f"or `landlens index add` to add images")
 
 
-class Archive(ArchiveSearch):
+class Archive(ArchiveSearch, ArchiveTextSearch):
     """An on-disk archive of indexed images that can be searched and updated (module docstring).
 
     Open one with :meth:`open` or create one with :meth:`build`. Searches and record lookups
@@ -69,6 +71,7 @@ class Archive(ArchiveSearch):
         self._backbone: Any = None
         self._fast: Any = None  # a prepared forward pass of the backbone (:meth:`optimize`)
         self._init_search()
+        self._init_text()
 
     # ------------------------------------------------------------------ creating and opening
     @classmethod
@@ -263,6 +266,7 @@ class Archive(ArchiveSearch):
             "updated": state.meta.get("updated", state.meta.get("created")),
             "generation_bytes": disk,
             "uploads": sum(1 for p in uploads.iterdir() if p.stem in state.id_of_sha) if uploads.is_dir() else 0,
+            "text": self.text_info(),
         }
 
     # ------------------------------------------------------------------ embedding and searching
@@ -351,9 +355,10 @@ class Archive(ArchiveSearch):
             yield self._state
             collect_garbage(self.directory, self._state)
 
-    def _publish(self, old: Generation, index: Any, vectors: np.ndarray, records: list[ImageRecord], next_id: int) -> None:
+    def _publish(self, old: Generation, index: Any, vectors: np.ndarray, records: list[ImageRecord], next_id: int,
+                 text: Any = None) -> None:
         meta = {**old.meta, "updated": utc_now()}
-        new = Generation(old.generation + 1, index, vectors, records, next_id, meta)
+        new = Generation(old.generation + 1, index, vectors, records, next_id, meta, text)
         write_generation(self.directory, new, old.generation)
         new.vectors = np.load(self.directory / generation_name(new.generation) / "vectors.npy", mmap_mode="r")
         self._state = new
@@ -409,7 +414,8 @@ class Archive(ArchiveSearch):
         new = [ImageRecord(state.next_id + i, str(f.resolve()), f.name, c, w, h, s, n, added)
                for i, (f, c, w, h, s, n) in enumerate(todo)]
         vectors = np.concatenate([np.asarray(state.vectors, dtype=np.float32), x])
-        self._publish(state, index, vectors, [*state.records, *new], state.next_id + len(new))
+        text = state.text.extended(x) if state.text is not None else None
+        self._publish(state, index, vectors, [*state.records, *new], state.next_id + len(new), text)
         return new
 
     def add_upload(self, path: str | os.PathLike[str], class_name: str | None = None, *,
@@ -468,7 +474,8 @@ class Archive(ArchiveSearch):
             index = SearchIndex(**old.get_params(), meta=old.meta)
             index.fit(vectors)
             gone = [r for r in state.records if r.id in want]
-            self._publish(state, index, vectors, [state.records[i] for i in keep], state.next_id)
+            text = state.text.subset(keep) if state.text is not None else None
+            self._publish(state, index, vectors, [state.records[i] for i in keep], state.next_id, text)
         return len(gone)  # the clean-up after the update deleted their uploaded files
 
     def upload_path(self, sha256: str, suffix: str) -> Path:

@@ -1,7 +1,7 @@
 """Search galleries: each query image followed by its top-k hits, as one PNG.
 
-One row per query: the query thumbnail first (framed blue, its class under it when known),
-then the hits in rank order with their rank, distance and class. When the query's class is
+One row per query: the query thumbnail first (framed blue, its class under it when known; for
+a search by words, its sentence, written over the image it was combined with if any), then the hits in rank order with their rank, distance and class. When the query's class is
 known (the query is an image of the indexed archive, or the caller named its class), hits of
 the same class are framed green and the others red; otherwise hits are framed grey. A hit
 whose image cannot be read any more is drawn as a grey tile marked "unreadable".
@@ -79,8 +79,10 @@ def render_gallery(results: Sequence[SearchResult]) -> bytes:
                         bottom=0.16 / len(results), wspace=0.25, hspace=0.55)
     axes = fig.subplots(len(results), k + 1, squeeze=False)
     for row, res in enumerate(results):
+        words = res.text is not None and not Path(res.query).is_file()
         cells: list[tuple[Path | None, str, str, str]] = [
-            (Path(res.query), "query", res.query_class or "class ?", QUERY_COLOUR)
+            (None if words else Path(res.query), "query" if res.text is None else "query + words" if not words else "words",
+             res.query_class or ("" if words else "class ?"), QUERY_COLOUR)
         ]
         for hit, rel in zip(res.hits, res.relevant()):
             colour = UNKNOWN_COLOUR if rel is None else (HIT_COLOUR if rel else MISS_COLOUR)
@@ -95,7 +97,14 @@ def render_gallery(results: Sequence[SearchResult]) -> bytes:
                 continue
             path, title, label, colour = cells[col]
             thumb = _thumbnail(path)
-            if thumb is None:
+            if col == 0 and res.text is not None:  # the sentence, over the image it was combined with
+                import textwrap
+
+                ax.imshow(thumb if thumb is not None else np.full((THUMB_PX, THUMB_PX, 3), 245, np.uint8),
+                          alpha=0.35 if thumb is not None else 1.0)
+                ax.text(THUMB_PX / 2, THUMB_PX / 2, "\n".join(textwrap.wrap(_short(res.text, 90), 18)),
+                        ha="center", va="center", fontsize=8)
+            elif thumb is None:
                 ax.imshow(np.full((THUMB_PX, THUMB_PX, 3), 200, np.uint8))
                 ax.text(THUMB_PX / 2, THUMB_PX / 2, "unreadable", ha="center", va="center", fontsize=8)
             else:

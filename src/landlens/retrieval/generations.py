@@ -11,6 +11,8 @@ stands on::
         vectors.npy        (n, dim) float32 features, row i = FAISS row i
         catalog.sqlite     one row per image: id, row, path, class, width, height, sha256, bytes, added
         generation.json    generation number, image count, next id, parent generation
+        text/              (optional) the image-text alignment and the vectors projected by it
+                           (:class:`~landlens.retrieval.textspace.TextIndex`): search by words
       features/            (archives built before 0.2: their feature store; now in the shared cache)
       uploads/             images added through the service, named by their sha256
       .lock                serialises writers across processes (``fcntl.flock``)
@@ -141,6 +143,7 @@ class Generation:
     records: list[ImageRecord]  # in row order
     next_id: int
     meta: dict[str, Any]
+    text: Any = None  # TextIndex (search by words), or None
 
     def __post_init__(self) -> None:
         self.row_of = {r.id: i for i, r in enumerate(self.records)}
@@ -280,7 +283,23 @@ def load_generation(directory: Path, name: str) -> Generation:
                            f"{vectors.shape[0]} vectors, {index.ntotal} indexed); rebuild it")
     if [int(row[1]) for row in rows] != list(range(len(rows))):
         raise ArchiveError(f"archive {directory}: generation {name} has gaps in its catalog rows; rebuild it")
-    return Generation(int(doc["generation"]), index, vectors, records, int(doc["next_id"]), dict(doc.get("meta") or {}))
+    return Generation(int(doc["generation"]), index, vectors, records, int(doc["next_id"]), dict(doc.get("meta") or {}),
+                      _load_text(directory, gen, len(records)))
+
+
+def _load_text(directory: Path, gen: Path, n: int) -> Any:
+    from landlens.retrieval.textspace import TEXT_DIR, TextIndex
+
+    if not (gen / TEXT_DIR).is_dir():
+        return None
+    try:
+        text = TextIndex.load(gen / TEXT_DIR)
+    except (LandlensError, OSError, ValueError) as exc:
+        raise ArchiveError(f"archive {directory}: cannot read {gen.name}/{TEXT_DIR}: {first_line(exc)}") from None
+    if text.vectors.shape[0] != n:
+        raise ArchiveError(f"archive {directory}: generation {gen.name} has {text.vectors.shape[0]} text vectors "
+                           f"for {n} images; rebuild it")
+    return text
 
 
 def write_generation(directory: Path, state: Generation, parent: int | None) -> None:
@@ -304,6 +323,10 @@ def write_generation(directory: Path, state: Generation, parent: int | None) -> 
             con.close()
         doc = {"format": FORMAT_VERSION, "generation": state.generation, "parent": parent,
                "images": len(state.records), "next_id": state.next_id, "written": utc_now(), "meta": state.meta}
+        if state.text is not None:
+            from landlens.retrieval.textspace import TEXT_DIR
+
+            state.text.save(tmp / TEXT_DIR)
         (tmp / "generation.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
         fsync_tree(tmp)
         final = directory / name

@@ -314,13 +314,15 @@ class SearchResult:
 
     ``query_class`` is the query's class when known (the query is an image of the archive, or
     the caller named it); a hit is relevant when its class equals it. ``query_id`` is the id of
-    the archive image with the same content, if any.
+    the archive image with the same content, if any. ``text`` is the sentence of a search by
+    words (``query`` is then the image it was combined with, or the sentence itself).
     """
 
     query: str
     query_class: str | None
     hits: list[ArchiveHit] = field(default_factory=list)
     query_id: int | None = None
+    text: str | None = None
 
     def relevant(self) -> list[bool | None]:
         """Per hit: same class as the query (``None`` when the query's class is unknown)."""
@@ -330,6 +332,7 @@ class SearchResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"query": self.query, "query_class": self.query_class, "query_id": self.query_id,
+                **({"text": self.text} if self.text is not None else {}),
                 "hits": [{**h.to_dict(), "path": h.record.path, "relevant": r}
                          for h, r in zip(self.hits, self.relevant())]}
 

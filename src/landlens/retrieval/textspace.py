@@ -154,12 +154,16 @@ def open_text_space(alignment: str | os.PathLike[str] | Alignment, text_weights:
 
 def zero_shot(space: TextSpace, features: Any, classes: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
               ) -> np.ndarray:
-    """``(n, classes)`` probabilities of image features under the classes' prompt vectors
-    (a softmax of the learned logit scale times the cosine)."""
+    """``(n, classes)`` probabilities of image-tower features under the classes' prompt vectors."""
+    return class_probabilities(space, space.images(features), space.class_vectors(classes, templates))
+
+
+def class_probabilities(space: TextSpace, vectors: np.ndarray, class_vectors: np.ndarray) -> np.ndarray:
+    """``(n, classes)`` softmax of the learned logit scale times the cosine of shared-space
+    image ``vectors`` with ``class_vectors`` (:meth:`TextSpace.class_vectors`)."""
     import torch
 
-    img = space.images(features)
-    logits = float(space.alignment.logit_scale.exp()) * img @ space.class_vectors(classes, templates).T
+    logits = float(space.alignment.logit_scale.detach().exp()) * np.asarray(vectors, np.float32) @ class_vectors.T
     return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
 
 
@@ -197,5 +201,5 @@ class TextIndex:
         return np.asarray(q, np.float32) @ np.asarray(self.vectors).T
 
 
-__all__ = ["ALIGNMENT_FILE", "DEFAULT_TEMPLATES", "TEXT_DIR", "TextIndex", "TextSpace", "class_prompts",
+__all__ = ["ALIGNMENT_FILE", "DEFAULT_TEMPLATES", "TEXT_DIR", "TextIndex", "TextSpace", "class_probabilities", "class_prompts",
            "open_text_space", "read_templates", "readable_class_name", "zero_shot"]

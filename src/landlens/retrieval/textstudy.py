@@ -27,21 +27,30 @@ from landlens.retrieval.alignment import Alignment, recall_at_k
 from landlens.retrieval.textspace import DEFAULT_TEMPLATES, TextSpace, class_prompts, zero_shot
 
 
-def image_features(data: str | os.PathLike[str], backbones: Sequence[str] | str, weights: str = "auto", *,
-                   dataset: str | None = None, cache_dir: str | os.PathLike[str] | None = None,
-                   progress: bool = False) -> Any:
-    """The folder's features under one backbone or the concatenation of several (each block
-    L2-normalised, no PCA: an alignment can rebuild it for new images), via the feature cache."""
+def image_features(data: str | os.PathLike[str] | Sequence[str], backbones: Sequence[str] | str,
+                   weights: Sequence[str] | str = "auto", *, dataset: str | None = None,
+                   cache_dir: str | os.PathLike[str] | None = None, progress: bool = False) -> Any:
+    """The features of a folder (or a list of image files) under one backbone or the
+    concatenation of several (each block L2-normalised, no PCA, so an alignment can rebuild it
+    for new images), via the feature cache. ``weights``: one for all backbones or one each."""
     from landlens.features.cache import DEFAULT_CACHE_DIR, extract
     from landlens.features.fusion import fuse
 
     names = [backbones] if isinstance(backbones, str) else list(backbones)
+    ws = [weights] * len(names) if isinstance(weights, str) else list(weights)
     if not names:
         raise LandlensError("name at least one image backbone")
-    sets = [extract(data, b, weights, dataset=dataset, cache_dir=cache_dir or DEFAULT_CACHE_DIR, progress=progress)
-            for b in names]
+    if len(ws) == 1 and len(names) > 1:
+        ws = ws * len(names)
+    if len(ws) != len(names):
+        raise LandlensError(f"{len(ws)} weights for {len(names)} backbones: give one for all or one each")
+    src = data if isinstance(data, (str, os.PathLike)) else [str(p) for p in data]
+    sets = [extract(src, b, w, dataset=dataset, cache_dir=cache_dir or DEFAULT_CACHE_DIR, progress=progress)
+            for b, w in zip(names, ws)]
     fs = fuse(sets) if len(sets) > 1 else sets[0]
-    return fs.only_valid()
+    fs = fs.only_valid()
+    fs.meta = {**fs.meta, "extractors": [{"backbone": b, "weights": w} for b, w in zip(names, ws)]}
+    return fs
 
 
 def image_tower_identity(fs: Any) -> dict[str, Any]:
@@ -52,11 +61,8 @@ def image_tower_identity(fs: Any) -> dict[str, Any]:
     ident = features_identity(fs.meta, int(np.asarray(fs.features).shape[1]))
     if (fs.meta or {}).get("fusion", {}).get("pca_dim"):
         raise LandlensError("an alignment needs image features it can rebuild: fuse without PCA")
-    fusion = (fs.meta or {}).get("fusion")
-    sources = fusion["sources"] if fusion else [{"backbone": ident.get("backbone")}]
-    weights = (fs.meta or {}).get("backbone", {}).get("weights", {})
-    ident["extractors"] = [{"backbone": s.get("backbone"), "weights": weights if not fusion else None}
-                           for s in sources]
+    if (fs.meta or {}).get("extractors"):
+        ident["extractors"] = fs.meta["extractors"]
     return ident
 
 
@@ -190,5 +196,94 @@ def evaluate_zero_shot(space: TextSpace, fs: Any, classes: Sequence[str] | None 
             "confusion": np.bincount(truth * len(names) + pred, minlength=len(names) ** 2).reshape(len(names), -1).tolist()}
 
 
-__all__ = ["CaptionPart", "caption_parts", "encode_cached", "evaluate_text", "evaluate_zero_shot", "image_features",
+def align(data: str | os.PathLike[str], captions: str | os.PathLike[str], out: str | os.PathLike[str], *,
+          backbones: Sequence[str] | str = "tf_efficientnet_lite0", weights: Sequence[str] | str = "auto",
+          text: str = "minilm", text_weights: str = "package", dataset: str | None = None,
+          cache_dir: str | os.PathLike[str] | None = None, progress: bool = False, **settings: Any) -> tuple[Alignment, dict[str, Any]]:
+    """What ``landlens retrieval align`` runs: image features of ``data`` (the folder the
+    captions file describes), the text tower, :func:`train_alignment` with ``settings``, the
+    file written to ``out``, and R@k on the val split when the captions file has one:
+    ``(alignment, report)``."""
+    import time
+
+    from landlens.models.text import create_text_tower
+    from landlens.retrieval.textspace import TextSpace
+
+    t0 = time.perf_counter()
+    fs = image_features(data, backbones, weights, dataset=dataset, cache_dir=cache_dir, progress=progress)
+    tower = create_text_tower(text, text_weights)
+    model = train_alignment(fs, tower, captions, cache_dir=cache_dir, **settings)
+    model.save(out)
+    report: dict[str, Any] = {"alignment": str(out), "image_tower": model.image_tower.get("extractors"),
+                              "text_tower": tower.info.to_dict(), "trained": model.trained}
+    if "val" in caption_parts(captions, fs):
+        report["val"] = evaluate_text(TextSpace(model, tower), fs, captions, "val", cache_dir=cache_dir)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    return model, report
+
+
+def alignment_features(space: TextSpace, data: str | os.PathLike[str] | Sequence[str], *,
+                       dataset: str | None = None, cache_dir: str | os.PathLike[str] | None = None,
+                       progress: bool = False) -> Any:
+    """Features of ``data`` under the image tower an alignment records (its backbones and
+    weights), through the feature cache."""
+    ex = space.alignment.image_tower.get("extractors")
+    if not ex:
+        raise LandlensError("the alignment does not record how to rebuild its image tower; give features instead")
+    return image_features(data, [e["backbone"] for e in ex], [e["weights"] for e in ex], dataset=dataset,
+                          cache_dir=cache_dir, progress=progress)
+
+
+class AlignedImageTower:
+    """The image tower an alignment records, rebuilt to embed new image files: each backbone
+    from its recorded weights, each block L2-normalised and concatenated as
+    :func:`~landlens.features.fusion.fuse` does, checked against the recorded identity."""
+
+    def __init__(self, space: TextSpace) -> None:
+        from landlens.features.fusion import Fusion
+        from landlens.models.registry import create_backbone
+
+        ex = space.alignment.image_tower.get("extractors")
+        if not ex:
+            raise LandlensError("the alignment does not record how to rebuild its image tower")
+        self.space = space
+        self.backbones = [create_backbone(e["backbone"], e["weights"]).eval() for e in ex]
+        dims = sum(b.num_features for b in self.backbones)
+        self.fusion = Fusion().fit([np.zeros((1, b.num_features), np.float32) for b in self.backbones]) \
+            if len(self.backbones) > 1 else None
+        ident: dict[str, Any] = {"dim": dims}
+        if len(self.backbones) == 1:
+            b = self.backbones[0]
+            ident.update(backbone=b.name, weights_digest=b.weights.digest, preprocessing=b.preprocessing.to_dict())
+        else:
+            ident["fusion"] = {**self.fusion.describe(), "sources": [
+                {"backbone": b.name, "weights_digest": b.weights.digest, "num_features": b.num_features}
+                for b in self.backbones]}
+        space.alignment.check_images(ident)
+
+    def embed_files(self, paths: Sequence[str | os.PathLike[str]], *, max_pixels: int | None = None,
+                    ) -> tuple[np.ndarray, dict[int, str]]:
+        """Shared-space vectors of the readable files (in order) and, by position, why the
+        others could not be read."""
+        from landlens.data.io import DEFAULT_MAX_PIXELS
+        from landlens.errors import ImageReadError
+        from landlens.models.preprocessing import decode_image
+        from landlens.retrieval.extractor import embed_images
+
+        limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+        first, ok, errors = [], [], {}
+        for i, p in enumerate(paths):  # a file that one backbone cannot decode, none can
+            try:
+                first.append(decode_image(p, self.backbones[0].preprocessing, max_pixels=limit))
+                ok.append(i)
+            except ImageReadError as exc:
+                errors[i] = str(exc)
+        blocks = [embed_images(self.backbones[0], first)]
+        for b in self.backbones[1:]:
+            blocks.append(embed_images(b, [decode_image(paths[i], b.preprocessing, max_pixels=limit) for i in ok]))
+        x = self.fusion.transform(blocks) if self.fusion is not None else blocks[0]
+        return self.space.images(x) if len(ok) else np.zeros((0, self.space.dim), np.float32), errors
+
+
+__all__ = ["AlignedImageTower", "CaptionPart", "align", "alignment_features", "caption_parts", "encode_cached", "evaluate_text", "evaluate_zero_shot", "image_features",
            "image_tower_identity", "train_alignment"]

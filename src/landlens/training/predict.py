@@ -262,4 +262,54 @@ class Predictor:
         return out
 
 
-__all__ = ["Prediction", "Predictor", "expand_inputs"]
+
+
+class ZeroShotPredictor:
+    """:class:`Predictor`'s interface for zero-shot labels: any class names, scored by an
+    image-text alignment (``landlens retrieval align``) through prompt ensembles
+    (:mod:`landlens.retrieval.textspace`); the alignment's backbones embed the images."""
+
+    def __init__(self, alignment: str | os.PathLike[str], classes: Sequence[str], *,
+                 templates: Sequence[str] | None = None, batch_size: int = 32) -> None:
+        from landlens.retrieval.textspace import DEFAULT_TEMPLATES, open_text_space
+        from landlens.retrieval.textstudy import AlignedImageTower
+
+        names = [c.strip() for c in classes if c and c.strip()]
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise ConfigError("zero-shot labelling needs at least two distinct class names")
+        self.space = open_text_space(alignment)
+        self.tower = AlignedImageTower(self.space)
+        self._classes = names
+        self.templates = tuple(templates or DEFAULT_TEMPLATES)
+        self.class_vectors = self.space.class_vectors(names, self.templates)
+        self.batch_size = int(batch_size)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self._classes)
+
+    def check_top_k(self, top_k: int) -> int:
+        if isinstance(top_k, bool) or not 1 <= int(top_k) <= len(self._classes):
+            raise ConfigError(f"--top-k must be between 1 and {len(self._classes)} (the number of classes), got {top_k}")
+        return int(top_k)
+
+    def iter_predictions(self, paths: Sequence[str | os.PathLike[str]], top_k: int = 5) -> Iterator[Prediction]:
+        """One :class:`Prediction` per path, in order, batch by batch (unreadable files carry an error)."""
+        from landlens.retrieval.textspace import class_probabilities
+
+        k = self.check_top_k(top_k)
+        for s in range(0, len(paths), self.batch_size):
+            batch = [str(p) for p in paths[s:s + self.batch_size]]
+            vecs, errors = self.tower.embed_files(batch)
+            probs = class_probabilities(self.space, vecs, self.class_vectors) if len(vecs) else np.zeros((0, 0))
+            row = 0
+            for i, p in enumerate(batch):
+                if i in errors:
+                    yield Prediction(p, error=errors[i])
+                    continue
+                order = np.argsort(-probs[row], kind="stable")[:k]
+                yield Prediction(p, tuple(self._classes[j] for j in order), tuple(float(probs[row, j]) for j in order))
+                row += 1
+
+
+__all__ = ["Prediction", "Predictor", "ZeroShotPredictor", "expand_inputs"]
