@@ -28,7 +28,8 @@ def test_health_reports_the_loaded_archive(read_client: Any, service_archive: An
     r = read_client.get("/api/health")
     assert r.status_code == 200
     assert r.json() == {"status": "ok", "images": len(service_archive), "backbone": "lbp_rgb",
-                        "classifier": True, "generation": service_archive.generation, "writable": False, "rerank": None, "forward": "jit"}
+                        "classifier": True, "generation": service_archive.generation, "writable": False, "rerank": None, "forward": "jit",
+                        "text": False}
 
 
 def test_classes_match_the_fixture(read_client: Any, service_setup: dict[str, Any], classifier_run: Path) -> None:

@@ -30,7 +30,7 @@ from fixtures.make_datasets import make_dataset
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO_ROOT / "runs" / "test-artifacts" / "browser"
 CHROMIUM = Path(os.environ.get("LANDLENS_CHROMIUM", "/usr/bin/chromium"))
-TITLE = "landlens — search by example"
+TITLE = "landlens — search by example or by words"
 K = 6
 PER_CLASS = 4
 
@@ -80,7 +80,8 @@ def archive_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     # the query is an archive image itself (the second one of the first class)
     query = next(r for r in archive.records() if r.class_name == archive.classes[0]
                  and r.name.endswith("002.jpg"))
-    return {"archive": archive, "dir": tmp / "archive", "query": query, "query_path": Path(query.path)}
+    return {"archive": archive, "dir": tmp / "archive", "query": query, "query_path": Path(query.path), "data": data,
+            "tmp": tmp}
 
 
 @contextlib.contextmanager
@@ -631,7 +632,7 @@ def test_relevance_feedback_on_a_phone_and_an_expired_token(browser: Any, archiv
 
     page.route(re.compile(r".*/api/search/feedback$"), feedback)
     with page.expect_response(_is_upload_search) as again:
-        response = _search(page, lambda: page.tap("#refine"), lambda r: _is_feedback(r) and r.status == 200)
+        _search(page, lambda: page.tap("#refine"), lambda r: _is_feedback(r) and r.status == 200)
     new_token = again.value.json()["query_token"]
     assert new_token != old_token
     assert [c["query"] for c in calls] == [{"vector_token": old_token}, {"vector_token": new_token}]
@@ -703,3 +704,68 @@ def test_docs_render_offline(browser: Any, open_page: Callable[..., Any], server
     assert _csp_violations(page) == []
     assert page.problems == []
     _shot(page, "docs.png")
+
+
+# ---------------------------------------------------------------------- search by words
+
+
+@pytest.fixture(scope="module")
+def words_url(archive_env: dict[str, Any]) -> Iterator[str]:
+    """A copy of the test archive with an alignment attached, behind a real uvicorn."""
+    import shutil
+
+    from fixtures.words import captioned_alignment
+
+    from landlens.service.app import create_app
+
+    tmp = archive_env["tmp"]
+    shutil.copytree(archive_env["dir"], tmp / "words_archive")
+    captioned_alignment(archive_env["data"], tmp / "words_archive", tmp / "align.safetensors")
+    with _serve(create_app(tmp / "words_archive")) as url:
+        yield url
+
+
+def _is_text_search(response: Any) -> bool:
+    return response.url.endswith("/api/search/text") and response.request.method == "POST"
+
+
+def test_search_by_words(browser: Any, archive_env: dict[str, Any], words_url: str,
+                         open_page: Callable[..., Any]) -> None:
+    """The text box searches by words; 'with the last query image' combines the two; feedback
+    marks refine a text query; the cards are the archive's own answers."""
+    from landlens.retrieval.archive import Archive
+
+    archive = Archive.open(archive_env["tmp"] / "words_archive")
+    cls = archive.classes[1]
+    page = open_page(1280, 900, url=words_url)
+    page.wait_for_selector("#text-form:not([hidden])")
+    assert page.is_disabled("#text-combine")  # no image query yet
+    page.fill("#k", str(K))
+    page.locator("#k").blur()
+    sentence = f"there is {cls} in the image"
+    page.fill("#text-query", sentence)
+    _search(page, lambda: page.click("#text-submit"), _is_text_search)
+    cards = _cards(page)
+    assert [c["id"] for c in cards] == _ids(archive.search_text(sentence, K))
+    assert cards[0]["cls"] == cls
+    assert all(w > 0 for w in _wait_thumbnails(page))
+    _shot(page, "search_words.png")
+
+    # mark the first result relevant and the last one not, refine: Rocchio in the shared space
+    first, last = cards[0]["id"], cards[-1]["id"]
+    _click_mark(page, first, "relevant")
+    _click_mark(page, last, "irrelevant")
+    _search(page, lambda: page.click("#refine"), _is_text_search)
+    want = archive.search_text(sentence, K, relevant=[first], irrelevant=[last])
+    assert [c["id"] for c in _cards(page)] == _ids(want)
+
+    # an indexed image, then the same sentence with it (Enter in the text box submits)
+    other = _cards(page)[2]["id"]
+    _search(page, lambda: page.click("#results .result >> nth=2"), lambda r: f"/api/search/{other}?" in r.url)
+    assert page.is_enabled("#text-combine")
+    page.check("#text-combine")
+    page.fill("#text-query", "with many trees")
+    _search(page, lambda: page.press("#text-query", "Enter"), _is_text_search)
+    want = archive.search_text("with many trees", K, image=other)
+    assert [c["id"] for c in _cards(page)] == _ids(want)
+    assert page.problems == [] and _csp_violations(page) == []

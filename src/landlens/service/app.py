@@ -108,6 +108,7 @@ from landlens.service.routes import images, info, page
 from landlens.service.routes.docs import DOCS_URL, docs_csp, docs_router
 from landlens.service.routes.page import STATIC_DIR, PageFiles
 from landlens.service.routes.search import search_router
+from landlens.service.routes.words import words_router
 from landlens.service.state import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_UPLOAD_BYTES,
@@ -322,6 +323,7 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
     app.mount("/static", PageFiles(directory=STATIC_DIR), name="static")
     app.include_router(info.router)
     app.include_router(search_router(max_k))
+    app.include_router(words_router(max_k))
     app.include_router(images.router)
     app.include_router(docs_router(title, app.openapi_url or "/openapi.json"))
     return app

@@ -83,7 +83,8 @@ class SearchService:
         self._class_counts: tuple[int, dict[str, int]] | None = None
 
     def _warm_up(self) -> None:
-        """One embedding of a grey image, so the first request does not pay for lazy set-up."""
+        """One embedding of a grey image (and one text encoding when the archive answers text
+        queries), so the first request does not pay for lazy set-up."""
         from PIL import Image
 
         try:
@@ -91,6 +92,8 @@ class SearchService:
             self.archive.embed([Image.new("RGB", (side, side), (128, 128, 128))])
         except Exception:  # noqa: BLE001 - a failed warm-up only costs the first request time
             logger.warning("embedding warm-up failed", exc_info=True)
+        if self.archive.has_text:
+            self.archive.text_space().queries(["an aerial image"])  # a text tower that cannot load fails now
 
     def refresh(self) -> None:
         """Pick up a generation written by another process (``landlens index add``), checking

@@ -24,7 +24,8 @@ async def health(service: Service) -> dict[str, Any]:
     a = service.archive
     return {"status": "ok", "images": len(a), "backbone": a.backbone_name,
             "classifier": service.predictor is not None, "generation": a.generation,
-            "writable": service.token is not None, "rerank": a.rerank_info(), "forward": service.forward}
+            "writable": service.token is not None, "rerank": a.rerank_info(), "forward": service.forward,
+            "text": a.text_info() is not None}
 
 
 @router.get("/api/classes", tags=["archive"])

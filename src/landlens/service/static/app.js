@@ -7,6 +7,10 @@
 // the query was chosen to /api/search/feedback (Rocchio on the embeddings) and redraws the
 // grid; marks are kept by id, so a marked image that reappears keeps its state. A new query
 // (upload or a click on a card) clears the marks.
+//
+// Search by words (when /api/health says "text"): the sentence of the text box, alone or with
+// the last query image ("with the last query image"), goes to /api/search/text; its results
+// take feedback marks the same way (the sentence and the marks are sent again on each round).
 (function () {
   "use strict";
 
@@ -28,6 +32,9 @@
     refine: $("refine"),
     clearMarks: $("clear-marks"),
     marksSummary: $("marks-summary"),
+    textForm: $("text-form"),
+    textQuery: $("text-query"),
+    textCombine: $("text-combine"),
   };
 
   const MARK_TEXT = { relevant: "✓", irrelevant: "✕" };
@@ -35,7 +42,8 @@
 
   const state = {
     classifier: false, // from /api/health
-    last: null, // the last query: {file: File, token} or {id: number, thumbnail: string, name: string}
+    last: null, // the last query: {file: File, token}, {id, thumbnail, name} or {text, image}
+    image: null, // the last image query, for text + image: {id} or {file, token}
     objectUrl: null, // object URL of the uploaded query (revoked when replaced)
     seq: 0, // request counter: only the newest response is shown
     marks: new Map(), // id -> "relevant" | "irrelevant", for the current query
@@ -170,7 +178,7 @@
 
   function canRefine() {
     const q = state.last;
-    return Boolean(q && state.marks.size > 0 && (q.id != null || q.token));
+    return Boolean(q && state.marks.size > 0 && (q.id != null || q.token || q.text));
   }
 
   // Reflect state.marks on the cards, the buttons and the summary line.
@@ -192,7 +200,7 @@
     els.clearMarks.disabled = state.marks.size === 0;
     if (state.marks.size === 0) {
       els.marksSummary.textContent = "Mark results ✓ relevant or ✕ not relevant, then refine.";
-    } else if (state.last && state.last.id == null && !state.last.token) {
+    } else if (state.last && state.last.id == null && !state.last.token && !state.last.text) {
       els.marksSummary.textContent = "This server keeps no upload queries: feedback needs a search by an archive image.";
     } else {
       els.marksSummary.textContent = `${relevant} relevant, ${irrelevant} not relevant marked.`;
@@ -213,6 +221,7 @@
 
   function feedbackBody() {
     const q = state.last;
+    if (q.text) return textBody(q);
     const body = {
       query: q.id != null ? { id: q.id } : { vector_token: q.token },
       relevant: [],
@@ -237,6 +246,7 @@
     if (!canRefine()) return undefined;
     const q = state.last;
     const next = round || state.round + 1;
+    if (q.text) return run(() => postText(textBody(q)), next);
     return run(async () => {
       let response = await postFeedback(feedbackBody());
       if (response.status === 410 && q.file) {
@@ -311,8 +321,48 @@
     return getJson("api/search", { method: "POST", body: form });
   }
 
+  // The body of a text search: the sentence, the image it is combined with, the marks.
+  function textBody(q) {
+    const body = { text: q.text, k: kValue(), relevant: [], irrelevant: [] };
+    if (q.image) {
+      body.image = q.image.id != null ? { id: q.image.id } : { vector_token: q.image.token };
+    }
+    for (const [id, kind] of state.marks) body[kind].push(id);
+    if (els.filter.value) body.class = els.filter.value;
+    return body;
+  }
+
+  function postText(body) {
+    return getJson("api/search/text", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+  }
+
+  function searchByText(text) {
+    const image = els.textCombine.checked ? state.image : null;
+    if (image && image.id == null && !image.token) {
+      setStatus("The last query image is no longer known to the server: search with it again first.", true);
+      return undefined;
+    }
+    state.last = { text, image };
+    resetFeedback();
+    if (!image) {
+      els.figure.hidden = true;
+      renderProbs(null);
+    }
+    return run(() => postText(textBody(state.last)), 0);
+  }
+
+  function rememberImage(query) {
+    state.image = query;
+    els.textCombine.disabled = false;
+  }
+
   function searchByFile(file) {
     state.last = { file, token: null };
+    rememberImage(state.last);
     resetFeedback();
     if (state.objectUrl) URL.revokeObjectURL(state.objectUrl);
     state.objectUrl = URL.createObjectURL(file);
@@ -322,6 +372,7 @@
 
   function searchById(id, thumbnail, name, cls) {
     state.last = { id, thumbnail, name, cls };
+    rememberImage(state.last);
     resetFeedback();
     if (thumbnail) showQuery(thumbnail, `${name} (${cls})`);
     return run(() => {
@@ -339,7 +390,9 @@
       refine(state.round);
       return;
     }
-    if (last.file) {
+    if (last.text) {
+      run(() => postText(textBody(last)), 0);
+    } else if (last.file) {
       run(() => uploadSearch(last.file), 0);
     } else {
       run(() => {
@@ -358,7 +411,9 @@
       state.classifier = health.classifier === true;
       els.info.textContent =
         `${health.images} images indexed with ${health.backbone}` +
-        (state.classifier ? " · classifier loaded" : "");
+        (state.classifier ? " · classifier loaded" : "") +
+        (health.text === true ? " · search by words" : "");
+      els.textForm.hidden = health.text !== true;
     } catch (err) {
       setStatus(`server not reachable: ${err.message}`, true);
     }
@@ -397,6 +452,12 @@
   // A file dropped outside the drop zone must not make the browser navigate away.
   window.addEventListener("dragover", (event) => event.preventDefault());
   window.addEventListener("drop", (event) => event.preventDefault());
+  els.textForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = els.textQuery.value.trim();
+    if (text) searchByText(text);
+    else setStatus("Type a few words to search by, e.g. “harbor with many boats”.", true);
+  });
   els.filter.addEventListener("change", rerun);
   els.k.addEventListener("change", rerun);
   els.refine.addEventListener("click", () => refine());
