@@ -144,7 +144,7 @@ def main() -> None:
     naive_rate = n / naive_s
     result = {
         "command": "python benchmarks/extract_throughput.py " + " ".join(sys.argv[1:]),
-        "landlens": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        "landlens_version": __version__, "torch": torch.__version__, "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "cores": os.cpu_count(), "images": n, "backbone": bb.name, "weights": bb.weights.to_dict(),
         "input_size": pre.input_size, "model_gflop_per_image": round(gflop_img, 4),

@@ -27,7 +27,7 @@ def trained(tmp_path_factory):
     res = CliRunner().invoke(cli, [
         "train", "run", "--data", str(folder), "--backbone", "tv_squeezenet1_1", "--weights", "package",
         "--input-size", "64", "--epochs", "10", "--lr", "0.01", "--out", str(run), "--no-progress",
-        "--set", "data.num_workers=0", "--set", "trainer.bootstrap=100", "--set", f"data.split=60/40"])
+        "--set", "data.num_workers=0", "--set", "trainer.bootstrap=100", "--set", "data.split=60/40"])
     assert res.exit_code == 0, res.output
     return folder, run, res.output, tmp
 

@@ -282,7 +282,7 @@ class _StopAfter(L.Callback):
 def test_dml_resume_continues_to_the_same_weights(tmp_path, one_thread):
     fs = _toy()
     extra = ("optim.epochs=4", "pairs.per_epoch=64", "data.batch_size=16")
-    full = train_dml(_toy_cfg(tmp_path / "full", *extra), fs, progress=False)
+    train_dml(_toy_cfg(tmp_path / "full", *extra), fs, progress=False)
     cfg = _toy_cfg(tmp_path / "cut", *extra)
     cut = train_dml(cfg, fs, progress=False, callbacks=[_StopAfter(2)])
     assert cut.status == "interrupted" and "--resume" in cut.results["resume"]

@@ -15,7 +15,6 @@ from fixtures.weights import require
 import torch
 
 from landlens.errors import WeightsError
-from landlens.models import packaged
 from landlens.models.packaged import PACKAGED, PackagedWeights, packaged_for_backbone
 from landlens.models.preprocessing import normalize_batch
 

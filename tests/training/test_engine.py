@@ -80,7 +80,7 @@ def test_resume_ends_with_the_same_weights(folder, tmp_path):
     extra = ("trainer.epochs=4", "model.strategy=full", "model.head=mlp", "model.dropout=0.3",
              "data.augment=dihedral", "optim.name=sgd", "optim.schedule=step", "optim.step_size=2",
              "data.split=70/10/20", "optim.lr=0.2")
-    full = train(_image_cfg(folder, tmp_path / "full", *extra), progress=False)
+    train(_image_cfg(folder, tmp_path / "full", *extra), progress=False)
     cfg = _image_cfg(folder, tmp_path / "cut", *extra)
     cut = train(cfg, progress=False, callbacks=[_StopAfter(2)])
     assert cut.status == "interrupted"
