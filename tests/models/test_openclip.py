@@ -217,10 +217,12 @@ def test_hub_tags_bring_their_preprocessing_and_quickgelu(oc: Any, vit: Any, mon
         torch.testing.assert_close(bb(x), quick.encode_image(x), atol=1e-5, rtol=0)
         assert not torch.allclose(bb(x), model.encode_image(x), atol=1e-3)
     tower = create_text_tower(f"openclip:{VIT}", "hub:tiny_tag")
-    assert (tower.info.source, tower.info.ref) == ("hub", "openclip/tiny_tag")
+    assert (tower.info.source, tower.info.ref) == ("hub", "tiny_tag")  # like a Hugging Face tower: hub:REF
     from landlens.retrieval.extractor import weights_argument
 
     assert weights_argument(bb.weights.to_dict()) == "hub:tiny_tag"
+    again = create_backbone(f"openclip:{VIT}", weights="hub:openclip/tiny_tag")  # the recorded ref works too
+    assert again.weights.digest == bb.weights.digest
 
     def offline(cfg: Any, **kw: Any) -> str:
         raise OSError("We couldn't connect to the hub")

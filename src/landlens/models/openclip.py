@@ -100,13 +100,14 @@ def parse_arch(name: str) -> str:
 
 @dataclass(frozen=True)
 class OpenClipSource:
-    """Resolved weights: ``kind`` 'file' | 'hub' | 'none', the reference recorded in
-    :class:`WeightsInfo` (resolved path, or ``'openclip/TAG'``), the local file, the hub tag's
-    open_clip pretrained config (preprocessing, QuickGELU), and how messages name it."""
+    """Resolved weights: ``kind`` 'file' | 'hub' | 'none', the reference a backbone's
+    :class:`WeightsInfo` records (resolved path, or ``'openclip/TAG'``), the local file, the hub
+    tag and its open_clip pretrained config (preprocessing, QuickGELU), and how messages name it."""
 
     kind: str
     ref: str
     path: Path | None = None
+    tag: str | None = None
     tag_cfg: Mapping[str, Any] | None = None
     what: str = ""
 
@@ -130,7 +131,7 @@ def resolve_weights(arch: str, weights: str) -> OpenClipSource:
     path = Path(w[5:] if low.startswith("file:") else w).expanduser()
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path} (for openclip:{arch})")
-    return OpenClipSource("file", str(path.resolve()), path, None, f"weights file {path}")
+    return OpenClipSource("file", str(path.resolve()), path, what=f"weights file {path}")
 
 
 def _tags_hint(arch: str) -> str:
@@ -139,6 +140,7 @@ def _tags_hint(arch: str) -> str:
 
 
 def _hub_source(arch: str, tag: str) -> OpenClipSource:
+    tag = tag.removeprefix("openclip/")  # a backbone's recorded reference works too
     open_clip = import_open_clip()
     cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
     if not cfg:
@@ -150,7 +152,7 @@ def _hub_source(arch: str, tag: str) -> OpenClipSource:
                            f"weights=PATH to a local checkpoint") from None
     if not path.is_file():
         raise WeightsError(f"open_clip weights {arch}/{tag}: the download gave no file ({path})")
-    return OpenClipSource("hub", f"openclip/{tag}", path, dict(cfg), f"hub weights openclip/{tag} ({path})")
+    return OpenClipSource("hub", f"openclip/{tag}", path, tag, dict(cfg), f"hub weights openclip/{tag} ({path})")
 
 
 # --------------------------------------------------------------------------- reading a checkpoint
@@ -415,8 +417,9 @@ def openclip_text_tower(name: str, weights: str) -> OpenClipTextTower:
     """The text tower of ``openclip:ARCH`` (what ``create_text_tower("openclip:ARCH", weights)`` returns).
 
     ``weights``: a checkpoint path (``file:PATH``) or ``hub:TAG``; random weights are refused
-    (their vectors mean nothing). The info's digest is over the text tower's tensors; its
-    ``extra`` records the architecture and the file's sha256.
+    (their vectors mean nothing). The info's ``ref`` is the resolved path or the tag (as for the
+    Hugging Face towers, ``hub:`` + ref loads it again), its digest is over the text tower's
+    tensors, and its ``extra`` records the architecture and the file's sha256.
 
     Raises:
         BackboneError: an unknown architecture.
@@ -440,7 +443,8 @@ def openclip_text_tower(name: str, weights: str) -> OpenClipTextTower:
     pool = str(getattr(model, "text_pool_type", None) or text_cfg.get("pool_type", "argmax"))
     pooling = "clip-eot" if pool == "argmax" else f"clip-{pool}"
     src = loaded.source
-    info = TextTowerInfo(f"{OPENCLIP_PREFIX}{loaded.arch}", src.kind, src.ref, digest, int(cfg["embed_dim"]),
+    ref = src.tag if src.kind == "hub" and src.tag else src.ref
+    info = TextTowerInfo(f"{OPENCLIP_PREFIX}{loaded.arch}", src.kind, ref, digest, int(cfg["embed_dim"]),
                          max_length, pooling, {"arch": loaded.arch, "file_sha256": loaded.file_sha256})
     return OpenClipTextTower(tokenizer, model, info)
 
