@@ -1,5 +1,6 @@
 """What a backbone is: a network from images to one feature vector each, its preprocessing and
-the identity of its weights (:class:`Backbone`, :class:`BackboneSpec`, :class:`WeightsInfo`).
+the identity of its weights (:class:`Backbone`, :class:`BackboneSpec`, :class:`WeightsInfo`);
+and what a text tower is: sentences to unit vectors (:class:`TextEncoder`, :class:`TextTowerInfo`).
 
 The bottom of :mod:`landlens.models`: it imports no other landlens module but the
 preprocessing, so every backbone family (:mod:`~landlens.models.specs` for timm, torchvision
@@ -11,9 +12,11 @@ them behind one door.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -106,6 +109,59 @@ class WeightsInfo:
         return dataclasses.asdict(self)
 
 
+# --------------------------------------------------------------------------- text towers
+
+
+@dataclass(frozen=True)
+class TextTowerInfo:
+    """Identity of a text tower: name, where its weights came from, their digest, the vector length."""
+
+    name: str
+    source: str  # 'package' | 'file' | 'hub'
+    ref: str
+    digest: str
+    dim: int
+    max_length: int
+    pooling: str = "mean"  # 'mean' (sentence-transformers) | 'clip-eot' (CLIP: the end-of-text token) ...
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "ref": self.ref, "digest": self.digest, "dim": self.dim,
+                "max_length": self.max_length, "pooling": self.pooling, **({"extra": self.extra} if self.extra else {})}
+
+
+class TextEncoder(ABC):
+    """A frozen text encoder: :meth:`encode` maps sentences to L2-normalised float32 vectors.
+
+    Subclasses give :meth:`embed`, the unnormalised vectors of one batch; batching, the
+    normalisation and the empty case are shared here, so every tower answers alike.
+    """
+
+    info: TextTowerInfo
+
+    @property
+    def dim(self) -> int:
+        return self.info.dim
+
+    @abstractmethod
+    def embed(self, sentences: list[str]) -> torch.Tensor:
+        """``(len(sentences), dim)`` vectors of one batch, before normalisation."""
+
+    @torch.inference_mode()
+    def encode(self, sentences: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """``(n, dim)`` float32 vectors of ``sentences``, each of unit length."""
+        if isinstance(sentences, str):
+            raise TypeError("encode() takes a list of sentences, not one string")
+        out = []
+        for s in range(0, len(sentences), batch_size):
+            vectors = self.embed(list(sentences[s:s + batch_size]))
+            out.append(torch.nn.functional.normalize(vectors.float(), p=2, dim=1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.info.name!r}, {self.info.source}: {self.info.ref}, {self.dim}-d)"
+
+
 # --------------------------------------------------------------------------- bodies
 
 
@@ -134,4 +190,5 @@ class AlexNetFc7(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-__all__ = ["HEAD_PREFIXES", "AlexNetFc7", "Backbone", "BackboneSpec", "Pooled", "WeightsInfo"]
+__all__ = ["HEAD_PREFIXES", "AlexNetFc7", "Backbone", "BackboneSpec", "Pooled", "TextEncoder", "TextTowerInfo",
+           "WeightsInfo"]

@@ -14,7 +14,9 @@ file when one is installed for the backbone and the hub otherwise.
 
 A trained run directory is a backbone too: ``create_backbone("run:PATH")`` gives the
 fine-tuned features of a classification run or the embedding of a metric-learning run
-(:func:`landlens.models.classifier.run_backbone`; weights source ``'run'``).
+(:func:`landlens.models.classifier.run_backbone`; weights source ``'run'``). So is the image
+tower of a CLIP-family checkpoint: ``create_backbone("openclip:ViT-B-32", weights=PATH)``
+(:func:`landlens.models.openclip.openclip_backbone`; needs ``landlens[clip]``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ def create_backbone(
         name: backbone name (``landlens models list``) or any timm model name; a timm name may
             carry a hub tag (``resnet50.a1_in1k``); or ``'run:PATH'``, a trained run directory
             (:func:`landlens.models.classifier.run_backbone`: weights ``'auto'``, or
-            ``'run:PATH[@DIGEST]'`` to give its location and require its digest).
+            ``'run:PATH[@DIGEST]'`` to give its location and require its digest); or
+            ``'openclip:ARCH'``, the image tower of an open_clip architecture (weights: a
+            checkpoint path or ``'hub:TAG'``; :func:`landlens.models.openclip.openclip_backbone`).
         weights: ``'auto'`` (packaged file if installed, else the hub), ``'hub'`` or
             ``'hub:TAG'``, ``'package'`` or ``'package:KEY'``, ``'none'`` (random
             initialisation), or a path to a checkpoint (``.safetensors``, ``.pth``, ``.pt``,
@@ -55,10 +59,15 @@ def create_backbone(
     """
     from landlens.models.weights import load_backbone_weights
 
-    if name.strip().lower().startswith("run:"):
+    prefix = name.strip().lower().partition(":")[0]
+    if prefix == "run":
         from landlens.models.classifier import run_backbone
 
         return run_backbone(name, weights, preprocessing=preprocessing)
+    if prefix == "openclip":
+        from landlens.models.openclip import openclip_backbone
+
+        return openclip_backbone(name, weights, preprocessing=preprocessing, verify=verify)
     spec = get_spec(name)
     return load_backbone_weights(spec, weights, preprocessing=preprocessing, verify=verify)
 

