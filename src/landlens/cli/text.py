@@ -43,8 +43,9 @@ def _templates(path: Path | None):
 
 @click.command("align", cls=OneLineErrorCommand)
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--captions", "-c", required=True, type=click.Path(path_type=Path),
-              help="captions file (UCM-captions JSON layout, or CSV image,split,sentence) describing DATA's images")
+@click.option("--captions", "-c", type=click.Path(path_type=Path), default=None,
+              help="captions file (UCM-captions JSON layout, or CSV image,split,sentence) describing DATA's images "
+                   "(not with --clip)")
 @click.option("--backbone", "-b", "backbones", multiple=True, default=("tf_efficientnet_lite0",), show_default=True,
               help="image tower: a backbone; repeat to fuse several (L2-normalised, concatenated)")
 @click.option("--weights", multiple=True, default=("auto",), show_default=True,
@@ -54,6 +55,9 @@ def _templates(path: Path | None):
 @click.option("--text-weights", default="package", show_default=True,
               help="package | PATH (a Hugging Face model folder or CLIP checkpoint) | hub:NAME")
 @click.option("--head", type=click.Choice(["linear", "mlp"]), default=None, help="projection heads [default: the benchmarked one]")
+@click.option("--clip", "clip", is_flag=True,
+              help="no training: the image and text towers of one CLIP-family model (--backbone openclip:ARCH "
+                   "--weights CHECKPOINT; text tower the same unless --text/--text-weights say otherwise)")
 @click.option("--dim", type=int, default=None, help="shared space dimensions [default: the benchmarked one]")
 @click.option("--epochs", type=int, default=None, help="training epochs [default: the benchmarked number]")
 @click.option("--class-weight", type=float, default=None,
@@ -65,15 +69,29 @@ def _templates(path: Path | None):
               help="feature cache (image features and text vectors are reused from it)")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="alignment file to write (.safetensors)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def align_cmd(data: Path, captions: Path, backbones: tuple[str, ...], weights: tuple[str, ...], text: str,
-              text_weights: str, head: str | None, dim: int | None, epochs: int | None, class_weight: float | None,
-              templates_file: Path | None, seed: int, dataset: str | None, cache_dir: Path, out: Path,
-              as_json: bool) -> None:
+def align_cmd(data: Path, captions: Path | None, backbones: tuple[str, ...], weights: tuple[str, ...], text: str,
+              text_weights: str, head: str | None, clip: bool, dim: int | None, epochs: int | None,
+              class_weight: float | None, templates_file: Path | None, seed: int, dataset: str | None,
+              cache_dir: Path, out: Path, as_json: bool) -> None:
     """Train an image-text alignment for search by words, offline: frozen image features of
     DATA and a frozen text tower, small projection heads trained contrastively on the captions
     of the train split (and on class-name prompts of DATA's labels). Reports R@k on the val split.
-    Attach the file to an archive of the same backbone with `landlens index text`."""
-    from landlens.retrieval.textstudy import align
+    Attach the file to an archive of the same backbone with `landlens index text`.
+
+    --clip writes the identity alignment of a CLIP-family checkpoint instead (RemoteCLIP,
+    GeoRSCLIP, SkyCLIP, OpenAI CLIP through open_clip): nothing is trained, DATA is not read."""
+    from landlens.errors import LandlensError
+    from landlens.retrieval.textstudy import align, clip_alignment
+
+    if clip:
+        if len(backbones) != 1 or len(weights) != 1 or captions is not None:
+            raise LandlensError("--clip takes one --backbone openclip:ARCH with one --weights, and no --captions")
+        same = text == "minilm" and text_weights == "package"  # the defaults: use the CLIP model's own tower
+        model = clip_alignment(backbones[0], weights[0], None if same else text, None if same else text_weights, out)
+        click.echo(f"{out}: identity alignment of {backbones[0]} ({model.dim}-d; nothing trained)")
+        return
+    if captions is None:
+        raise LandlensError("give --captions FILE (or --clip for a CLIP-family model)")
 
     settings = {k: v for k, v in {"head": head, "dim": dim, "epochs": epochs, "class_weight": class_weight,
                                   "seed": seed}.items() if v is not None}

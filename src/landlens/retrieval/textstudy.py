@@ -222,6 +222,32 @@ def align(data: str | os.PathLike[str], captions: str | os.PathLike[str], out: s
     return model, report
 
 
+def clip_alignment(backbone: str, weights: str, text: str | None = None, text_weights: str | None = None,
+                   out: str | os.PathLike[str] | None = None, temperature: float = 0.01) -> Alignment:
+    """The ``identity`` alignment of a CLIP-family model, whose towers share one space already:
+    the image tower ``backbone`` (e.g. ``openclip:ViT-B-32`` with a checkpoint file) and the text
+    tower ``text`` (default: the same name and weights), both recorded so archives and zero-shot
+    labels check them like a trained alignment. ``temperature`` sets the zero-shot softmax
+    (CLIP's learned scale is 100, i.e. 0.01). Written to ``out`` when given."""
+    from landlens.models.registry import create_backbone
+    from landlens.models.text import create_text_tower
+
+    bb = create_backbone(backbone, weights)
+    tower = create_text_tower(text or backbone, text_weights or weights)
+    if bb.num_features != tower.dim:
+        raise LandlensError(f"{backbone} gives {bb.num_features}-d images and {tower.info.name} {tower.dim}-d "
+                            f"sentences: not one space; train heads with `landlens retrieval align` instead")
+    ident = {"backbone": bb.name, "weights_digest": bb.weights.digest, "preprocessing": bb.preprocessing.to_dict(),
+             "dim": bb.num_features, "extractors": [{"backbone": backbone, "weights": weights}]}
+    model = Alignment(bb.num_features, tower.dim, tower.dim, head="identity", temperature=temperature,
+                      image_tower=ident, text_tower=tower.info.to_dict())
+    model.trained = {"head": "identity", "dim": tower.dim, "epochs": 0, "images": 0, "sentences": 0,
+                     "note": "a CLIP-family model's own towers; nothing trained"}
+    if out is not None:
+        model.save(out)
+    return model
+
+
 def alignment_features(space: TextSpace, data: str | os.PathLike[str] | Sequence[str], *,
                        dataset: str | None = None, cache_dir: str | os.PathLike[str] | None = None,
                        progress: bool = False) -> Any:
@@ -285,5 +311,5 @@ class AlignedImageTower:
         return self.space.images(x) if len(ok) else np.zeros((0, self.space.dim), np.float32), errors
 
 
-__all__ = ["AlignedImageTower", "CaptionPart", "align", "alignment_features", "caption_parts", "encode_cached", "evaluate_text", "evaluate_zero_shot", "image_features",
+__all__ = ["AlignedImageTower", "CaptionPart", "align", "alignment_features", "clip_alignment", "caption_parts", "encode_cached", "evaluate_text", "evaluate_zero_shot", "image_features",
            "image_tower_identity", "train_alignment"]
