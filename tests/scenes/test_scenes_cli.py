@@ -81,7 +81,7 @@ def test_build_then_search_a_place_as_geojson(scene_files: dict[str, Path], tmp_
     printed = json.loads(res.output)
     assert printed["geojson"] == str(hits) and printed["results"][0]["hits"][0]["id"] == props["id"]
     text = _run("search", arch, "--at", f"{lon},{lat}", "-k", "2").output
-    assert f"query at {lon:g},{lat:g}: chip {props['id']} of the archive (utm.tif#window=160,64,64,64)" in text
+    assert f"query at {lon},{lat}: chip {props['id']} of the archive (utm.tif#window=160,64,64,64)" in text
 
 
 def test_scenes_added_by_tiling_and_a_negative_longitude(scene_files: dict[str, Path], tmp_path: Path) -> None:

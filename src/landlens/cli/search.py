@@ -181,7 +181,7 @@ def search_cmd(archive_dir: Path, queries: tuple[Path, ...], k: int, as_json: bo
         found = []
         for lon, lat in places:
             ref, what = query_at(arch, lon, lat, scene=scene, cut=cut)
-            described[len(queries) + len(found)] = f"at {lon:g},{lat:g}: {what}"
+            described[len(queries) + len(found)] = f"at {lon},{lat}: {what}"
             found.append(Path(ref))
         queries = (*queries, *found)
         where += list(places)
