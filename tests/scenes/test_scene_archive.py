@@ -162,7 +162,7 @@ def test_a_chip_reference_can_be_added_like_a_file(arch: Archive, scenes: dict[s
     (rec,) = arch.add([ref])
     g = arch.geo(rec.id)
     assert g is not None and g.window == (10, 10, 40, 40) and g.gsd == 1.0
-    assert rec.path.endswith("drone.tif#window=10,10,40,40&gsd=1")
+    assert rec.path == f"{scenes['merc'].resolve()}#window=10,10,40,40&bands=1,2,3&gsd=1&resampling=average&stretch=none"
     assert arch.add([ref]) == []  # the same chip again: skipped by its digest
 
 
@@ -180,3 +180,19 @@ def test_a_scene_build_refuses_what_it_cannot_tile(scenes: dict[str, Path], tmp_
         Archive.build_from_scenes([tmp_path / "nope.tif"], tmp_path / "c", **BUILD)
     for name in "abc":
         assert not (tmp_path / name / "CURRENT").exists()
+
+
+def test_the_service_thumbnails_a_chip_by_its_reference(arch: Archive) -> None:
+    import asyncio
+    import io
+
+    from PIL import Image
+
+    from landlens.service.budget import WeightedSemaphore
+    from landlens.service.thumbnails import Thumbnailer
+
+    rec = arch.records()[5]
+    th = Thumbnailer(WeightedSemaphore(64 * 1024 * 1024), rgb_bands=lambda: (0, 1, 2))
+    jpeg = asyncio.run(th.get(rec, 128))
+    img = Image.open(io.BytesIO(jpeg))
+    assert img.format == "JPEG" and img.size == (64, 64)  # never enlarged

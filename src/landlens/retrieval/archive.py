@@ -38,7 +38,8 @@ from landlens.retrieval.textsearch import ArchiveTextSearch
 from landlens.retrieval.generations import (
     CURRENT, FEATURES, GEN_PREFIX, LOCK, UPLOAD_SUFFIXES, UPLOADS, ArchiveError, GeoRecord, Generation, ImageRecord,
     UnknownImageError, chip_geo, collect_garbage, describe_file, file_lock, generation_name, image_name, is_archive,
-    load_current, load_generation, read_current, sha256_file, utc_now, validate_class_name, write_generation,
+    load_current, load_generation, read_current, sha256_file, stored_path, utc_now, validate_class_name,
+    write_generation,
 )
 
 
@@ -482,7 +483,7 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
         index.index_ = faiss_module().clone_index(state.index.index_)
         index.add(x)
         added = utc_now()
-        new = [ImageRecord(state.next_id + i, str(f.resolve()), image_name(str(f)), c, w, h, s, n, added)
+        new = [ImageRecord(state.next_id + i, stored_path(f), image_name(str(f)), c, w, h, s, n, added)
                for i, (f, c, w, h, s, n) in enumerate(todo)]
         geo = {**state.geo, **{r.id: g for r, g in zip(new, chip_geo([r.path for r in new])) if g is not None}}
         vectors = np.concatenate([np.asarray(state.vectors, dtype=np.float32), x])

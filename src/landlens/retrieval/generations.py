@@ -49,7 +49,7 @@ import shutil
 import sqlite3
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,20 @@ def image_name(path: str) -> str:
     except LandlensError:
         ref = None
     return ref.short if ref is not None else Path(path).name
+
+
+def stored_path(path: str | os.PathLike[str]) -> str:
+    """The path an archive records for an image: the absolute file, or for a chip of a scene its
+    canonical reference (absolute scene path, every setting written out, so it decodes the same
+    wherever and whenever it is read)."""
+    from landlens.scenes.refs import parse_chip_ref
+
+    ref = parse_chip_ref(path)
+    if ref is None:
+        return str(Path(path).resolve())
+    from landlens.scenes.reader import resolve
+
+    return str(resolve(replace(ref, scene=str(Path(ref.scene).resolve()))))
 
 
 @dataclass(frozen=True)
@@ -486,7 +500,7 @@ def collect_garbage(directory: Path, state: Generation) -> None:
 
 __all__ = [
     "CLASS_NAME_LIMIT", "CURRENT", "FEATURES", "FORMAT_VERSION", "GEN_PREFIX", "LOCK", "READERS", "UPLOADS",
-    "UPLOAD_SUFFIXES", "ArchiveError", "GeoRecord", "Generation", "chip_geo", "image_name", "UnknownImageError", "ImageRecord", "collect_garbage", "commit_generation",
+    "UPLOAD_SUFFIXES", "ArchiveError", "GeoRecord", "Generation", "chip_geo", "image_name", "stored_path", "UnknownImageError", "ImageRecord", "collect_garbage", "commit_generation",
     "describe_file", "file_lock", "fsync_dir", "fsync_tree", "generation_name", "is_archive", "load_current",
     "load_generation", "read_current", "sha256_file", "utc_now", "validate_class_name", "write_generation",
 ]  # fmt: skip
