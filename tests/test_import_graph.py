@@ -139,9 +139,14 @@ def test_no_private_name_is_imported_from_another_module() -> None:
     assert not private, "private names imported across modules:\n" + "\n".join(private)
 
 
-LAYERS = ("errors", "atomic", "hashing", "config", "reports", "data", "models", "features", "retrieval",
+LAYERS = ("errors", "atomic", "hashing", "config", "reports", "scenes", "data", "models", "features", "retrieval",
           "training", "matching", "service", "cli")
-"""The flow, bottom first: a module may import its own layer and the layers before it."""
+"""The flow, bottom first: a module may import its own layer and the layers before it.
+
+``scenes`` (GeoTIFF reading by windows, tiling, footprints, GeoJSON; rasterio and numpy only) sits
+just below ``data``: a chip of a scene is read wherever an image file is (``data.io.load_rgb``, hence
+the one decode path), so the image readers must be able to call it; archives of scenes and searches
+by place build on it from ``retrieval``."""
 
 
 def test_each_layer_imports_only_the_layers_below_it() -> None:

@@ -12,8 +12,12 @@ of these)::
     arch = landlens.Archive.build("UCMerced_LandUse", "ucm.archive")     # FAISS index + catalog on disk
     hits = arch.search("query.jpg", k=10, rerank="kreciprocal")          # by file, image, vector or id
     run = landlens.train(landlens.load_config("benchmarks/configs/ucm_linear.yaml"))
+    scenes = landlens.Archive.build_from_scenes(["a.tif", "b.tif"], "a.archive", chip=256, gsd=0.3)
+    ref, _ = landlens.query_at(scenes, 121.0, 14.6)                      # a place -> the chip holding it
+    doc = landlens.results_geojson(scenes, landlens.search_files(scenes, [ref], k=10))   # GeoJSON hits
 
-The package is organised along that flow: ``data`` (catalog, decoding, folders, splits) ->
+The package is organised along that flow: ``scenes`` (GeoTIFF scenes read by windows, tiled
+into chips) -> ``data`` (catalog, decoding, folders, splits) ->
 ``models`` (backbones, weights, preprocessing) -> ``features`` (extraction, the feature store
 and its cache) -> ``retrieval`` (fusion, archives, search, re-ranking, metrics) ->
 ``training`` / ``matching`` (learned models) -> ``service`` (the web service). Names below are
@@ -36,6 +40,9 @@ _EXPORTS: dict[str, str] = {
     "scan_folder": "landlens.data.folder",
     "load_rgb": "landlens.data.io",
     "make_split": "landlens.data.splits",
+    # scenes
+    "open_scene": "landlens.scenes.reader",
+    "tile_scene": "landlens.scenes.tiling",
     # models
     "create_backbone": "landlens.models.registry",
     "create_text_tower": "landlens.models.text",
@@ -51,6 +58,9 @@ _EXPORTS: dict[str, str] = {
     "ArchiveHit": "landlens.retrieval.search",
     "evaluate": "landlens.retrieval.evaluate",
     "make_reranker": "landlens.retrieval.rerank",
+    "search_files": "landlens.retrieval.search",
+    "query_at": "landlens.retrieval.geo",
+    "results_geojson": "landlens.retrieval.geo",
     # training
     "TrainConfig": "landlens.training.config",
     "load_config": "landlens.training.config",
@@ -80,7 +90,12 @@ __all__ = [
     "load_rgb",
     "make_reranker",
     "make_split",
+    "open_scene",
+    "query_at",
+    "results_geojson",
     "scan_folder",
+    "search_files",
+    "tile_scene",
     "train",
 ]
 
@@ -98,7 +113,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from landlens.retrieval.evaluate import evaluate
     from landlens.features.fusion import fuse
     from landlens.retrieval.rerank import make_reranker
-    from landlens.retrieval.search import ArchiveHit
+    from landlens.retrieval.geo import query_at, results_geojson
+    from landlens.retrieval.search import ArchiveHit, search_files
+    from landlens.scenes.reader import open_scene
+    from landlens.scenes.tiling import tile_scene
     from landlens.training.config import TrainConfig, load_config
     from landlens.training.engine import train
     from landlens.training.predict import Predictor

@@ -8,10 +8,58 @@ the previous archive intact and loadable.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from landlens.cli.common import OneLineErrorCommand, OneLineErrorGroup, echo_json, max_pixels_option, printable
+
+
+def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        bands = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: band numbers separated by commas, e.g. 3,2,1") from None
+    if len(bands) not in (1, 3) or min(bands) < 1:
+        raise click.BadParameter(f"{value!r}: three band numbers (red, green, blue) or one (gray), counted from 1")
+    return bands
+
+
+def tiling_options(f):
+    """--chip / --stride / --gsd / --bands / --nodata / --stretch / --resampling / --min-valid."""
+    from landlens.scenes.refs import RESAMPLINGS
+
+    opts = [
+        click.option("--chip", type=click.IntRange(min=1), default=None,
+                     help="scenes: chip side in pixels of the chip grid [default: 256]"),
+        click.option("--stride", type=click.IntRange(min=1), default=None,
+                     help="scenes: pixels between chips (less than --chip: overlapping chips) [default: --chip]"),
+        click.option("--gsd", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="scenes: resample to this ground sampling distance in metres (e.g. 0.3, UC Merced's) "
+                          "[default: the scene's own pixels]"),
+        click.option("--bands", callback=_bands, default=None, metavar="R,G,B",
+                     help="scenes: bands shown as red, green, blue, counted from 1 as GDAL does (e.g. 3,2,1 for a "
+                          "blue-green-red file), or one band shown as gray [default: the RGB-interpreted bands, "
+                          "else 1,2,3]"),
+        click.option("--nodata", type=float, default=None,
+                     help="scenes: a value marking pixels without data (where all shown bands equal it), for files "
+                          "that declare none [default: the file's nodata value or mask]"),
+        click.option("--stretch", type=click.Choice(["auto", "none", "percentile"]), default=None,
+                     help="scenes: to 8 bits: per-band 2-98 percentile stretch computed once per scene "
+                          "(auto: for samples wider than 8 bits) or the samples as they are [default: auto]"),
+        click.option("--resampling", type=click.Choice(list(RESAMPLINGS)), default=None,
+                     help="scenes: resampling to --gsd [default: average when coarser, bilinear when finer]"),
+        click.option("--min-valid", "min_valid", type=click.FloatRange(0, 1), default=None,
+                     help="scenes: skip chips with a smaller share of pixels holding data [default: 0.5]"),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+TILING_KEYS = ("chip", "stride", "gsd", "bands", "nodata", "stretch", "resampling", "min_valid")
 
 
 @click.group("index", cls=OneLineErrorGroup)
@@ -20,7 +68,7 @@ def index_group() -> None:
 
 
 @index_group.command("build", cls=OneLineErrorCommand)
-@click.argument("data", type=click.Path(path_type=Path))
+@click.argument("data", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="archive folder to write")
 @click.option("--dataset", default=None, help="catalog name of DATA (default: recognised from the folder)")
 @click.option("--backbone", "-b", default="tf_efficientnet_lite0", show_default=True,
@@ -35,15 +83,48 @@ def index_group() -> None:
 @click.option("--workers", type=int, default=None, help="image decoding processes")
 @click.option("--overwrite", is_flag=True, help="rebuild an existing archive at OUT (atomically)")
 @click.option("--json", "as_json", is_flag=True, help="print the archive summary as JSON")
-def build_cmd(data: Path, out: Path, dataset: str | None, backbone: str, weights: str, index_factory: str,
-              metric: str, cache_dir: Path | None, workers: int | None, overwrite: bool, as_json: bool) -> None:
-    """Index every image of the class-folder dataset DATA into the archive folder OUT."""
+@tiling_options
+def build_cmd(data: tuple[Path, ...], out: Path, dataset: str | None, backbone: str, weights: str,
+              index_factory: str, metric: str, cache_dir: Path | None, workers: int | None, overwrite: bool,
+              as_json: bool, **tiling: Any) -> None:
+    """Index every image of the class-folder dataset DATA into the archive folder OUT, or tile
+    the georeferenced scenes DATA (GeoTIFF files, any CRS) into chips and index those.
+
+    \b
+    landlens index build UCMerced_LandUse --out ucm.archive
+    landlens index build a.tif b.tif --chip 256 --stride 128 --gsd 0.3 --bands 3,2,1 --out scenes.archive
+
+    The catalog of an archive of scenes records, for every chip, its scene, pixel window and
+    footprint in the scene CRS and in WGS84: `landlens search ARCHIVE --at LON,LAT --geojson
+    hits.geojson` answers with places. Chips mostly without data (--min-valid) are skipped.
+    """
+    from landlens.errors import LandlensError
     from landlens.retrieval.archive import Archive
 
-    arch = Archive.build(data, out, dataset=dataset, backbone=backbone, weights=weights,
-                         index_factory=index_factory, metric=metric, cache_dir=cache_dir, workers=workers,
-                         overwrite=overwrite)
+    given = {k: v for k, v in tiling.items() if v is not None}
+    folders = [p for p in data if p.is_dir()]
+    if folders:
+        if len(data) > 1:
+            raise LandlensError(f"{folders[0]} is a folder: give one folder of class sub-folders, or scene files "
+                                f"(GeoTIFF) to tile; add more with `landlens index add`")
+        if given:
+            raise LandlensError(f"--{next(iter(given)).replace('_', '-')} tiles scenes; {data[0]} is a folder of images")
+        arch = Archive.build(data[0], out, dataset=dataset, backbone=backbone, weights=weights,
+                             index_factory=index_factory, metric=metric, cache_dir=cache_dir, workers=workers,
+                             overwrite=overwrite)
+    else:
+        if dataset is not None:
+            raise LandlensError("--dataset names a folder of class sub-folders; scenes have no classes")
+        arch = Archive.build_from_scenes(list(data), out, backbone=backbone, weights=weights,
+                                         index_factory=index_factory, metric=metric, cache_dir=cache_dir,
+                                         workers=workers, overwrite=overwrite, progress=not as_json,
+                                         **_tiling(given))
     _summary(arch, as_json)
+
+
+def _tiling(given: dict[str, Any]) -> dict[str, Any]:
+    """The tiling options given, under the names :meth:`Archive.build_from_scenes` takes."""
+    return {k: v for k, v in given.items() if k in TILING_KEYS}
 
 
 @index_group.command("add", cls=OneLineErrorCommand)
@@ -51,11 +132,15 @@ def build_cmd(data: Path, out: Path, dataset: str | None, backbone: str, weights
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--class", "class_name", default=None, help="class of every added image")
 @click.option("--class-from-folder", is_flag=True, help="each image's class is the name of its folder")
+@click.option("--tile", is_flag=True,
+              help="IMAGES are georeferenced scenes: tile them into chips (settings: the archive's, or the options below)")
 @click.option("--json", "as_json", is_flag=True, help="print the new records as JSON")
 @max_pixels_option
-def add_cmd(archive: Path, images: tuple[Path, ...], class_name: str | None, class_from_folder: bool,
-            as_json: bool, max_pixels: int) -> None:
-    """Add IMAGES (files, or folders searched recursively) to ARCHIVE.
+@tiling_options
+def add_cmd(archive: Path, images: tuple[Path, ...], class_name: str | None, class_from_folder: bool, tile: bool,
+            as_json: bool, max_pixels: int, **tiling: Any) -> None:
+    """Add IMAGES (files, or folders searched recursively; chips of scenes as SCENE.tif#window=...)
+    to ARCHIVE, or with --tile, the chips of the scenes IMAGES.
 
     Every image is read before anything changes: one unreadable file refuses the whole update.
     Files already indexed (same content) are skipped.
@@ -66,16 +151,31 @@ def add_cmd(archive: Path, images: tuple[Path, ...], class_name: str | None, cla
 
     if class_name is not None and class_from_folder:
         raise ConfigError("give --class or --class-from-folder, not both")
-    files = expand_inputs([str(p) for p in images])
-    classes = [p.parent.name for p in files] if class_from_folder else [class_name] * len(files)
+    given = {k: v for k, v in tiling.items() if v is not None}
+    if given and not tile:
+        raise ConfigError(f"--{next(iter(given)).replace('_', '-')} tiles scenes: add --tile")
     arch = Archive.open(archive)
     before = len(arch)
-    new = arch.add(files, classes, progress=not as_json and len(files) > 64, max_pixels=max_pixels)
+    if tile:
+        if class_name is not None or class_from_folder:
+            raise ConfigError("chips of scenes are added unlabelled: leave out --class and --class-from-folder")
+        new = arch.add_scenes(list(images), progress=not as_json, max_pixels=max_pixels, **_tiling(given))
+        if as_json:
+            echo_json({"added": [r.to_dict() for r in new], "generation": arch.generation, "images": len(arch)})
+            return
+        click.echo(f"{archive}: added {len(new)} chip(s) of {len(images)} scene(s) (ids {_id_range(new)}; chips "
+                   f"already indexed are skipped); {before} -> {len(arch)} images, generation {arch.generation}")
+        return
+    else:
+        files = expand_inputs([str(p) for p in images])
+        classes = [p.parent.name for p in files] if class_from_folder else [class_name] * len(files)
+        new = arch.add(files, classes, progress=not as_json and len(files) > 64, max_pixels=max_pixels)
+        skipped = len(files) - len(new)
     if as_json:
-        echo_json({"added": [r.to_dict() for r in new], "skipped": len(files) - len(new),
+        echo_json({"added": [r.to_dict() for r in new], "skipped": skipped,
                    "generation": arch.generation, "images": len(arch)})
         return
-    click.echo(f"{archive}: added {len(new)} image(s) (ids {_id_range(new)}), skipped {len(files) - len(new)} "
+    click.echo(f"{archive}: added {len(new)} image(s) (ids {_id_range(new)}), skipped {skipped} "
                f"already indexed; {before} -> {len(arch)} images, generation {arch.generation}")
 
 
@@ -159,6 +259,12 @@ def _summary(arch, as_json: bool) -> None:
                f"{(info['weights'] or {}).get('ref')}), {idx['dim']}-d")
     click.echo(f"  index: {idx['factory']} ({idx['kind']}), {idx['metric']}, {idx['bytes'] / 1e6:.1f} MB; "
                f"generation on disk {info['generation_bytes'] / 1e6:.1f} MB")
+    if info.get("chips"):
+        t = info.get("tiling") or {}
+        settings = ", ".join(f"{k} {v}" for k, v in t.items() if v is not None and k in ("chip", "stride", "gsd", "bands"))
+        click.echo(f"  scenes: {info['chips']} chips of {len(info['scenes'])} scene(s)"
+                   + (f" ({settings})" if settings else "") + ": "
+                   + ", ".join(Path(s).name for s in info["scenes"][:5]) + (" ..." if len(info["scenes"]) > 5 else ""))
     text = info.get("text")
     if text:
         click.echo(f"  words: {text['text_tower']} aligned to {text['image_tower']} ({text['head']} heads, "

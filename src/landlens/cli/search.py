@@ -71,6 +71,20 @@ def open_archive(path: Path) -> Any:
     return Archive.open(path)
 
 
+def _lon_lat(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[tuple[float, float], ...]:
+    out = []
+    for value in values:
+        parts = value.split(",")
+        try:
+            lon, lat = (float(v) for v in parts)
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: LON,LAT in degrees, e.g. 121.0247,14.5832") from None
+        if not (-180 <= lon <= 180 and -90 <= lat <= 90):
+            raise click.BadParameter(f"{value!r}: longitude first (-180..180), then latitude (-90..90)")
+        out.append((lon, lat))
+    return tuple(out)
+
+
 @click.command("search", cls=OneLineErrorCommand)
 @click.argument("archive_dir", metavar="ARCHIVE", type=click.Path(path_type=Path))
 @click.argument("queries", metavar="[QUERY]...", nargs=-1, type=click.Path(path_type=Path))
@@ -103,12 +117,24 @@ def open_archive(path: Path) -> Any:
 @click.option("--rerank", "rerank", default=None, metavar="SPEC",
               help="unsupervised re-ranking of the whole archive, fitted on its vectors (no labels): "
                    "aqe, diffusion, kreciprocal, aqe+diffusion, ... with settings as in `retrieval evaluate --rerank`")
+@click.option("--at", "places", multiple=True, callback=_lon_lat, metavar="LON,LAT",
+              help="query with the place at this WGS84 longitude, latitude (repeatable): the archive's chip "
+                   "containing it, or one cut centred on it from the archive scene holding it (write "
+                   "--at=-47.9,-15.8 for a negative longitude)")
+@click.option("--scene", type=click.Path(path_type=Path), default=None,
+              help="--at: cut the query centred on the place from this scene (read with the archive's tiling)")
+@click.option("--cut", is_flag=True, help="--at: cut a chip centred on the place rather than take the archive's chip")
+@click.option("--geojson", type=click.Path(path_type=Path), default=None,
+              help="write the hits as GeoJSON (RFC 7946 FeatureCollection: each hit's chip footprint as a WGS84 "
+                   "polygon, properties rank, score, id, scene, window); hits that are not chips of scenes "
+                   "have no geometry")
 @max_pixels_option
 def search_cmd(archive_dir: Path, queries: tuple[Path, ...], k: int, as_json: bool, gallery: Path | None,
                class_name: str | None, query_class: tuple[str, ...], weights: str | None, nprobe: int | None,
                ef_search: int | None, matcher: Path | None, shortlist: int, relevant: tuple[int, ...],
                irrelevant: tuple[int, ...], rocchio_weights: tuple[float, float, float], rerank: str | None,
-               max_pixels: int, text: str | None, image_weight: float) -> None:
+               max_pixels: int, text: str | None, image_weight: float, places: tuple[tuple[float, float], ...],
+               scene: Path | None, cut: bool, geojson: Path | None) -> None:
     """Find the K images of ARCHIVE (`landlens index build`) most similar to each QUERY image,
     or to a sentence (--text "harbor with many boats"), or to each QUERY image with a sentence.
 
@@ -128,17 +154,37 @@ def search_cmd(archive_dir: Path, queries: tuple[Path, ...], k: int, as_json: bo
     --text ranks the archive by cosine in the space of the alignment attached with `landlens
     index text` (one text encoding and one scan of the projected vectors per query); relevance
     feedback refines it in that space; --rerank and --matcher do not apply to it.
+
+    Archives of scenes (`landlens index build SCENE.tif ...`): a QUERY may be a chip,
+    SCENE.tif#window=COL,ROW,W,H; --at LON,LAT queries with a place; --geojson writes where
+    the hits lie.
     """
     from landlens.retrieval.archive import ArchiveError
     from landlens.retrieval.rerank import make_reranker
     from landlens.retrieval.search import search_files
 
-    if not queries and text is None:
-        raise ArchiveError("give QUERY images, --text SENTENCE, or both")
+    if (scene is not None or cut) and not places:
+        raise ArchiveError("--scene and --cut say where an --at query comes from: give --at LON,LAT")
+    if not queries and text is None and not places:
+        raise ArchiveError("give QUERY images, --at LON,LAT, --text SENTENCE, or a combination")
+    if geojson is not None and geojson.suffix.lower() not in (".geojson", ".json"):
+        raise ArchiveError(f"{geojson}: GeoJSON is written to a file ending in .geojson or .json")
     if text is not None and (rerank is not None or matcher is not None):
         raise ArchiveError("--rerank and --matcher re-rank image queries; they do not apply to --text")
     arch = open_archive(archive_dir)
     arch.set_search_params(nprobe=nprobe, ef_search=ef_search)
+    where: list[tuple[float, float] | None] = [None] * len(queries)
+    described: dict[int, str] = {}
+    if places:
+        from landlens.retrieval.geo import query_at
+
+        found = []
+        for lon, lat in places:
+            ref, what = query_at(arch, lon, lat, scene=scene, cut=cut)
+            described[len(queries) + len(found)] = f"at {lon},{lat}: {what}"
+            found.append(Path(ref))
+        queries = (*queries, *found)
+        where += list(places)
     if query_class and len(query_class) not in (1, len(queries)):
         raise ArchiveError(f"--query-class given {len(query_class)} times for {len(queries)} queries; "
                            f"give it once (all queries) or once per query")
@@ -173,19 +219,28 @@ def search_cmd(archive_dir: Path, queries: tuple[Path, ...], k: int, as_json: bo
         from landlens.retrieval.gallery import write_gallery
 
         write_gallery(results, gallery)
+    if geojson is not None:
+        from landlens.retrieval.geo import results_geojson
+        from landlens.scenes.geojson import write_geojson
+
+        write_geojson(geojson, results_geojson(arch, results, places=where if len(where) == len(results) else None))
     if as_json:
         echo_json({"archive": str(archive_dir), "k": k, "metric": "cosine (words)" if text else arch.metric,
+                   **({"at": [list(p) if p else None for p in where]} if places else {}),
+                   "geojson": str(geojson) if geojson is not None else None,
                    "factory": arch.factory, **({"text": text, "image_weight": image_weight} if text else {}),
                    "rerank": rerank, "matcher": str(matcher) if matcher is not None else None,
                    "gallery": str(gallery) if gallery is not None else None,
                    **({"feedback": feedback_doc} if feedback_doc is not None else {}),
                    "results": [r.to_dict() for r in results]})
         return
-    for res in results:
+    for qi, res in enumerate(results):
         if text is not None and not queries:
             click.echo(f"query: {text!r}")
         elif text is not None:
             click.echo(f"query {res.query} + {text!r} (image weight {image_weight:g})")
+        elif qi in described:
+            click.echo(f"query {described[qi]}")
         else:
             click.echo(f"query {res.query} (class: {res.query_class or 'unknown'})")
         if feedback_doc is not None:
@@ -201,6 +256,8 @@ def search_cmd(archive_dir: Path, queries: tuple[Path, ...], k: int, as_json: bo
         click.echo("")
     if gallery is not None:
         click.echo(f"gallery: {gallery}")
+    if geojson is not None:
+        click.echo(f"geojson: {geojson}")
 
 
 __all__ = ["index_cmd", "open_archive", "search_cmd"]

@@ -51,6 +51,13 @@ Conversion rules of :func:`load_rgb`:
     its 2nd and 98th percentiles (``(v - p2) / (p98 - p2)``, clipped; a constant band
     maps to 0), which suits 11-16-bit aerial and satellite products of unknown range.
 
+Chips of georeferenced scenes: a path of the form ``SCENE.tif#window=COL,ROW,W,H&...`` (a
+chip reference, :mod:`landlens.scenes.refs`) is read by rasterio through that window only, with
+the bands, resampling, nodata and stretch the reference records
+(:mod:`landlens.scenes.reader`); ``max_pixels`` applies to the chip, never to the scene, and
+``rgb_bands``, ``scale`` and ``draft_size`` are ignored (the reference carries its own band
+choice and stretch). Every reader below accepts such a path wherever it accepts a file.
+
 All functions are free of shared state between calls and safe to use from DataLoader
 worker processes.
 """
@@ -74,6 +81,7 @@ import tifffile
 from PIL import Image, UnidentifiedImageError
 
 from landlens.errors import ImageReadError, first_line
+from landlens.scenes.refs import ChipRef, looks_like_chip_ref, parse_chip_ref
 
 __all__ = [
     "BANDS_PER_PIXEL",
@@ -174,7 +182,15 @@ if hasattr(os, "register_at_fork"):
 def file_problem(path: str | os.PathLike[str]) -> str | None:
     """Why ``path`` is not a non-empty regular file an image can be read from, in a few words
     ("no such file", "symbolic link loop", "not a regular file: a named pipe (FIFO)"...), or
-    ``None`` when it is one. Only ``stat`` is called: a FIFO or a device is never opened."""
+    ``None`` when it is one. Only ``stat`` is called: a FIFO or a device is never opened.
+    For a chip reference (``SCENE#window=...``), the problem of its scene file or of the reference."""
+    if looks_like_chip_ref(path):
+        try:
+            ref = parse_chip_ref(path)
+        except ImageReadError as exc:
+            return exc.reason
+        if ref is not None:
+            return file_problem(ref.scene)
     p = Path(path)
     try:
         st = p.stat()
@@ -419,6 +435,30 @@ def _decode(path: str | os.PathLike[str], max_pixels: int | None) -> tuple[np.nd
         im.close()
 
 
+def _chip(path: str | os.PathLike[str]) -> ChipRef | None:
+    """The chip reference ``path`` is (``None`` for a file), its scene checked to be a file."""
+    ref = parse_chip_ref(path)
+    if ref is not None:
+        problem = file_problem(ref.scene)
+        if problem is not None:
+            raise ImageReadError(path, f"scene {ref.scene}: {problem}")
+    return ref
+
+
+def _read_chip(path: str | os.PathLike[str], ref: ChipRef, max_pixels: int | None, rgb: bool) -> np.ndarray:
+    """A chip's ``(H, W, 3)`` uint8 RGB (``rgb``) or ``(H, W, C)`` samples, ``max_pixels``
+    checked on its window first; errors name the whole reference."""
+    from landlens.scenes import reader
+
+    check_pixels(Path(os.fspath(path)), ref.width, ref.height, max_pixels, len(ref.bands or (0, 0, 0)))
+    try:
+        return reader.read_chip_rgb(ref) if rgb else reader.read_chip(ref)[0]
+    except ImageReadError as exc:
+        raise ImageReadError(path, exc.reason) from None
+    except MemoryError as exc:
+        raise ImageReadError(path, _reason(exc)) from None
+
+
 # ----------------------------------------------------------------------- conversion
 
 
@@ -516,6 +556,9 @@ def read_image(
         ImageReadError: the file is missing, empty, not an image, truncated, corrupt or
             larger than ``max_pixels``.
     """
+    ref = _chip(path)
+    if ref is not None:
+        return _read_chip(path, ref, max_pixels, rgb=False)
     arr, _ = _decode(path, max_pixels)
     return arr
 
@@ -551,6 +594,9 @@ def load_rgb(
     Raises:
         ImageReadError: as :func:`read_image`, or ``rgb_bands`` that do not fit the image.
     """
+    ref = _chip(path)
+    if ref is not None:
+        return Image.fromarray(_read_chip(path, ref, max_pixels, rgb=True), "RGB")
     p, head = _check_file(path)
     if _is_tiff(head):
         out = _read_tiff(p, max_pixels)
@@ -583,6 +629,15 @@ def probe_image(path: str | os.PathLike[str]) -> ImageInfo:
     Raises:
         ImageReadError: the file is missing, empty, not an image or has a corrupt header.
     """
+    ref = _chip(path)
+    if ref is not None:
+        from landlens.scenes.reader import probe_chip
+
+        try:
+            width, height, bands, dtype, driver = probe_chip(ref)
+        except ImageReadError as exc:
+            raise ImageReadError(path, exc.reason) from None
+        return ImageInfo(width, height, bands, dtype, driver)
     p, head = _check_file(path)
     if _is_tiff(head):
         try:

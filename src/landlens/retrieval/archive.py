@@ -36,9 +36,10 @@ from landlens.errors import ImageReadError
 from landlens.retrieval.search import ArchiveHit, ArchiveSearch
 from landlens.retrieval.textsearch import ArchiveTextSearch
 from landlens.retrieval.generations import (
-    CURRENT, FEATURES, GEN_PREFIX, LOCK, UPLOAD_SUFFIXES, UPLOADS, ArchiveError, Generation, ImageRecord, UnknownImageError,
-    collect_garbage, describe_file, file_lock, generation_name, is_archive, load_current, load_generation,
-    read_current, sha256_file, utc_now, validate_class_name, write_generation,
+    CURRENT, FEATURES, GEN_PREFIX, LOCK, UPLOAD_SUFFIXES, UPLOADS, ArchiveError, GeoRecord, Generation, ImageRecord,
+    UnknownImageError, chip_geo, collect_garbage, describe_file, file_lock, generation_name, image_name, is_archive,
+    load_current, load_generation, read_current, sha256_file, stored_path, utc_now, validate_class_name,
+    write_generation,
 )
 
 
@@ -112,12 +113,50 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
         return cls.from_store(store_dir, outp, index_factory=index_factory, metric=metric, overwrite=overwrite)
 
     @classmethod
+    def build_from_scenes(cls, scenes: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
+                          chip: int = 256, stride: int | None = None, gsd: float | None = None,
+                          bands: Sequence[int] | None = None, nodata: float | None = None, stretch: str = "auto",
+                          resampling: str | None = None, min_valid: float = 0.5,
+                          backbone: str = "tf_efficientnet_lite0", weights: str = "auto", index_factory: str = "auto",
+                          metric: str = "cosine", cache_dir: str | os.PathLike[str] | None = None,
+                          workers: int | None = None, progress: bool = True, overwrite: bool = False) -> "Archive":
+        """Tile georeferenced scenes (GeoTIFF, COG, any CRS) into chips and index them into a new
+        archive ``out`` whose catalog records, for every chip, its scene, pixel window and
+        footprint in the scene CRS and in WGS84 (:mod:`landlens.retrieval.geo`).
+
+        Tiling (:func:`landlens.scenes.tiling.tile_scene`): ``chip``-pixel windows every ``stride``
+        pixels (default ``chip``) of each scene's grid at ``gsd`` metres (default: its own pixels),
+        showing ``bands`` (1-based), with the radiometric mapping ``stretch`` computed once per scene;
+        windows with less than ``min_valid`` of their pixels holding data (``nodata``: a value
+        meaning none, for files that declare none) are skipped. Chips are unlabelled. The other
+        arguments are those of :meth:`build`.
+        """
+        from landlens.features.cache import DEFAULT_CACHE_DIR, ensure_features
+        from landlens.models.registry import create_backbone
+        from landlens.retrieval.geo import scene_dataset
+
+        outp = Path(out)
+        _check_out(outp, overwrite)
+        tiling = {"chip": int(chip), "stride": int(stride) if stride else None, "gsd": gsd,
+                  "bands": list(bands) if bands is not None else None, "nodata": nodata, "stretch": stretch,
+                  "resampling": resampling, "min_valid": float(min_valid)}
+        ds, _ = scene_dataset(scenes, progress=progress, **tiling)
+        bb = create_backbone(backbone, weights)
+        store_dir, _ = ensure_features(ds, bb, cache_dir=Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR,
+                                       workers=workers, progress=progress, command="landlens index build")
+        return cls.from_store(store_dir, outp, index_factory=index_factory, metric=metric, overwrite=overwrite,
+                              extra_meta={"tiling": tiling})
+
+    @classmethod
     def from_store(cls, store: str | os.PathLike[str], out: str | os.PathLike[str], *, index_factory: str = "auto",
-                   metric: str = "cosine", overwrite: bool = False, **index_settings: Any) -> Archive:
+                   metric: str = "cosine", overwrite: bool = False, extra_meta: dict[str, Any] | None = None,
+                   **index_settings: Any) -> Archive:
         """An archive ``out`` over the valid rows of a complete feature store (``landlens
         features extract``): the store's images, classes and extractor, which queries are
         embedded with. ``index_settings`` (``nprobe``, ``ef_search``, ``seed``...) go to the
-        :class:`~landlens.retrieval.index.SearchIndex`; ``overwrite`` as in :meth:`build`."""
+        :class:`~landlens.retrieval.index.SearchIndex`; ``overwrite`` as in :meth:`build`.
+        Chips of scenes among the images are located (the catalog's ``geo`` table); an empty
+        class name means unlabelled; ``extra_meta`` is recorded with the archive's meta."""
         from landlens.features.store import FeatureStore
         from landlens.retrieval.index import build_index_from_store
 
@@ -131,14 +170,17 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
         with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
             described = list(pool.map(describe_file, files))
         added = utc_now()
-        records = [ImageRecord(i, str(f), f.name, fs.classes[int(y)], w, h, s, n, added)
+        records = [ImageRecord(i, str(f), image_name(str(f)), fs.classes[int(y)] or None, w, h, s, n, added)
                    for i, (f, y, (w, h, s, n)) in enumerate(zip(files, fs.labels, described))]
+        geo = {r.id: g for r, g in zip(records, chip_geo([r.path for r in records])) if g is not None}
         meta = {"data_root": str(root), "dataset": fs.meta.get("dataset", {}).get("name"), "created": added,
-                "feature_store": str(Path(store).resolve()), "classes": list(fs.classes)}
+                "feature_store": str(Path(store).resolve()), "classes": [c for c in fs.classes if c],
+                **(extra_meta or {})}
         with file_lock(outp):
             old = read_current(outp)
             gen = int(old[len(GEN_PREFIX):]) + 1 if old else 1
-            state = Generation(gen, index, np.asarray(fs.features, dtype=np.float32), records, len(records), meta)
+            state = Generation(gen, index, np.asarray(fs.features, dtype=np.float32), records, len(records), meta,
+                               geo=geo)
             write_generation(outp, state, int(old[len(GEN_PREFIX):]) if old else None)
             collect_garbage(outp, state)
         return cls.open(outp)
@@ -216,6 +258,28 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
         """Every record, in index row order."""
         return list(self._state.records)
 
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What the archive records about how it was made (data root, dataset, tiling of scenes...)."""
+        return dict(self._state.meta)
+
+    def geo(self, id: int) -> GeoRecord | None:
+        """Where the image ``id`` lies when it is a chip of a scene (``None`` for an image file)."""
+        if int(id) not in self._state.row_of:
+            raise UnknownImageError(f"no image with id {id} in the archive")
+        return self._state.geo.get(int(id))
+
+    def located(self) -> dict[int, GeoRecord]:
+        """Every chip of a scene in the archive: image id -> :class:`GeoRecord`."""
+        return dict(self._state.geo)
+
+    def locate(self, lon: float, lat: float) -> list[ImageRecord]:
+        """The chips whose window contains the WGS84 point ``(lon, lat)``, the one whose centre is
+        nearest the point first (:func:`landlens.retrieval.geo.chips_at`)."""
+        from landlens.retrieval.geo import chips_at
+
+        return [loc.record for loc in chips_at(self, lon, lat)]
+
     def vector(self, id: int) -> np.ndarray:
         state = self._state
         row = state.row_of.get(int(id))
@@ -267,6 +331,9 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
             "generation_bytes": disk,
             "uploads": sum(1 for p in uploads.iterdir() if p.stem in state.id_of_sha) if uploads.is_dir() else 0,
             "text": self.text_info(),
+            "chips": len(state.geo),
+            "scenes": sorted({g.scene for g in state.geo.values()}),
+            "tiling": state.meta.get("tiling"),
         }
 
     # ------------------------------------------------------------------ embedding and searching
@@ -356,9 +423,13 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
             collect_garbage(self.directory, self._state)
 
     def _publish(self, old: Generation, index: Any, vectors: np.ndarray, records: list[ImageRecord], next_id: int,
-                 text: Any = None) -> None:
+                 text: Any = None, geo: dict[int, GeoRecord] | None = None) -> None:
         meta = {**old.meta, "updated": utc_now()}
-        new = Generation(old.generation + 1, index, vectors, records, next_id, meta, text)
+        if geo is None:
+            geo = old.geo
+        kept = {r.id for r in records}
+        new = Generation(old.generation + 1, index, vectors, records, next_id, meta, text,
+                         {i: g for i, g in geo.items() if i in kept})
         write_generation(self.directory, new, old.generation)
         new.vectors = np.load(self.directory / generation_name(new.generation) / "vectors.npy", mmap_mode="r")
         self._state = new
@@ -377,8 +448,9 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
             raise ArchiveError(f"{len(classes)} classes for {len(files)} images")
         labels = [validate_class_name(c) for c in classes] if classes is not None else [None] * len(files)
         for f in files:
-            if not f.is_file():
-                raise ImageReadError(f, file_problem(f) or "no such file")
+            problem = file_problem(f)
+            if problem is not None:
+                raise ImageReadError(f, problem)
         described = [describe_file(f) for f in files]
         with self._updating() as state:
             return self._add_locked(state, files, labels, described, batch_size, progress, max_pixels)
@@ -411,12 +483,31 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
         index.index_ = faiss_module().clone_index(state.index.index_)
         index.add(x)
         added = utc_now()
-        new = [ImageRecord(state.next_id + i, str(f.resolve()), f.name, c, w, h, s, n, added)
+        new = [ImageRecord(state.next_id + i, stored_path(f), image_name(str(f)), c, w, h, s, n, added)
                for i, (f, c, w, h, s, n) in enumerate(todo)]
+        geo = {**state.geo, **{r.id: g for r, g in zip(new, chip_geo([r.path for r in new])) if g is not None}}
         vectors = np.concatenate([np.asarray(state.vectors, dtype=np.float32), x])
         text = state.text.extended(x) if state.text is not None else None
-        self._publish(state, index, vectors, [*state.records, *new], state.next_id + len(new), text)
+        self._publish(state, index, vectors, [*state.records, *new], state.next_id + len(new), text, geo)
         return new
+
+    def add_scenes(self, scenes: Sequence[str | os.PathLike[str]], *, progress: bool = False,
+                   max_pixels: int | None = None, **tiling: Any) -> list[ImageRecord]:
+        """Tile georeferenced scenes and add their chips (unlabelled); returns the new records.
+
+        ``tiling`` (``chip``, ``stride``, ``gsd``, ``bands``, ``nodata``, ``stretch``,
+        ``resampling``, ``min_valid``; see :meth:`build_from_scenes`) defaults to the settings the
+        archive was built with, if it was built from scenes. Chips already indexed are skipped.
+        """
+        from landlens.retrieval.geo import DEFAULT_TILING, tile_scenes
+
+        given = {k: v for k, v in tiling.items() if v is not None}
+        settings = {**DEFAULT_TILING, **(self._state.meta.get("tiling") or {}), **given}
+        if "chip" in given and "stride" not in given:
+            settings["stride"] = None  # another chip size: its own stride
+        tiles = tile_scenes(scenes, progress=progress, **settings)
+        refs = [str(c.ref) for t in tiles for c in t.chips]
+        return self.add(refs, progress=progress, max_pixels=max_pixels)
 
     def add_upload(self, path: str | os.PathLike[str], class_name: str | None = None, *,
                    max_pixels: int | None = None) -> ImageRecord | None:
@@ -497,4 +588,4 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
                 f"backbone={self.backbone_name!r}, index={self.factory!r})")
 
 
-__all__ = ["Archive", "ArchiveError", "ArchiveHit", "ImageRecord", "is_archive", "validate_class_name"]
+__all__ = ["Archive", "ArchiveError", "ArchiveHit", "GeoRecord", "ImageRecord", "is_archive", "validate_class_name"]

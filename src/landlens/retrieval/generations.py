@@ -9,7 +9,9 @@ stands on::
         index/             the FAISS index (:class:`~landlens.retrieval.index.SearchIndex` folder);
                            its meta records the extractor (backbone, weights digest, preprocessing)
         vectors.npy        (n, dim) float32 features, row i = FAISS row i
-        catalog.sqlite     one row per image: id, row, path, class, width, height, sha256, bytes, added
+        catalog.sqlite     one row per image: id, row, path, class, width, height, sha256, bytes, added;
+                           for each chip of a scene, a row of ``geo``: scene, pixel window, gsd,
+                           CRS, the window's transform, footprint in the scene CRS and in WGS84
         generation.json    generation number, image count, next id, parent generation
         text/              (optional) the image-text alignment and the vectors projected by it
                            (:class:`~landlens.retrieval.textspace.TextIndex`): search by words
@@ -47,7 +49,7 @@ import shutil
 import sqlite3
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,24 @@ CREATE TABLE images (
 CREATE INDEX images_sha256 ON images(sha256);
 CREATE INDEX images_class ON images(class);
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE geo (
+    id INTEGER PRIMARY KEY REFERENCES images(id),
+    scene TEXT NOT NULL,
+    col_off INTEGER NOT NULL,
+    row_off INTEGER NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    gsd REAL,
+    crs TEXT NOT NULL,
+    transform TEXT NOT NULL,
+    footprint TEXT NOT NULL,
+    footprint_wgs84 TEXT NOT NULL,
+    west REAL NOT NULL,
+    south REAL NOT NULL,
+    east REAL NOT NULL,
+    north REAL NOT NULL
+);
+CREATE INDEX geo_scene ON geo(scene);
 """
 
 
@@ -133,6 +153,83 @@ class ImageRecord:
                 "height": self.height, "sha256": self.sha256, "bytes": self.bytes, "added": self.added}
 
 
+def image_name(path: str) -> str:
+    """How an image is named in listings: its file name, or ``scene.tif#window=COL,ROW,W,H``
+    for a chip of a scene."""
+    from landlens.scenes.refs import parse_chip_ref
+
+    try:
+        ref = parse_chip_ref(path)
+    except LandlensError:
+        ref = None
+    return ref.short if ref is not None else Path(path).name
+
+
+def stored_path(path: str | os.PathLike[str]) -> str:
+    """The path an archive records for an image: the absolute file, or for a chip of a scene its
+    canonical reference (absolute scene path, every setting written out, so it decodes the same
+    wherever and whenever it is read)."""
+    from landlens.scenes.refs import parse_chip_ref
+
+    ref = parse_chip_ref(path)
+    if ref is None:
+        return str(Path(path).resolve())
+    from landlens.scenes.reader import resolve
+
+    return str(resolve(replace(ref, scene=str(Path(ref.scene).resolve()))))
+
+
+@dataclass(frozen=True)
+class GeoRecord:
+    """Where a chip of a scene lies (the ``geo`` table of the catalog; JSON in :meth:`to_dict`).
+
+    ``window`` is ``(col, row, width, height)`` on the scene's chip grid (its own pixels, or the
+    grid at ``gsd`` metres); ``transform`` maps the chip's pixel corners to the scene CRS
+    (``x = a*col + b*row + c``, ``y = d*col + e*row + f``); ``footprint`` and ``footprint_wgs84``
+    are closed counter-clockwise rings through the window's four corners (WGS84 in longitude,
+    latitude order); ``bounds`` is ``(west, south, east, north)`` of the WGS84 ring.
+    """
+
+    scene: str
+    window: tuple[int, int, int, int]
+    gsd: float | None
+    crs: str
+    transform: tuple[float, ...]
+    footprint: tuple[tuple[float, float], ...]
+    footprint_wgs84: tuple[tuple[float, float], ...]
+    bounds: tuple[float, float, float, float]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GeoRecord":
+        return cls(str(d["scene"]), tuple(int(v) for v in d["window"]),  # type: ignore[arg-type]
+                   None if d.get("gsd") is None else float(d["gsd"]), str(d["crs"]),
+                   tuple(float(v) for v in d["transform"]),
+                   tuple((float(x), float(y)) for x, y in d["footprint"]),
+                   tuple((float(x), float(y)) for x, y in d["footprint_wgs84"]),
+                   tuple(float(v) for v in d["bounds"]))  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scene": self.scene, "window": list(self.window), "gsd": self.gsd, "crs": self.crs,
+                "transform": list(self.transform), "footprint": [list(p) for p in self.footprint],
+                "footprint_wgs84": [list(p) for p in self.footprint_wgs84], "bounds": list(self.bounds)}
+
+
+def chip_geo(paths: list[str]) -> list[GeoRecord | None]:
+    """Per image path, its :class:`GeoRecord` when it is a chip reference, else ``None``
+    (each scene opened once)."""
+    from landlens.scenes.refs import parse_chip_ref
+
+    refs = [parse_chip_ref(p) for p in paths]
+    chips = [(i, r) for i, r in enumerate(refs) if r is not None]
+    out: list[GeoRecord | None] = [None] * len(paths)
+    if chips:
+        from landlens.scenes.reader import chip_geo as scene_chip_geo
+
+        for (i, _), d in zip(chips, scene_chip_geo([r for _, r in chips])):
+            out[i] = GeoRecord.from_dict(d)
+    return out
+
+
 @dataclass
 class Generation:
     """One loaded generation (immutable once published; updates build a new one)."""
@@ -144,6 +241,7 @@ class Generation:
     next_id: int
     meta: dict[str, Any]
     text: Any = None  # TextIndex (search by words), or None
+    geo: dict[int, GeoRecord] = field(default_factory=dict)  # image id -> where a chip of a scene lies
 
     def __post_init__(self) -> None:
         self.row_of = {r.id: i for i, r in enumerate(self.records)}
@@ -158,6 +256,15 @@ def utc_now() -> str:
 
 
 def sha256_file(path: Path) -> tuple[str, int]:
+    """``(sha256, bytes)`` of a file's content; for a chip of a scene, the chip's digest and
+    sample bytes (:func:`landlens.scenes.reader.chip_digest`)."""
+    from landlens.scenes.refs import parse_chip_ref
+
+    ref = parse_chip_ref(path)
+    if ref is not None:
+        from landlens.scenes.reader import chip_digest
+
+        return chip_digest(ref)
     h = hashlib.sha256()
     n = 0
     with open(path, "rb") as f:
@@ -272,19 +379,44 @@ def load_generation(directory: Path, name: str) -> Generation:
         try:
             rows = con.execute("SELECT id, row, path, class, width, height, sha256, bytes, added "
                                "FROM images ORDER BY row").fetchall()
+            geo_rows = []
+            if con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='geo'").fetchone():
+                geo_rows = con.execute(_GEO_SELECT).fetchall()
         finally:
             con.close()
     except sqlite3.Error as exc:
         raise ArchiveError(f"archive {directory}: cannot read {name}/catalog.sqlite: {first_line(exc)}") from None
-    records = [ImageRecord(int(i), p, Path(p).name, c, int(w), int(h), s, int(b), a)
+    records = [ImageRecord(int(i), p, image_name(p), c, int(w), int(h), s, int(b), a)
                for i, _r, p, c, w, h, s, b, a in rows]
     if not (len(records) == vectors.shape[0] == index.ntotal == int(doc.get("images", -1))):
         raise ArchiveError(f"archive {directory}: generation {name} is inconsistent ({len(records)} catalog rows, "
                            f"{vectors.shape[0]} vectors, {index.ntotal} indexed); rebuild it")
     if [int(row[1]) for row in rows] != list(range(len(rows))):
         raise ArchiveError(f"archive {directory}: generation {name} has gaps in its catalog rows; rebuild it")
+    try:
+        geo = {int(g[0]): _geo_record(g) for g in geo_rows}
+    except (TypeError, ValueError) as exc:
+        raise ArchiveError(f"archive {directory}: generation {name} has a damaged geo table: {first_line(exc)}") from None
+    if not geo.keys() <= {r.id for r in records}:
+        raise ArchiveError(f"archive {directory}: generation {name} locates images it does not hold; rebuild it")
     return Generation(int(doc["generation"]), index, vectors, records, int(doc["next_id"]), dict(doc.get("meta") or {}),
-                      _load_text(directory, gen, len(records)))
+                      _load_text(directory, gen, len(records)), geo)
+
+
+_GEO_SELECT = ("SELECT id, scene, col_off, row_off, width, height, gsd, crs, transform, footprint, footprint_wgs84, "
+               "west, south, east, north FROM geo")
+
+
+def _geo_record(row: tuple[Any, ...]) -> GeoRecord:
+    _, scene, c, r, w, h, gsd, crs, transform, fp, fpw, west, south, east, north = row
+    return GeoRecord.from_dict({"scene": scene, "window": (c, r, w, h), "gsd": gsd, "crs": crs,
+                                "transform": json.loads(transform), "footprint": json.loads(fp),
+                                "footprint_wgs84": json.loads(fpw), "bounds": (west, south, east, north)})
+
+
+def _geo_row(id: int, g: GeoRecord) -> tuple[Any, ...]:
+    return (id, g.scene, *g.window, g.gsd, g.crs, json.dumps(list(g.transform)),
+            json.dumps([list(p) for p in g.footprint]), json.dumps([list(p) for p in g.footprint_wgs84]), *g.bounds)
 
 
 def _load_text(directory: Path, gen: Path, n: int) -> Any:
@@ -318,6 +450,8 @@ def write_generation(directory: Path, state: Generation, parent: int | None) -> 
                              for i, r in enumerate(state.records)])
             con.executemany("INSERT INTO meta VALUES (?, ?)",
                             [(k, json.dumps(v, sort_keys=True)) for k, v in state.meta.items()])
+            con.executemany("INSERT INTO geo VALUES (" + ", ".join("?" * 15) + ")",
+                            [_geo_row(r.id, state.geo[r.id]) for r in state.records if r.id in state.geo])
             con.commit()
         finally:
             con.close()
@@ -366,7 +500,7 @@ def collect_garbage(directory: Path, state: Generation) -> None:
 
 __all__ = [
     "CLASS_NAME_LIMIT", "CURRENT", "FEATURES", "FORMAT_VERSION", "GEN_PREFIX", "LOCK", "READERS", "UPLOADS",
-    "UPLOAD_SUFFIXES", "ArchiveError", "Generation", "UnknownImageError", "ImageRecord", "collect_garbage", "commit_generation",
+    "UPLOAD_SUFFIXES", "ArchiveError", "GeoRecord", "Generation", "chip_geo", "image_name", "stored_path", "UnknownImageError", "ImageRecord", "collect_garbage", "commit_generation",
     "describe_file", "file_lock", "fsync_dir", "fsync_tree", "generation_name", "is_archive", "load_current",
     "load_generation", "read_current", "sha256_file", "utc_now", "validate_class_name", "write_generation",
 ]  # fmt: skip
