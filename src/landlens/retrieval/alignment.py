@@ -88,8 +88,8 @@ class Alignment(nn.Module):
     :meth:`load` write and read the file.
     """
 
-    def __init__(self, image_dim: int, text_dim: int, dim: int = 256, *, head: str = "linear", hidden: int = 1024,
-                 temperature: float = 0.07, image_tower: dict[str, Any] | None = None,
+    def __init__(self, image_dim: int, text_dim: int, dim: int = 1024, *, head: str = "linear", hidden: int = 1024,
+                 temperature: float = 0.1, image_tower: dict[str, Any] | None = None,
                  text_tower: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.settings = {"image_dim": int(image_dim), "text_dim": int(text_dim), "dim": int(dim), "head": head,
@@ -126,8 +126,8 @@ class Alignment(nn.Module):
 
     # ------------------------------------------------------------------ training
     def fit(self, image_feats: np.ndarray, text_feats: np.ndarray, image_of_text: Sequence[int], *,
-            labels: Sequence[int] | None = None, class_texts: np.ndarray | None = None, class_weight: float = 1.0,
-            epochs: int = 30, batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-4,
+            labels: Sequence[int] | None = None, class_texts: np.ndarray | None = None, class_weight: float = 0.3,
+            epochs: int = 20, batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-4,
             shared_positives: bool = False, seed: int = 0) -> list[float]:
         """Train on caption ``j`` (row of ``text_feats``) paired with image ``image_of_text[j]``.
 
@@ -138,7 +138,8 @@ class Alignment(nn.Module):
         (``(classes, templates, text_dim)``: text vectors of every prompt template of every class;
         classes no image is labelled with are negatives only), each batch adds ``class_weight``
         times the cross-entropy of its labelled images against one random template of every
-        class. Returns the mean loss of each epoch.
+        class. Returns the mean loss of each epoch. The defaults (and those of ``__init__``) are
+        the recipe of :func:`landlens.retrieval.textstudy.train_alignment`.
         """
         if self.settings["head"] == "identity":
             raise LandlensError("an identity alignment has nothing to train")
