@@ -142,3 +142,98 @@ def test_text_index_extends_and_subsets_like_a_fresh_projection() -> None:
 ])
 def test_readable_class_names(name: str, vocab: set[str] | None, want: str) -> None:
     assert readable_class_name(name, frozenset(vocab) if vocab else None) == want
+
+
+def test_info_nce_with_positives_by_hand() -> None:
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    scale = torch.tensor(0.0)
+    eye = torch.eye(2, dtype=torch.bool)
+    assert float(info_nce(img, txt, scale, eye)) == pytest.approx(float(info_nce(img, txt, scale)), abs=1e-6)
+    # text 0 also describes image 1: image 1's row and text 0's column spread their target over two
+    pos = torch.tensor([[True, False], [True, True]])
+    lse = lambda row: math.log(sum(math.exp(v) for v in row))  # noqa: E731
+    i2t = ((-1 + lse([1, 0.6])) + (-(0 + 0.8) / 2 + lse([0, 0.8]))) / 2  # image rows: [1, .6], [0, .8]
+    t2i = ((-(1 + 0) / 2 + lse([1, 0])) + (-0.8 + lse([0.6, 0.8]))) / 2  # text rows: [1, 0], [.6, .8]
+    assert float(info_nce(img, txt, scale, pos)) == pytest.approx((i2t + t2i) / 2, abs=1e-6)
+
+
+def test_shared_sentences_as_positives_still_learn() -> None:
+    """Every image of a class has the same sentence (identical text rows, as in templated
+    captions): with ``shared_positives`` they are matches, and the heads still learn the classes."""
+    rng = np.random.default_rng(4)
+    codes = rng.normal(size=(8, 6))
+    img_class = np.repeat(np.arange(8), 12)
+    images = codes[img_class] @ rng.normal(size=(6, 20)) + 0.05 * rng.normal(size=(96, 20))
+    sentences = codes @ rng.normal(size=(6, 10))
+    owner = np.arange(96)
+    model = Alignment(20, 10, dim=8, temperature=0.1)
+    losses = model.fit(images, sentences[img_class], owner, epochs=40, batch_size=32, lr=1e-2, shared_positives=True,
+                       seed=0)
+    assert losses[-1] < losses[0]
+    sim = model.texts(sentences) @ model.images(images).T  # one query per class
+    assert recall_at_k(sim, [set(np.flatnonzero(img_class == c).tolist()) for c in range(8)], ks=(1,))["R@1"] == 1.0
+
+
+class _WordTower:
+    """A stand-in text tower: a sentence's vector is the sum of fixed random vectors of its words."""
+
+    def __init__(self, dim: int = 16) -> None:
+        from landlens.models.text import TextTowerInfo
+
+        self.info = TextTowerInfo("words", "file", "none", "ef" * 32, dim, 32)
+        self.dim = dim
+        vocab = {w: i for i, w in enumerate(["dense", "residential", "sea", "lake", "forest", "river"])}
+        self.tokenizer = type("Tokenizer", (), {"get_vocab": lambda self: vocab})()
+
+    def encode(self, sentences: list[str]) -> np.ndarray:
+        import hashlib
+
+        out = np.zeros((len(sentences), self.dim), np.float32)
+        for i, s in enumerate(sentences):
+            for w in s.lower().replace(".", " ").split():
+                seed = int(hashlib.sha256(w.encode()).hexdigest()[:8], 16)
+                out[i] += np.random.default_rng(seed).normal(size=self.dim)
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+def _captioned_folder(tmp_path: Path):
+    import json
+
+    from landlens.features.store import FeatureSet
+
+    rng = np.random.default_rng(5)
+    classes = ["forest", "river", "denseresidential"]
+    words = {"forest": "green trees", "river": "water flows", "denseresidential": "many houses"}
+    paths, labels, items = [], [], []
+    for c, name in enumerate(classes):
+        for k in range(8):
+            p = f"{name}/{name}{k:02d}.jpg"
+            paths.append(p)
+            labels.append(c)
+            items.append({"image": f"Images/{p}", "split": "train" if k < 6 else "test",
+                          "sentences": [f"there are {words[name]}", f"{words[name]} number {k}"]})
+    (tmp_path / "captions.json").write_text(json.dumps({"images": items}))
+    feats = np.eye(3)[labels] @ rng.normal(size=(3, 12)) + 0.1 * rng.normal(size=(len(paths), 12))
+    meta = {"dataset": {"root": str(tmp_path / "Images")},
+            "identity": {"backbone": "fake", "weights_digest": "00" * 32}}
+    return FeatureSet(feats.astype(np.float32), paths, np.asarray(labels), classes, meta, np.ones(len(paths), bool))
+
+
+def test_train_alignment_is_seeded_and_takes_negative_only_classes(tmp_path: Path) -> None:
+    from landlens.retrieval.textspace import TextSpace
+    from landlens.retrieval.textstudy import evaluate_text, train_alignment
+
+    fs, tower = _captioned_folder(tmp_path), _WordTower()
+    cap = tmp_path / "captions.json"
+    kw = dict(dim=8, epochs=5, batch_size=8, class_weight=1.0, templates=("{}", "a photo of {}."),
+              extra_classes=["Forest", "dense_residential", "SeaLake"], cache_dir=tmp_path / "cache")
+    a = train_alignment(fs, tower, cap, seed=3, **kw)
+    torch.rand(100)  # the global generator moves on: the seed alone decides the heads
+    b = train_alignment(fs, tower, cap, seed=3, **kw)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert a.trained["extra_classes"] == ["sea lake"]  # names that read like the folder's classes are skipped
+    assert a.trained["weight_decay"] == 1e-4 and a.trained["shared_positives"] is False
+    res = evaluate_text(TextSpace(a, tower), fs, cap, "test", cache_dir=tmp_path / "cache")
+    assert res["images"] == 6 and res["sentences"] == 12

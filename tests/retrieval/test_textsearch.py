@@ -185,8 +185,10 @@ def test_zero_shot_probabilities_by_hand(world) -> None:  # noqa: ANN001
     for g, row in zip(got, p):
         assert dict(zip(g.labels, g.probabilities)) == pytest.approx(dict(zip(["sandy beach", "forest", "river"], row)),
                                                                      abs=1e-5)
+    tfile = world["root"] / "templates.txt"  # the same prompts: the built-in ensemble is another one
+    tfile.write_text("\n".join(templates) + "\n")
     res = CliRunner().invoke(cli, ["predict", str(world["alignment"]), *map(str, files), "--zero-shot",
-                                   "--classes", "sandy beach,forest,river", "--json"])
+                                   "--classes", "sandy beach,forest,river", "--templates", str(tfile), "--json"])
     assert res.exit_code == 0, res.output
     assert [d["top"][0]["label"] for d in json.loads(res.output)] == [g.labels[0] for g in got]
     res = CliRunner().invoke(cli, ["predict", str(world["alignment"]), str(files[0]), "--zero-shot"])

@@ -42,12 +42,22 @@ class AlignmentMismatchError(LandlensError):
     """Features of another image or text tower than the ones an alignment was trained on."""
 
 
-def info_nce(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def info_nce(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+             positives: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE of matched rows: ``(CE(s, I) + CE(s^T, I)) / 2`` with
-    ``s = exp(logit_scale) * image @ text^T`` on L2-normalised rows (row i of each is a pair)."""
+    ``s = exp(logit_scale) * image @ text^T`` on L2-normalised rows (row i of each is a pair).
+
+    ``positives`` (``(n, n)`` bool, image i x text j, diagonal true) marks more pairs as matched
+    (a sentence that also describes another image of the batch): each row's target is then
+    spread evenly over its positives (the multi-positive contrastive loss of Khosla et al.,
+    NeurIPS 2020, Eq. 2, in its cross-entropy form), instead of counting them as negatives."""
     logits = logit_scale.exp() * image @ text.T
-    target = torch.arange(len(image), device=image.device)
-    return (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)) / 2
+    if positives is None:
+        target = torch.arange(len(image), device=image.device)
+        return (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)) / 2
+    pos = positives.to(logits.dtype)
+    return (nn.functional.cross_entropy(logits, pos / pos.sum(1, keepdim=True))
+            + nn.functional.cross_entropy(logits.T, pos.T / pos.T.sum(1, keepdim=True))) / 2
 
 
 def _head(kind: str, d_in: int, d_out: int, hidden: int) -> nn.Module:
@@ -78,8 +88,8 @@ class Alignment(nn.Module):
     :meth:`load` write and read the file.
     """
 
-    def __init__(self, image_dim: int, text_dim: int, dim: int = 256, *, head: str = "linear", hidden: int = 1024,
-                 temperature: float = 0.07, image_tower: dict[str, Any] | None = None,
+    def __init__(self, image_dim: int, text_dim: int, dim: int = 1024, *, head: str = "linear", hidden: int = 1024,
+                 temperature: float = 0.1, image_tower: dict[str, Any] | None = None,
                  text_tower: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.settings = {"image_dim": int(image_dim), "text_dim": int(text_dim), "dim": int(dim), "head": head,
@@ -116,16 +126,20 @@ class Alignment(nn.Module):
 
     # ------------------------------------------------------------------ training
     def fit(self, image_feats: np.ndarray, text_feats: np.ndarray, image_of_text: Sequence[int], *,
-            labels: Sequence[int] | None = None, class_texts: np.ndarray | None = None, class_weight: float = 1.0,
-            epochs: int = 30, batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-4,
-            seed: int = 0) -> list[float]:
+            labels: Sequence[int] | None = None, class_texts: np.ndarray | None = None, class_weight: float = 0.3,
+            epochs: int = 20, batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-4,
+            shared_positives: bool = False, seed: int = 0) -> list[float]:
         """Train on caption ``j`` (row of ``text_feats``) paired with image ``image_of_text[j]``.
 
         A batch holds each image at most once (its captions are not negatives of each other).
-        With ``labels`` (one class per image, ``-1`` for none) and ``class_texts`` (``(classes,
-        templates, text_dim)``: text vectors of every prompt template of every class), each batch
-        adds ``class_weight`` times the cross-entropy of its labelled images against one random
-        template of every class. Returns the mean loss of each epoch.
+        With ``shared_positives``, a sentence that describes several images of a batch (identical
+        text vectors) counts all of them as matches (:func:`info_nce` ``positives``), not as
+        negatives. With ``labels`` (one class per image, ``-1`` for none) and ``class_texts``
+        (``(classes, templates, text_dim)``: text vectors of every prompt template of every class;
+        classes no image is labelled with are negatives only), each batch adds ``class_weight``
+        times the cross-entropy of its labelled images against one random template of every
+        class. Returns the mean loss of each epoch. The defaults (and those of ``__init__``) are
+        the recipe of :func:`landlens.retrieval.textstudy.train_alignment`.
         """
         if self.settings["head"] == "identity":
             raise LandlensError("an identity alignment has nothing to train")
@@ -135,6 +149,11 @@ class Alignment(nn.Module):
         txt = nn.functional.normalize(torch.as_tensor(np.asarray(text_feats, np.float32)), dim=1)
         owner = torch.as_tensor(np.asarray(image_of_text, np.int64))
         captions_of = [torch.nonzero(owner == i).flatten() for i in range(len(img))]
+        if shared_positives:  # has_sentence[i, s]: image i is described by distinct sentence s
+            _, sid_np = np.unique(txt.numpy(), axis=0, return_inverse=True)
+            sid = torch.as_tensor(sid_np.reshape(-1), dtype=torch.int64)
+            has_sentence = torch.zeros(len(img), int(sid.max()) + 1 if len(sid) else 0, dtype=torch.bool)
+            has_sentence[owner, sid] = True
         use_classes = labels is not None and class_texts is not None and class_weight > 0
         if use_classes:
             y = torch.as_tensor(np.asarray(labels, np.int64))
@@ -163,7 +182,8 @@ class Alignment(nn.Module):
                     pick = torch.stack([captions_of[int(ids[k])][torch.randint(len(captions_of[int(ids[k])]), (1,),
                                                                               generator=g)] for k in has]).flatten()
                     zt = nn.functional.normalize(self.text_head(txt[pick]), dim=1)
-                    loss = loss + info_nce(zi[has], zt, scale)
+                    pos = has_sentence[ids[has]][:, sid[pick]] if shared_positives else None
+                    loss = loss + info_nce(zi[has], zt, scale, pos)
                 if use_classes:
                     yb = y[ids]
                     lab = yb >= 0
