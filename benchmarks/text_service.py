@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from landlens.data.captions import read_captions
     from landlens.retrieval.archive import Archive
-    from landlens.retrieval.textstudy import align
+    from landlens.retrieval.textstudy import align_text
 
     t0 = time.perf_counter()
     Archive.build(UCM, args.archive, backbone="tf_efficientnet_lite0", weights="package", cache_dir=args.cache_dir,
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     report = None
     if alignment is None:
         alignment = args.archive.parent / "text_archive_ucm.alignment.safetensors"
-        _, report = align(UCM, UCM / "captions.json", alignment, backbones="tf_efficientnet_lite0", weights="package",
+        _, report = align_text(UCM, UCM / "captions.json", alignment, backbones="tf_efficientnet_lite0", weights="package",
                           cache_dir=args.cache_dir)
     Archive.open(args.archive).enable_text(alignment)
     sentences = list(dict.fromkeys(s for c in read_captions(UCM / "captions.json") if c.split == "test"

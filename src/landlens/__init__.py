@@ -11,6 +11,8 @@ of these)::
     print(landlens.evaluate(both).metrics["mAP"])                        # mAP, ANMRR, P@k, class-wise mAP
     arch = landlens.Archive.build("UCMerced_LandUse", "ucm.archive")     # FAISS index + catalog on disk
     hits = arch.search("query.jpg", k=10, rerank="kreciprocal")          # by file, image, vector or id
+    landlens.align_text("UCMerced_LandUse", "captions.json", "words.safetensors")   # image-text heads
+    arch.enable_text("words.safetensors"); arch.search_text("harbor with many boats", k=10)
     run = landlens.train(landlens.load_config("benchmarks/configs/ucm_linear.yaml"))
     scenes = landlens.Archive.build_from_scenes(["a.tif", "b.tif"], "a.archive", chip=256, gsd=0.3)
     ref, _ = landlens.query_at(scenes, 121.0, 14.6)                      # a place -> the chip holding it
@@ -58,6 +60,12 @@ _EXPORTS: dict[str, str] = {
     "ArchiveHit": "landlens.retrieval.search",
     "evaluate": "landlens.retrieval.evaluate",
     "make_reranker": "landlens.retrieval.rerank",
+    # search by words
+    "Alignment": "landlens.retrieval.alignment",
+    "align_text": "landlens.retrieval.textstudy",
+    "clip_alignment": "landlens.retrieval.textstudy",
+    "evaluate_text": "landlens.retrieval.textstudy",
+    "open_text_space": "landlens.retrieval.textspace",
     "search_files": "landlens.retrieval.search",
     "query_at": "landlens.retrieval.geo",
     "results_geojson": "landlens.retrieval.geo",
@@ -66,12 +74,14 @@ _EXPORTS: dict[str, str] = {
     "load_config": "landlens.training.config",
     "train": "landlens.training.engine",
     "Predictor": "landlens.training.predict",
+    "ZeroShotPredictor": "landlens.training.predict",
     # errors
     "LandlensError": "landlens.errors",
 }
 
 __all__ = [
     "__version__",
+    "Alignment",
     "Archive",
     "ArchiveHit",
     "FeatureSet",
@@ -80,10 +90,14 @@ __all__ = [
     "Predictor",
     "Preprocessing",
     "TrainConfig",
+    "ZeroShotPredictor",
+    "align_text",
+    "clip_alignment",
     "create_backbone",
     "create_text_tower",
     "decode_image",
     "evaluate",
+    "evaluate_text",
     "extract",
     "fuse",
     "load_config",
@@ -91,6 +105,7 @@ __all__ = [
     "make_reranker",
     "make_split",
     "open_scene",
+    "open_text_space",
     "query_at",
     "results_geojson",
     "scan_folder",
@@ -109,6 +124,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from landlens.models.preprocessing import Preprocessing, decode_image
     from landlens.models.registry import create_backbone
     from landlens.models.text import create_text_tower
+    from landlens.retrieval.alignment import Alignment
     from landlens.retrieval.archive import Archive
     from landlens.retrieval.evaluate import evaluate
     from landlens.features.fusion import fuse
@@ -119,7 +135,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from landlens.scenes.tiling import tile_scene
     from landlens.training.config import TrainConfig, load_config
     from landlens.training.engine import train
-    from landlens.training.predict import Predictor
+    from landlens.training.predict import Predictor, ZeroShotPredictor
 
 
 def __getattr__(name: str) -> Any:

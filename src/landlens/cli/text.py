@@ -1,6 +1,6 @@
 """``landlens retrieval align`` and ``landlens retrieval evaluate-text``: search by words.
 
-Thin shells over :func:`landlens.retrieval.textstudy.align` (train an image-text alignment on a
+Thin shells over :func:`landlens.retrieval.textstudy.align_text` (train an image-text alignment on a
 captions file, offline) and :func:`~landlens.retrieval.textstudy.evaluate_text` /
 :func:`~landlens.retrieval.textstudy.evaluate_zero_shot` (R@k on a captions split, zero-shot
 accuracy on a labelled folder). Registered in the ``retrieval`` group (:mod:`landlens.cli.main`).
@@ -81,7 +81,7 @@ def align_cmd(data: Path, captions: Path | None, backbones: tuple[str, ...], wei
     --clip writes the identity alignment of a CLIP-family checkpoint instead (RemoteCLIP,
     GeoRSCLIP, SkyCLIP, OpenAI CLIP through open_clip): nothing is trained, DATA is not read."""
     from landlens.errors import LandlensError
-    from landlens.retrieval.textstudy import align, clip_alignment
+    from landlens.retrieval.textstudy import align_text, clip_alignment
 
     if clip:
         if len(backbones) != 1 or len(weights) != 1 or captions is not None:
@@ -97,7 +97,7 @@ def align_cmd(data: Path, captions: Path | None, backbones: tuple[str, ...], wei
                                   "seed": seed}.items() if v is not None}
     if templates_file is not None:
         settings["templates"] = _templates(templates_file)
-    _, report = align(data, captions, out, backbones=backbones, weights=weights, text=text, text_weights=text_weights,
+    _, report = align_text(data, captions, out, backbones=backbones, weights=weights, text=text, text_weights=text_weights,
                       dataset=dataset, cache_dir=cache_dir, progress=not as_json, **settings)
     report["command"] = command_line()
     if as_json:

@@ -231,7 +231,7 @@ def evaluate_zero_shot(space: TextSpace, fs: Any, classes: Sequence[str] | None 
             "confusion": np.bincount(truth * len(names) + pred, minlength=len(names) ** 2).reshape(len(names), -1).tolist()}
 
 
-def align(data: str | os.PathLike[str], captions: str | os.PathLike[str], out: str | os.PathLike[str], *,
+def align_text(data: str | os.PathLike[str], captions: str | os.PathLike[str], out: str | os.PathLike[str], *,
           backbones: Sequence[str] | str = "tf_efficientnet_lite0", weights: Sequence[str] | str = "auto",
           text: str = "minilm", text_weights: str = "package", dataset: str | None = None,
           cache_dir: str | os.PathLike[str] | None = None, progress: bool = False, **settings: Any) -> tuple[Alignment, dict[str, Any]]:
@@ -346,5 +346,6 @@ class AlignedImageTower:
         return self.space.images(x) if len(ok) else np.zeros((0, self.space.dim), np.float32), errors
 
 
-__all__ = ["NEGATIVE_CLASS_DATASETS", "AlignedImageTower", "CaptionPart", "align", "catalog_class_names", "alignment_features", "clip_alignment", "caption_parts", "encode_cached", "evaluate_text", "evaluate_zero_shot", "image_features",
-           "image_tower_identity", "train_alignment"]
+__all__ = ["NEGATIVE_CLASS_DATASETS", "AlignedImageTower", "CaptionPart", "align_text", "alignment_features",
+           "caption_parts", "catalog_class_names", "clip_alignment", "encode_cached", "evaluate_text", "evaluate_zero_shot",
+           "image_features", "image_tower_identity", "train_alignment"]
