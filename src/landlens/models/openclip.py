@@ -50,7 +50,7 @@ from landlens.errors import BackboneError, WeightsError, first_line
 from landlens.hashing import cached_file_digest
 from landlens.models.base import Backbone, BackboneSpec, TextEncoder, TextTowerInfo, WeightsInfo
 from landlens.models.preprocessing import Preprocessing
-from landlens.models.weights import read_checkpoint, state_dict_digest
+from landlens.models.weights import read_checkpoint, state_dict_digest, state_dict_mismatch
 
 OPENCLIP_PREFIX = "openclip:"
 INSTALL_HINT = "pip install 'landlens[clip]'"
@@ -218,20 +218,9 @@ def fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], what: str, arc
     for key in own:  # BatchNorm counters (RN50) do not change outputs; older files lack them
         if key.endswith("num_batches_tracked") and key not in sd:
             sd[key] = own[key]
-    missing = sorted(own.keys() - sd.keys())
-    unexpected = sorted(sd.keys() - own.keys())
-    wrong = sorted(k for k in own.keys() & sd.keys() if tuple(own[k].shape) != tuple(sd[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} of wrong shape (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)})")
-        raise WeightsError(f"{what} does not fit open_clip {arch}: " + "; ".join(parts)
-                           + " (a checkpoint of another architecture?)")
+    problem = state_dict_mismatch(own, sd)
+    if problem:
+        raise WeightsError(f"{what} does not fit open_clip {arch}: {problem} (a checkpoint of another architecture?)")
     return sd
 
 

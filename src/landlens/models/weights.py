@@ -95,6 +95,25 @@ def _align_prefixes(sd: dict[str, torch.Tensor], body_keys: set[str]) -> dict[st
     return sd
 
 
+def state_dict_mismatch(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], *,
+                        ignore_missing: tuple[str, ...] = ()) -> str | None:
+    """What keeps ``sd`` from loading strictly into a module whose state dict is ``own`` (missing,
+    unexpected and wrongly shaped tensors, a few named of each), or ``None`` when it fits.
+    Missing keys ending with one of ``ignore_missing`` are not counted."""
+    missing = sorted(k for k in own.keys() - sd.keys() if not (ignore_missing and k.endswith(ignore_missing)))
+    unexpected = sorted(sd.keys() - own.keys())
+    wrong = sorted(k for k in own.keys() & sd.keys() if tuple(own[k].shape) != tuple(sd[k].shape))
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} of wrong shape (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)})")
+    return "; ".join(parts) or None
+
+
 def load_strict(body: nn.Module, sd: dict[str, torch.Tensor], what: str, backbone: str) -> None:
     """Load ``sd`` into ``body``: every body tensor must be set with the right shape.
 
@@ -105,19 +124,9 @@ def load_strict(body: nn.Module, sd: dict[str, torch.Tensor], what: str, backbon
     body_keys = set(own)
     sd = _align_prefixes(dict(sd), body_keys)
     sd = {k: v for k, v in sd.items() if k in body_keys or not k.startswith(HEAD_PREFIXES)}
-    missing = sorted(k for k in body_keys - sd.keys() if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(sd.keys() - body_keys)
-    wrong = sorted(k for k in body_keys & sd.keys() if tuple(own[k].shape) != tuple(sd[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} of wrong shape (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)})")
-        raise WeightsError(f"{what} does not fit backbone {backbone!r}: " + "; ".join(parts))
+    problem = state_dict_mismatch(own, sd, ignore_missing=("num_batches_tracked",))
+    if problem:
+        raise WeightsError(f"{what} does not fit backbone {backbone!r}: {problem}")
     body.load_state_dict(sd, strict=False)
 
 
@@ -305,5 +314,6 @@ __all__ = [
     "read_checkpoint",
     "resolve_source",
     "state_dict_digest",
+    "state_dict_mismatch",
     "verify_changes_output",
 ]

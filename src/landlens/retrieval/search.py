@@ -294,15 +294,26 @@ class ArchiveSearch:
 
     def _marked(self, ids: Sequence[int], what: str) -> np.ndarray:
         state = self._state
-        rows = []
-        for i in ids:
-            row = state.row_of.get(int(i))
-            if row is None:
-                raise UnknownImageError(f"{what}: no image with id {i} in the archive")
-            rows.append(row)
+        rows = marked_rows(state, ids, what)
         if not rows:
             return np.zeros((0, int(state.index.dim_)), dtype=np.float32)
         return np.asarray(state.vectors[rows], dtype=np.float32)
+
+
+def marked_rows(state: Generation, ids: Sequence[int], what: str) -> list[int]:
+    """Rows of the archive images ``ids`` marked by relevance feedback (``what``: "relevant" or
+    "irrelevant", for the message).
+
+    Raises:
+        UnknownImageError: an id that is not in the archive.
+    """
+    rows = []
+    for i in ids:
+        row = state.row_of.get(int(i))
+        if row is None:
+            raise UnknownImageError(f"{what}: no image with id {i} in the archive")
+        rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------- search by files
@@ -379,4 +390,4 @@ def search_files(archive: Any, paths: Sequence[str | os.PathLike[str]], k: int =
     return results
 
 
-__all__ = ["NO_RERANK", "ArchiveHit", "ArchiveSearch", "SearchResult", "search_files"]
+__all__ = ["NO_RERANK", "ArchiveHit", "ArchiveSearch", "SearchResult", "marked_rows", "search_files"]

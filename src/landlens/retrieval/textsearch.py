@@ -24,7 +24,7 @@ import numpy as np
 
 from landlens.retrieval.feedback import rocchio, rocchio_weights
 from landlens.retrieval.generations import ArchiveError, Generation, UnknownImageError
-from landlens.retrieval.search import ArchiveHit
+from landlens.retrieval.search import ArchiveHit, marked_rows
 from landlens.retrieval.textspace import DEFAULT_TEMPLATES
 
 DEFAULT_IMAGE_WEIGHT = 0.5
@@ -163,12 +163,7 @@ class ArchiveTextSearch:
 
     @staticmethod
     def _text_rows(state: Generation, ids: Sequence[int], what: str) -> np.ndarray:
-        rows = []
-        for i in ids:
-            row = state.row_of.get(int(i))
-            if row is None:
-                raise UnknownImageError(f"{what}: no image with id {i} in the archive")
-            rows.append(row)
+        rows = marked_rows(state, ids, what)
         return np.asarray(state.text.vectors[rows], np.float32) if rows else np.zeros((0, state.text.vectors.shape[1]))
 
     def search_text(self, text: str | None = None, k: int = 10, *, image: Any = None,

@@ -29,38 +29,37 @@ class FeedbackWeights(BaseModel):
     c: float = Field(0.15, ge=0, le=100)
 
 
-class FeedbackRequest(BaseModel):
-    """Body of ``POST /api/search/feedback``."""
+class MarkedSearch(BaseModel):
+    """What every search body that takes relevance feedback has: the marks, k, the class filter
+    and the Rocchio weights."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    query: FeedbackQuery
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
     relevant: list[int] = Field(default_factory=list, max_length=MAX_FEEDBACK_IDS, description="ids marked relevant")
     irrelevant: list[int] = Field(default_factory=list, max_length=MAX_FEEDBACK_IDS,
                                   description="ids marked not relevant")
     k: int = Field(12, ge=1, description="number of results")
     class_name: str | None = Field(None, alias="class", description="only images of this class")
     weights: FeedbackWeights | None = None
+
+
+class FeedbackRequest(MarkedSearch):
+    """Body of ``POST /api/search/feedback``."""
+
+    query: FeedbackQuery
 
 
 MAX_TEXT_CHARS = 1000
 """Longest sentence a text query may be (characters)."""
 
 
-class TextSearchRequest(BaseModel):
+class TextSearchRequest(MarkedSearch):
     """Body of ``POST /api/search/text``: a sentence, optionally with an image (an indexed id or
     an upload's ``vector_token``), optionally refined by relevance feedback."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
     text: str | None = Field(None, max_length=MAX_TEXT_CHARS, description="the sentence, e.g. 'harbor with many boats'")
     image: FeedbackQuery | None = Field(None, description="an image to combine with the sentence")
     image_weight: float = Field(0.5, ge=0, le=1, description="the image's share of a text + image query")
-    relevant: list[int] = Field(default_factory=list, max_length=MAX_FEEDBACK_IDS, description="ids marked relevant")
-    irrelevant: list[int] = Field(default_factory=list, max_length=MAX_FEEDBACK_IDS,
-                                  description="ids marked not relevant")
-    k: int = Field(12, ge=1, description="number of results")
-    class_name: str | None = Field(None, alias="class", description="only images of this class")
-    weights: FeedbackWeights | None = None
 
 
 __all__ = ["MAX_FEEDBACK_IDS", "MAX_TEXT_CHARS", "QUERY_TOKEN_PATTERN", "FeedbackQuery", "FeedbackRequest",
-           "FeedbackWeights", "TextSearchRequest"]
+           "FeedbackWeights", "MarkedSearch", "TextSearchRequest"]

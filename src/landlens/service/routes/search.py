@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
@@ -14,10 +14,39 @@ from starlette.concurrency import run_in_threadpool
 
 from landlens.errors import LandlensError, first_line
 from landlens.service.common import ServiceError, Timer, clamp_k, class_param, hit_dict
-from landlens.service.models import MAX_FEEDBACK_IDS, FeedbackRequest, FeedbackWeights
+from landlens.service.models import MAX_FEEDBACK_IDS, FeedbackRequest, FeedbackWeights, MarkedSearch
 from landlens.service.state import SearchService, get_service
 
 Service = Annotated[SearchService, Depends(get_service)]
+
+
+def read_marks(service: SearchService, body: MarkedSearch, max_k: int, *,
+               required: bool) -> tuple[list[int], list[int], str | None, Any]:
+    """The checked feedback part of a search body: ``(relevant, irrelevant, class, Rocchio
+    weights)``, duplicates dropped; 422 naming the field for too many or contradictory marks
+    (or none when ``required``), a ``k`` above ``max_k``, an unknown class or bad weights."""
+    from landlens.retrieval.feedback import FeedbackError, RocchioWeights
+
+    relevant = list(dict.fromkeys(int(i) for i in body.relevant))
+    irrelevant = list(dict.fromkeys(int(i) for i in body.irrelevant))
+    if required and not relevant and not irrelevant:
+        raise ServiceError(422, "relevant, irrelevant: mark at least one image relevant or not relevant")
+    if len(relevant) + len(irrelevant) > MAX_FEEDBACK_IDS:
+        raise ServiceError(422, f"relevant, irrelevant: at most {MAX_FEEDBACK_IDS} marked images, "
+                                f"got {len(relevant) + len(irrelevant)}")
+    both = sorted(set(relevant) & set(irrelevant))
+    if both:
+        raise ServiceError(422, f"image {both[0]} is marked both relevant and not relevant")
+    if body.k > max_k:
+        raise ServiceError(422, f"k: Input should be less than or equal to {max_k}")
+    cls = class_param(body.class_name)
+    service.check_class(cls)
+    w = body.weights or FeedbackWeights()
+    try:
+        weights = RocchioWeights(w.a, w.b, w.c)
+    except FeedbackError as exc:
+        raise ServiceError(422, f"weights: {first_line(exc)}") from None
+    return relevant, irrelevant, cls, weights
 
 
 def search_router(max_k: int) -> APIRouter:
@@ -116,32 +145,12 @@ def search_router(max_k: int) -> APIRouter:
         image (``{"id": N}``, left out of the results) or an upload (``{"vector_token": T}``,
         the ``query_token`` of its ``POST /api/search``; 410 once expired). Marked images stay
         in the results. Send the original query and every mark so far on each round."""
-        from landlens.retrieval.feedback import FeedbackError, RocchioWeights
-
         await run_in_threadpool(service.refresh)
         timer = Timer()
         q = body.query
         if (q.id is None) == (q.vector_token is None):
             raise ServiceError(422, "query: give exactly one of 'id' (an indexed image) or 'vector_token'")
-        relevant = list(dict.fromkeys(int(i) for i in body.relevant))
-        irrelevant = list(dict.fromkeys(int(i) for i in body.irrelevant))
-        if not relevant and not irrelevant:
-            raise ServiceError(422, "relevant, irrelevant: mark at least one image relevant or not relevant")
-        if len(relevant) + len(irrelevant) > MAX_FEEDBACK_IDS:
-            raise ServiceError(422, f"relevant, irrelevant: at most {MAX_FEEDBACK_IDS} marked images, "
-                                    f"got {len(relevant) + len(irrelevant)}")
-        both = sorted(set(relevant) & set(irrelevant))
-        if both:
-            raise ServiceError(422, f"image {both[0]} is marked both relevant and not relevant")
-        if body.k > max_k:
-            raise ServiceError(422, f"k: Input should be less than or equal to {max_k}")
-        cls = class_param(body.class_name)
-        service.check_class(cls)
-        w = body.weights or FeedbackWeights()
-        try:
-            weights = RocchioWeights(w.a, w.b, w.c)
-        except FeedbackError as exc:
-            raise ServiceError(422, f"weights: {first_line(exc)}") from None
+        relevant, irrelevant, cls, weights = read_marks(service, body, max_k, required=True)
         vector, query, query_id = await run_in_threadpool(service.query_vector, q)
         t = time.perf_counter()
         refined = await run_in_threadpool(service.refine, vector, relevant, irrelevant, weights)
@@ -166,4 +175,4 @@ def search_router(max_k: int) -> APIRouter:
     return router
 
 
-__all__ = ["search_router"]
+__all__ = ["read_marks", "search_router"]

@@ -16,8 +16,9 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from landlens.errors import LandlensError, first_line
-from landlens.service.common import ServiceError, Timer, class_param, clamp_k, hit_dict
-from landlens.service.models import MAX_FEEDBACK_IDS, MAX_TEXT_CHARS, FeedbackWeights, TextSearchRequest
+from landlens.service.common import ServiceError, Timer, clamp_k, hit_dict
+from landlens.service.models import MAX_TEXT_CHARS, TextSearchRequest
+from landlens.service.routes.search import read_marks
 from landlens.service.state import SearchService, get_service
 
 Service = Annotated[SearchService, Depends(get_service)]
@@ -42,7 +43,7 @@ def words_router(max_k: int) -> APIRouter:
         upload), by the image combined with the sentence (``image_weight`` its share); with
         ``relevant`` / ``irrelevant`` ids, refined by Rocchio in the shared space (send the
         same sentence and every mark so far on each round)."""
-        from landlens.retrieval.feedback import FeedbackError, RocchioWeights
+        from landlens.retrieval.feedback import FeedbackError
         from landlens.retrieval.generations import UnknownImageError
 
         await run_in_threadpool(service.refresh)
@@ -51,19 +52,7 @@ def words_router(max_k: int) -> APIRouter:
         text = body.text.strip() if body.text is not None else None
         if not text and body.image is None:
             raise ServiceError(422, "text: give a sentence (or an image with one)")
-        if body.k > max_k:
-            raise ServiceError(422, f"k: Input should be less than or equal to {max_k}")
-        relevant = list(dict.fromkeys(int(i) for i in body.relevant))
-        irrelevant = list(dict.fromkeys(int(i) for i in body.irrelevant))
-        if len(relevant) + len(irrelevant) > MAX_FEEDBACK_IDS:
-            raise ServiceError(422, f"relevant, irrelevant: at most {MAX_FEEDBACK_IDS} marked images")
-        cls = class_param(body.class_name)
-        service.check_class(cls)
-        w = body.weights or FeedbackWeights()
-        try:
-            weights = RocchioWeights(w.a, w.b, w.c)
-        except FeedbackError as exc:
-            raise ServiceError(422, f"weights: {first_line(exc)}") from None
+        relevant, irrelevant, cls, weights = read_marks(service, body, max_k, required=False)
         image: Any = None
         query: dict[str, Any] = {"text": text}
         if body.image is not None:
