@@ -128,6 +128,14 @@ class ArchiveSearch:
         return [self._collect(state, order[qi], dist[qi].numpy(), cos[qi].numpy(), k, class_name,
                               exclude[qi] if exclude is not None else None) for qi in range(len(q))]
 
+    def features_identity(self) -> dict[str, Any]:
+        """What identifies the archive's vectors for a model trained on such features (a matching
+        discriminator, an image-text alignment): backbone, weights digest, preprocessing, dim."""
+        ident = self._state.index.meta.get("identity") or {}
+        out = {k: ident[k] for k in ("backbone", "weights_digest", "preprocessing") if ident.get(k) is not None}
+        out["dim"] = int(self._state.index.dim_)
+        return out
+
     # ------------------------------------------------------------------ learned matching
     def _matcher_distance(self, matcher: str | os.PathLike[str]) -> Any:
         """The discriminator at ``matcher`` as a distance on this archive's features (cached);
@@ -137,10 +145,7 @@ class ArchiveSearch:
         key = str(Path(matcher).resolve())
         fn = self._matchers.get(key)
         if fn is None:
-            ident = self._state.index.meta.get("identity") or {}
-            identity = {k: ident[k] for k in ("backbone", "weights_digest", "preprocessing") if ident.get(k) is not None}
-            identity["dim"] = int(self._state.index.dim_)
-            fn = get_distance("learned", model=matcher, features=identity)
+            fn = get_distance("learned", model=matcher, features=self.features_identity())
             self._matchers[key] = fn
         return fn
 

@@ -33,7 +33,8 @@ DEFAULT_IMAGE_WEIGHT = 0.5
 
 class ArchiveTextSearch:
     """Search by words (a mixin of :class:`~landlens.retrieval.archive.Archive`, which provides
-    ``_state``, ``_updating``, ``_publish``, ``load_query``, ``embed`` and ``directory``)."""
+    ``_state``, ``_updating``, ``_publish``, ``features_identity``, ``load_query``, ``embed`` and
+    ``directory``)."""
 
     _state: Generation
 
@@ -47,12 +48,6 @@ class ArchiveTextSearch:
     def has_text(self) -> bool:
         """Whether this archive answers text queries (an alignment is attached)."""
         return self._state.text is not None
-
-    def _identity(self) -> dict[str, Any]:
-        ident = self._state.index.meta.get("identity") or {}
-        out = {k: ident[k] for k in ("backbone", "weights_digest", "preprocessing") if ident.get(k) is not None}
-        out["dim"] = int(self._state.index.dim_)
-        return out
 
     def enable_text(self, alignment: str | os.PathLike[str] | Any | None) -> None:
         """Attach an image-text alignment trained on this archive's features (a file of
@@ -68,7 +63,7 @@ class ArchiveTextSearch:
 
         al = None if alignment is None else alignment if isinstance(alignment, Alignment) else Alignment.load(alignment)
         if al is not None:
-            al.check_images(self._identity())
+            al.check_images(self.features_identity())  # type: ignore[attr-defined]
             if not al.text_tower.get("name"):
                 raise ArchiveError("the alignment records no text tower; it cannot answer text queries")
         with self._updating() as state:  # type: ignore[attr-defined]

@@ -146,6 +146,24 @@ class SearchService:
         async with self.budget.hold(self.decode_cost(saved)):
             yield
 
+    async def on_upload(self, upload: UploadFile, timer: Timer, work: Any, name: str) -> Any:
+        """Receive an upload, decode it under the decode budget, run the blocking ``work(image)``
+        in the thread pool (timed as ``name``) and delete the saved file: what a route that
+        answers from one uploaded image does. The pixels are dropped before the budget is."""
+        saved = await self.receive(upload, timer)
+        try:
+            t = time.perf_counter()
+            async with self.decoding(saved):  # the decode budget, held while the pixels live
+                t = timer.add("wait", t)
+                image = await run_in_threadpool(self.decode, saved)
+                t = timer.add("decode", t)
+                result = await run_in_threadpool(work, image)
+                del image
+                timer.add(name, t)
+        finally:
+            await run_in_threadpool(saved.remove)
+        return result
+
     def _rgb_bands(self) -> Any:
         return (self.archive.index.meta.get("identity", {}) or {}).get("rgb_bands")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
@@ -47,19 +46,8 @@ async def classify_upload(
     if service.predictor is None:
         raise ServiceError(404, "no classifier loaded: start the server with --run RUN_DIR")
     timer = Timer()
-    saved = await service.receive(file, timer)
-    try:
-        t = time.perf_counter()
-        async with service.decoding(saved):  # the decode budget, held while the pixels live
-            t = timer.add("wait", t)
-            image = await run_in_threadpool(service.decode, saved)
-            t = timer.add("decode", t)
-            result = await run_in_threadpool(service.classify, image,
-                                             min(int(top_k), len(service.predictor.classes)))
-            del image
-            timer.add("classify", t)
-    finally:
-        await run_in_threadpool(saved.remove)
+    k = min(int(top_k), len(service.predictor.classes))
+    result = await service.on_upload(file, timer, lambda image: service.classify(image, k), "classify")
     timing = timer.finish()
     return JSONResponse({**result, "timing_ms": timing}, headers={"Server-Timing": Timer.header(timing)})
 

@@ -98,18 +98,7 @@ def words_router(max_k: int) -> APIRouter:
         if not 2 <= len(names) <= MAX_LABELS or any(len(n) > 200 for n in names):
             raise ServiceError(422, f"classes: name 2 to {MAX_LABELS} distinct classes of at most 200 characters")
         timer = Timer()
-        saved = await service.receive(file, timer)
-        try:
-            t = time.perf_counter()
-            async with service.decoding(saved):
-                t = timer.add("wait", t)
-                image = await run_in_threadpool(service.decode, saved)
-                t = timer.add("decode", t)
-                probs = await run_in_threadpool(service.archive.zero_shot, [image], names)
-                del image
-                timer.add("label", t)
-        finally:
-            await run_in_threadpool(saved.remove)
+        probs = await service.on_upload(file, timer, lambda image: service.archive.zero_shot([image], names), "label")
         order = sorted(range(len(names)), key=lambda i: -float(probs[0][i]))
         timing = timer.finish()
         return JSONResponse({"labels": [{"class": names[i], "probability": float(probs[0][i])} for i in order],
