@@ -80,6 +80,13 @@ def readable_class_name(name: str, vocabulary: Sequence[str] | frozenset[str] | 
     return " ".join(out)
 
 
+def tower_vocabulary(tower: Any) -> frozenset[str] | None:
+    """The tokens of a text tower's tokenizer (what :func:`readable_class_name` splits run-together
+    names into), or ``None`` for a tower without a vocabulary to list."""
+    vocab = getattr(getattr(tower, "tokenizer", None), "get_vocab", None)
+    return frozenset(vocab()) if vocab is not None else None
+
+
 def class_prompts(classes: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
                   vocabulary: Sequence[str] | frozenset[str] | None = None) -> list[list[str]]:
     """Per class, its prompt sentences: every template filled with the readable class name."""
@@ -113,8 +120,7 @@ class TextSpace:
         return self.alignment.dim
 
     def vocabulary(self) -> frozenset[str] | None:
-        vocab = getattr(getattr(self.tower, "tokenizer", None), "get_vocab", None)
-        return frozenset(vocab()) if vocab is not None else None
+        return tower_vocabulary(self.tower)
 
     def queries(self, sentences: Sequence[str]) -> np.ndarray:
         """Unit vectors ``(n, dim)`` of sentences in the shared space."""
@@ -212,4 +218,4 @@ class TextIndex:
 
 
 __all__ = ["ALIGNMENT_FILE", "DEFAULT_TEMPLATES", "TEXT_DIR", "TextIndex", "TextSpace", "class_probabilities", "class_prompts",
-           "open_text_space", "read_templates", "readable_class_name", "zero_shot"]
+           "open_text_space", "read_templates", "readable_class_name", "tower_vocabulary", "zero_shot"]

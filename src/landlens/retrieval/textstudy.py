@@ -25,7 +25,9 @@ import torch
 from landlens.data.captions import CaptionedImage, CaptionsError, match_captions, read_captions
 from landlens.errors import LandlensError
 from landlens.retrieval.alignment import Alignment, recall_at_k
-from landlens.retrieval.textspace import DEFAULT_TEMPLATES, TextSpace, class_prompts, readable_class_name, zero_shot
+from landlens.retrieval.textspace import (
+    DEFAULT_TEMPLATES, TextSpace, class_prompts, readable_class_name, tower_vocabulary, zero_shot,
+)
 
 
 def image_features(data: str | os.PathLike[str] | Sequence[str], backbones: Sequence[str] | str,
@@ -165,8 +167,7 @@ def train_alignment(fs: Any, tower: Any, captions: str | os.PathLike[str], *, he
     labels = class_texts = None
     if class_weight > 0:
         labels = np.asarray(fs.labels)[tr.rows]
-        vocab = getattr(getattr(tower, "tokenizer", None), "get_vocab", None)
-        words = frozenset(vocab()) if vocab else None
+        words = tower_vocabulary(tower)
         names = [readable_class_name(c, words) for c in fs.classes]
         extra = catalog_class_names() if extra_classes is None else extra_classes
         names += [n for n in dict.fromkeys(readable_class_name(c, words) for c in extra) if n not in names]
