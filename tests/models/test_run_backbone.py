@@ -201,7 +201,7 @@ def test_a_run_backbone_serves_an_archive(embedder_run, tmp_path):
 
     d, model = embedder_run
     folder = make_folder_dataset(tmp_path / "scenes", CLASSES, per_class=2, size=40)
-    arch = Archive.build(folder, tmp_path / "arch", backbone=f"run:{d}", cache_dir=tmp_path / "cache",
+    arch = Archive.build(folder, tmp_path / "arch", backbone=f"run:{d}", rerank=None, cache_dir=tmp_path / "cache",
                          progress=False, workers=1)
     again = Archive.open(tmp_path / "arch")
     rec = again.records()[3]

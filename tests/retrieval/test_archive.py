@@ -18,6 +18,7 @@ from landlens.cli.main import cli
 from landlens.errors import ImageReadError
 from landlens.features.store import FeatureStore
 from landlens.retrieval.archive import CURRENT, Archive, ArchiveError
+from landlens.retrieval.rerank import DEFAULT_RERANK
 
 CLASSES = ["beach", "forest", "river"]
 
@@ -32,7 +33,7 @@ def built(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One archive built per module; each test gets its own copy (the copy keeps the
     template's feature store reference, whose content is identical)."""
     out = tmp_path_factory.mktemp("archive_template") / "arch"
-    Archive.build(data, out, backbone="lbp_rgb", progress=False)
+    Archive.build(data, out, backbone="lbp_rgb", rerank=None, progress=False)
     return out
 
 
@@ -167,7 +168,7 @@ def test_remove_keeps_ids_and_rebuilds(arch: Archive) -> None:
 
 
 def test_ivf_index_survives_add_and_remove(data: Path, tmp_path: Path) -> None:
-    arch = Archive.build(data, tmp_path / "ivf", backbone="lbp_rgb", index_factory="IVF2,Flat", progress=False)
+    arch = Archive.build(data, tmp_path / "ivf", backbone="lbp_rgb", rerank=None, index_factory="IVF2,Flat", progress=False)
     assert arch.factory == "IVF2,Flat"
     arch.index.nprobe = 2  # both lists: exact
     feats, paths = _store_features(arch)
@@ -199,12 +200,12 @@ def test_open_and_build_errors(arch: Archive, data: Path, tmp_path: Path) -> Non
     with pytest.raises(ArchiveError, match="no archive at"):
         Archive.open(tmp_path)
     with pytest.raises(ArchiveError, match="already holds an archive"):
-        Archive.build(data, arch.directory, backbone="lbp_rgb", progress=False)
+        Archive.build(data, arch.directory, backbone="lbp_rgb", rerank=None, progress=False)
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     with pytest.raises(ArchiveError, match="not an archive folder"):
-        Archive.build(data, other, backbone="lbp_rgb", progress=False)
+        Archive.build(data, other, backbone="lbp_rgb", rerank=None, progress=False)
     (arch.directory / CURRENT).write_text("../../etc\n")
     with pytest.raises(ArchiveError, match="not a generation"):
         Archive.open(arch.directory)
@@ -212,7 +213,7 @@ def test_open_and_build_errors(arch: Archive, data: Path, tmp_path: Path) -> Non
 
 def test_rebuild_with_overwrite_is_a_new_generation(arch: Archive, data: Path) -> None:
     arch.remove([3])
-    again = Archive.build(data, arch.directory, backbone="lbp_rgb", overwrite=True, progress=False)
+    again = Archive.build(data, arch.directory, backbone="lbp_rgb", rerank=None, overwrite=True, progress=False)
     assert again.generation == 3 and len(again) == 12
     assert sorted(p.name for p in arch.directory.iterdir() if p.name.startswith("gen-")) == ["gen-00000003"]
 
@@ -254,6 +255,7 @@ def test_cli_build_add_remove_info_list(data: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     info = json.loads(res.output[res.output.index("{"):])
     assert info["images"] == 12 and info["classes"] == {c: 4 for c in CLASSES} and info["index"]["factory"] == "Flat"
+    assert info["rerank"] == DEFAULT_RERANK  # the best measured pipeline's re-ranking, recorded by default
     extra = make_folder_dataset(tmp_path / "extra", ["lake"], per_class=2, size=40, seed=3)
     res = runner.invoke(cli, ["index", "add", str(out), str(extra), "--class-from-folder", "--json"])
     assert res.exit_code == 0, res.output
@@ -265,10 +267,38 @@ def test_cli_build_add_remove_info_list(data: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0 and res.output.startswith("13\tlake\t40x40\t")
     res = runner.invoke(cli, ["index", "info", str(out)])
     assert res.exit_code == 0 and "13 images in 4 classes, generation 3" in res.output
+    assert f"re-ranking: {DEFAULT_RERANK} (every search" in res.output  # kept through add and remove
     res = runner.invoke(cli, ["index", "remove", str(out), "77"])
     assert res.exit_code == 2 and res.output.strip().splitlines()[-1] == "landlens: error: no image with id 77 in the archive"
     res = runner.invoke(cli, ["index", "info", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "no archive at" in res.output
+
+
+def test_recorded_default_rerank_is_every_search_unless_plain(data: Path, tmp_path: Path, arch: Archive) -> None:
+    """An archive built with rerank="auto" answers as the plain archive asked for that re-ranking,
+    the CLI's --plain as the plain archive; the default is recorded, not fitted, at build time."""
+    ranked = Archive.build(data, tmp_path / "ranked", backbone="lbp_rgb", progress=False)
+    assert ranked.rerank == DEFAULT_RERANK and arch.rerank is None
+    assert Archive.open(tmp_path / "ranked").info()["rerank"] == DEFAULT_RERANK
+    ids = [r.id for r in arch.records()]
+    differs = 0
+    for qid in ids:
+        want = [(h.record.path, round(h.distance, 5)) for h in arch.search_id(qid, 11, rerank=DEFAULT_RERANK)]
+        assert [(h.record.path, round(h.distance, 5)) for h in ranked.search_id(qid, 11)] == want
+        plain = [h.record.path for h in arch.search_id(qid, 11)]
+        assert [h.record.path for h in ranked.search_id(qid, 11, rerank="none")] == plain
+        differs += plain != [p for p, _ in want]
+    assert differs  # the re-ranking changes some order, so the comparisons above can fail
+    query = arch.records()[0].path
+    runner = CliRunner()
+    for flags, reference in (([], ranked.search(query, 5)), (["--plain"], arch.search(query, 5))):
+        res = runner.invoke(cli, ["search", str(tmp_path / "ranked"), query, "--k", "5", "--json", *flags])
+        assert res.exit_code == 0, res.output
+        doc = json.loads(res.output)
+        assert doc["rerank"] == (None if flags else DEFAULT_RERANK)
+        assert [h["id"] for h in doc["results"][0]["hits"]] == [h.record.id for h in reference]
+    res = runner.invoke(cli, ["search", str(tmp_path / "ranked"), query, "--plain", "--rerank", "aqe"])
+    assert res.exit_code == 2 and "--plain searches without re-ranking" in res.output
 
 
 def _aqe1_order(db: np.ndarray, row: int) -> np.ndarray:

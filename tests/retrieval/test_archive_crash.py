@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and flo
 @pytest.fixture()
 def arch(tmp_path: Path) -> Archive:
     data = make_folder_dataset(tmp_path / "scenes", ["beach", "forest"], per_class=3, size=40)
-    return Archive.build(data, tmp_path / "arch", backbone="lbp_rgb", progress=False)
+    return Archive.build(data, tmp_path / "arch", backbone="lbp_rgb", rerank=None, progress=False)
 
 
 # Fault injection from the test, not a hook in landlens: the child wraps the archive's commit

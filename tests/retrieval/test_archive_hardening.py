@@ -39,7 +39,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = make_folder_dataset(tmp_path_factory.mktemp("hard_data") / "scenes", ["beach", "forest"],
                                per_class=3, size=40)
     out = tmp_path_factory.mktemp("hard_template") / "arch"
-    Archive.build(data, out, backbone="lbp_rgb", progress=False)
+    Archive.build(data, out, backbone="lbp_rgb", rerank=None, progress=False)
     return out
 
 

@@ -104,7 +104,7 @@ def archive_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     tmp = tmp_path_factory.mktemp("feedback")
     data = make_dataset(tmp / "data", "ucmerced", per_class=6, size=64, classes=4)
-    archive = Archive.build(data, tmp / "archive", backbone="lbp_rgb", progress=False)
+    archive = Archive.build(data, tmp / "archive", backbone="lbp_rgb", rerank=None, progress=False)
     return {"archive": archive, "data": data, "tmp": tmp}
 
 

@@ -50,7 +50,7 @@ def world(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     assert res.exit_code == 0, res.output
     assert "text -> image" in res.output
     arch = root / "arch"
-    Archive.build(data, arch, backbone="lbp_rgb", cache_dir=root / "cache", progress=False)
+    Archive.build(data, arch, backbone="lbp_rgb", rerank=None, cache_dir=root / "cache", progress=False)
     try:
         yield {"root": root, "data": data, "captions": captions, "alignment": al, "archive": arch}
     finally:

@@ -37,7 +37,7 @@ def clip_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     torch.save(model.state_dict(), ckpt)
     data = make_folder_dataset(root / "data", ["beach", "forest", "river"], per_class=4, size=48)
     arch = root / "arch"
-    Archive.build(data, arch, backbone=f"openclip:{ARCH}", weights=str(ckpt), cache_dir=root / "cache", progress=False)
+    Archive.build(data, arch, backbone=f"openclip:{ARCH}", weights=str(ckpt), rerank=None, cache_dir=root / "cache", progress=False)
     return {"root": root, "model": model, "ckpt": ckpt, "data": data, "arch": arch, "open_clip": open_clip}
 
 

@@ -18,7 +18,7 @@ from landlens.retrieval.geo import chips_at, query_at, results_geojson
 from landlens.retrieval.search import search_files
 from landlens.scenes.tiling import chip_windows
 
-BUILD = {"backbone": "lbp_rgb", "workers": 0, "progress": False}
+BUILD = {"backbone": "lbp_rgb", "rerank": None, "workers": 0, "progress": False}
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from fixtures.make_datasets import make_folder_dataset
 from fixtures.scenes import GEOGRAPHIC, UTM, corners, geographic_scene, mercator_scene, utm_scene
 from landlens.cli.main import cli
 
-FAST = ["-b", "lbp_rgb", "--workers", "0"]
+FAST = ["-b", "lbp_rgb", "--plain", "--workers", "0"]
 
 
 def _run(*args: str, ok: bool = True):  # noqa: ANN202

@@ -37,7 +37,7 @@ def service_archive_dir(service_dataset: Path, tmp_path_factory: pytest.TempPath
     from landlens.retrieval.archive import Archive
 
     out = tmp_path_factory.mktemp("service_archive") / "arch"
-    Archive.build(service_dataset, out, backbone="lbp_rgb", progress=False)
+    Archive.build(service_dataset, out, backbone="lbp_rgb", rerank=None, progress=False)
     return out
 
 

@@ -76,7 +76,7 @@ def archive_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     tmp = tmp_path_factory.mktemp("browser")
     data = make_dataset(tmp / "data", "patternnet", per_class=PER_CLASS, size=64, classes=3)
-    archive = Archive.build(data, tmp / "archive", backbone="lbp_rgb", progress=False)
+    archive = Archive.build(data, tmp / "archive", backbone="lbp_rgb", rerank=None, progress=False)
     # the query is an archive image itself (the second one of the first class)
     query = next(r for r in archive.records() if r.class_name == archive.classes[0]
                  and r.name.endswith("002.jpg"))

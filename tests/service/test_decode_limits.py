@@ -63,7 +63,7 @@ def _build_archive(root: Path, per_class: int = 3) -> Path:
         for i in range(per_class):
             arr = rng.integers(0, 255, (400, 600, 3), dtype=np.uint8)
             Image.fromarray(arr, "RGB").save(root / "data" / cls / f"{i}.png")
-    Archive.build(root / "data", root / "archive", backbone="lbp_rgb", progress=False)
+    Archive.build(root / "data", root / "archive", backbone="lbp_rgb", rerank=None, progress=False)
     return root / "archive"
 
 

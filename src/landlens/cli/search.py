@@ -116,7 +116,9 @@ def _lon_lat(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
               metavar="A B C", help="Rocchio weights of the query, the relevant and the non-relevant centroid")
 @click.option("--rerank", "rerank", default=None, metavar="SPEC",
               help="unsupervised re-ranking of the whole archive, fitted on its vectors (no labels): "
-                   "aqe, diffusion, kreciprocal, aqe+diffusion, ... with settings as in `retrieval evaluate --rerank`")
+                   "aqe, diffusion, kreciprocal, aqe+diffusion, ... with settings as in `retrieval evaluate --rerank`, "
+                   "or none [default: the archive's own, set by `index build --rerank`; `index info` shows it]")
+@click.option("--plain", is_flag=True, help="no re-ranking: the archive index's nearest neighbours (same as --rerank none)")
 @click.option("--at", "places", multiple=True, callback=_lon_lat, metavar="LON,LAT",
               help="query with the place at this WGS84 longitude, latitude (repeatable): the archive's chip "
                    "containing it, or one cut centred on it from the archive scene holding it (write "
@@ -132,7 +134,7 @@ def _lon_lat(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
 def search_cmd(archive_dir: Path, queries: tuple[Path, ...], k: int, as_json: bool, gallery: Path | None,
                class_name: str | None, query_class: tuple[str, ...], weights: str | None, nprobe: int | None,
                ef_search: int | None, matcher: Path | None, shortlist: int, relevant: tuple[int, ...],
-               irrelevant: tuple[int, ...], rocchio_weights: tuple[float, float, float], rerank: str | None,
+               irrelevant: tuple[int, ...], rocchio_weights: tuple[float, float, float], rerank: str | None, plain: bool,
                max_pixels: int, text: str | None, image_weight: float, places: tuple[tuple[float, float], ...],
                scene: Path | None, cut: bool, geojson: Path | None) -> None:
     """Find the K images of ARCHIVE (`landlens index build`) most similar to each QUERY image,
@@ -161,15 +163,19 @@ def search_cmd(archive_dir: Path, queries: tuple[Path, ...], k: int, as_json: bo
     """
     from landlens.retrieval.archive import ArchiveError
     from landlens.retrieval.rerank import make_reranker
-    from landlens.retrieval.search import search_files
+    from landlens.retrieval.search import NO_RERANK, search_files
 
+    if plain:
+        if rerank is not None and rerank.strip().lower() != NO_RERANK:
+            raise ArchiveError(f"--plain searches without re-ranking; drop --rerank {rerank}")
+        rerank = NO_RERANK
     if (scene is not None or cut) and not places:
         raise ArchiveError("--scene and --cut say where an --at query comes from: give --at LON,LAT")
     if not queries and text is None and not places:
         raise ArchiveError("give QUERY images, --at LON,LAT, --text SENTENCE, or a combination")
     if geojson is not None and geojson.suffix.lower() not in (".geojson", ".json"):
         raise ArchiveError(f"{geojson}: GeoJSON is written to a file ending in .geojson or .json")
-    if text is not None and (rerank is not None or matcher is not None):
+    if text is not None and (rerank not in (None, NO_RERANK) or matcher is not None):
         raise ArchiveError("--rerank and --matcher re-rank image queries; they do not apply to --text")
     arch = open_archive(archive_dir)
     arch.set_search_params(nprobe=nprobe, ef_search=ef_search)
@@ -193,7 +199,7 @@ def search_cmd(archive_dir: Path, queries: tuple[Path, ...], k: int, as_json: bo
         classes = list(query_class) * len(queries) if len(query_class) == 1 else list(query_class)
     if gallery is not None and gallery.suffix.lower() != ".png":
         raise ArchiveError(f"{gallery}: a gallery is written as PNG; give a file name ending in .png")
-    if rerank is not None:
+    if rerank not in (None, NO_RERANK):
         make_reranker(rerank)  # a bad spec fails before any work
     if matcher is not None and (relevant or irrelevant):
         raise ArchiveError("--relevant/--irrelevant cannot be combined with --matcher")
@@ -229,7 +235,9 @@ def search_cmd(archive_dir: Path, queries: tuple[Path, ...], k: int, as_json: bo
                    **({"at": [list(p) if p else None for p in where]} if places else {}),
                    "geojson": str(geojson) if geojson is not None else None,
                    "factory": arch.factory, **({"text": text, "image_weight": image_weight} if text else {}),
-                   "rerank": rerank, "matcher": str(matcher) if matcher is not None else None,
+                   "rerank": (arch.rerank if rerank is None else None if rerank == NO_RERANK else rerank)
+                   if text is None and matcher is None else None,
+                   "matcher": str(matcher) if matcher is not None else None,
                    "gallery": str(gallery) if gallery is not None else None,
                    **({"feedback": feedback_doc} if feedback_doc is not None else {}),
                    "results": [r.to_dict() for r in results]})

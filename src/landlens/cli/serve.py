@@ -114,8 +114,10 @@ def host_names(host: str, extra: Sequence[str] = ()) -> list[str]:
 @click.option("--query-cache", default=256, show_default=True, type=click.IntRange(min=0),
               help="uploaded query vectors kept for relevance feedback (0: no feedback on uploads)")
 @click.option("--rerank", default=None, metavar="SPEC",
-              help="re-rank every search without labels (aqe, diffusion, aqe+diffusion, ...; see "
-                   "`landlens retrieval evaluate --help`), fitted on the archive at start-up and after each update")
+              help="re-rank every search without labels (aqe, diffusion, aqe+diffusion, kreciprocal, ...; see "
+                   "`landlens retrieval evaluate --help`), fitted on the archive at start-up and after each update "
+                   "[default: the archive's own, set by `index build --rerank`]")
+@click.option("--plain", is_flag=True, help="no re-ranking (same as --rerank none)")
 @click.option("--optimize", type=click.Choice(["jit", "compile", "none"]), default="jit", show_default=True,
               help="the backbone's forward pass: traced and frozen once at start-up, torch.compile, or eager")
 @click.option("--decode-budget-mb", default=1024.0, show_default=True, type=click.FloatRange(min=1),
@@ -129,15 +131,20 @@ def host_names(host: str, extra: Sequence[str] = ()) -> list[str]:
               default="info", show_default=True)
 def serve_cmd(archive_dir: Path, host: str, port: int, run_dir: Path | None, token_file: Path | None,
               allowed_hosts: Sequence[str], read_timeout: float, body_timeout: float, cors_origins: Sequence[str], max_upload_mb: float, max_pixels: int, max_k: int,
-              query_cache: int, rerank: str | None, optimize: str, decode_budget_mb: float,
+              query_cache: int, rerank: str | None, plain: bool, optimize: str, decode_budget_mb: float,
               thumbnail_decodes: int | None, workers_threads: int | None, log_level: str) -> None:
     """Serve the search API and web page over the archive DIR (`landlens index build`).
 
     Open the printed address in a browser: drop an image to find the most similar archive
     images (and its predicted classes with --run). The API is documented at /docs.
     """
+    from landlens.errors import LandlensError
     from landlens.service.app import create_app
 
+    if plain:
+        if rerank is not None and rerank.strip().lower() != "none":
+            raise LandlensError(f"--plain serves without re-ranking; drop --rerank {rerank}")
+        rerank = "none"
     token = read_token(token_file)
     app = create_app(archive_dir, classifier_run=run_dir, token=token,
                      max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
@@ -150,7 +157,7 @@ def serve_cmd(archive_dir: Path, host: str, port: int, run_dir: Path | None, tok
     config = serve_config(app, host=host, port=port, log_level=log_level)
     click.echo(f"landlens: serving {archive_dir} ({len(service.archive)} images, {service.archive.backbone_name}"
                + (f", classifier {run_dir}" if run_dir is not None else "")
-               + (f", re-ranked by {rerank}" if rerank else "") + ")")
+               + (f", re-ranked by {service.archive.rerank}" if service.archive.rerank else "") + ")")
     click.echo(f"landlens: writes {'enabled (token)' if token else 'disabled (no token)'}"
                + (f"; CORS origins: {', '.join(cors_origins)}" if cors_origins else ""))
     hosts = host_names(host, allowed_hosts)

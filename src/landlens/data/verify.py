@@ -66,6 +66,7 @@ class VerifyReport:
         off_size: ``(path, width, height)`` of readable images of another size (a note).
         max_pixels: the size limit used.
         elapsed_s: wall time of the check in seconds.
+        short_sides: the shorter side in pixels of every readable image (for :meth:`notes`).
     """
 
     root: str
@@ -83,6 +84,7 @@ class VerifyReport:
     off_size: list[tuple[str, int, int]] = field(default_factory=list)
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     elapsed_s: float = 0.0
+    short_sides: list[int] = field(default_factory=list, repr=False)
 
     @property
     def n_images(self) -> int:
@@ -113,6 +115,31 @@ class VerifyReport:
         lines += [f"unreadable: {b.path}: {b.reason}" for b in self.bad_files]
         return lines
 
+    def upsampled(self, input_size: int) -> int:
+        """Readable images whose shorter side is below ``input_size``: a network of that input
+        sees them enlarged, with no more detail than they hold."""
+        return sum(1 for s in self.short_sides if s < input_size)
+
+    def notes(self, input_size: int | None = None) -> list[str]:
+        """One line per note (never a failure): skipped files, empty class folders, images of
+        another size than the catalog's, and with ``input_size`` the images a network of that
+        input upsamples."""
+        out = []
+        if self.non_image_files:
+            out.append(f"{len(self.non_image_files)} file(s) skipped (not an image extension)")
+        if self.empty_classes:
+            out.append(f"class folders without images: {', '.join(self.empty_classes)}")
+        if self.off_size and self.expected_size is not None:
+            out.append(f"{len(self.off_size)} image(s) are not {self.expected_size[0]}x{self.expected_size[1]}")
+        n_up = self.upsampled(input_size) if input_size else 0
+        if n_up:
+            share = "every image" if n_up == len(self.short_sides) else f"{n_up} of {len(self.short_sides)} images"
+            out.append(f"{share} has a shorter side below the backbone's {input_size}-px input "
+                       f"(smallest {min(self.short_sides)} px) and is upsampled: features see no more detail than "
+                       f"the image holds; a backbone with a smaller input (geoembed_v3, 128 px) or --input-size "
+                       f"may suit it better")
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         """Everything as JSON-ready values."""
         return {
@@ -136,6 +163,9 @@ class VerifyReport:
             "off_size": [{"path": p, "width": w, "height": h} for p, w, h in self.off_size],
             "max_pixels": self.max_pixels,
             "elapsed_s": round(self.elapsed_s, 3),
+            "short_side": None if not self.short_sides else {
+                "min": min(self.short_sides), "median": sorted(self.short_sides)[len(self.short_sides) // 2],
+                "max": max(self.short_sides)},
         }
 
 
@@ -212,13 +242,16 @@ def verify_dataset(
 
     bad: list[BadFile] = []
     off_size: list[tuple[str, int, int]] = []
+    short_sides: list[int] = []
     expected_size = spec.image_size if spec is not None else None
     for rel, (reason, w, h) in zip(
         ds.paths, _check_all(files, max_pixels, n_workers, progress), strict=True
     ):
         if reason is not None:
             bad.append(BadFile(rel, reason))
-        elif expected_size is not None and (w, h) != tuple(expected_size):
+            continue
+        short_sides.append(min(w, h))
+        if expected_size is not None and (w, h) != tuple(expected_size):
             off_size.append((rel, w, h))
 
     counts = ds.class_counts()
@@ -234,6 +267,7 @@ def verify_dataset(
         expected_size=tuple(expected_size) if expected_size is not None else None,
         off_size=off_size,
         max_pixels=max_pixels,
+        short_sides=short_sides,
     )
     if spec is not None:
         report.missing_classes = [c for c in spec.classes if c not in counts]

@@ -41,7 +41,9 @@ def create_backbone(
             (:func:`landlens.models.classifier.run_backbone`: weights ``'auto'``, or
             ``'run:PATH[@DIGEST]'`` to give its location and require its digest); or
             ``'openclip:ARCH'``, the image tower of an open_clip architecture (weights: a
-            checkpoint path or ``'hub:TAG'``; :func:`landlens.models.openclip.openclip_backbone`).
+            checkpoint path or ``'hub:TAG'``; :func:`landlens.models.openclip.openclip_backbone`); or
+            ``'fusion'``, ``'fusion:PRESET'``, ``'fusion:A+B+...'``, several backbones as one
+            (:mod:`landlens.models.fusion`; weights ``auto``, ``package``, ``hub`` or ``none``).
         weights: ``'auto'`` (packaged file if installed, else the hub), ``'hub'`` or
             ``'hub:TAG'``, ``'package'`` or ``'package:KEY'``, ``'none'`` (random
             initialisation), or a path to a checkpoint (``.safetensors``, ``.pth``, ``.pt``,
@@ -64,6 +66,10 @@ def create_backbone(
         from landlens.models.classifier import run_backbone
 
         return run_backbone(name, weights, preprocessing=preprocessing)
+    if prefix == "fusion":
+        from landlens.models.fusion import fused_backbone
+
+        return fused_backbone(name, weights, preprocessing=preprocessing, verify=verify)
     if prefix == "openclip":
         from landlens.models.openclip import openclip_backbone
 

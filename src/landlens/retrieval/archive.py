@@ -88,9 +88,9 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
 
     @classmethod
     def build(cls, data: str | os.PathLike[str], out: str | os.PathLike[str], *, dataset: str | None = None,
-              backbone: str = "tf_efficientnet_lite0", weights: str = "auto", index_factory: str = "auto",
-              metric: str = "cosine", cache_dir: str | os.PathLike[str] | None = None, workers: int | None = None,
-              progress: bool = True, overwrite: bool = False) -> "Archive":
+              backbone: str = "fusion", weights: str = "auto", index_factory: str = "auto",
+              metric: str = "cosine", rerank: str | None = "auto", cache_dir: str | os.PathLike[str] | None = None,
+              workers: int | None = None, progress: bool = True, overwrite: bool = False) -> "Archive":
         """Index every readable image of the class-folder dataset ``data`` into a new archive ``out``.
 
         Features come from ``backbone`` (with ``weights``) through a feature store in
@@ -99,6 +99,11 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
         extractor is reused); classes are the sub-folder names. ``index_factory`` is any
         :class:`~landlens.retrieval.index.SearchIndex` kind or FAISS factory string. An existing
         archive at ``out`` is refused unless ``overwrite``, which replaces it atomically.
+
+        The defaults are the best measured unsupervised pipeline: the ``fusion`` backbone
+        (:mod:`landlens.models.fusion`) and ``rerank="auto"``, k-reciprocal re-ranking recorded as
+        the archive's default for every search (:func:`~landlens.retrieval.rerank.archive_rerank`).
+        ``backbone="tf_efficientnet_lite0", rerank=None`` is the plain single-backbone archive.
         """
         from landlens.data.folder import scan_folder
         from landlens.features.cache import DEFAULT_CACHE_DIR, ensure_features
@@ -110,16 +115,18 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
         bb = create_backbone(backbone, weights)
         store_dir, _ = ensure_features(ds, bb, cache_dir=Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR,
                                        workers=workers, progress=progress, command="landlens index build")
-        return cls.from_store(store_dir, outp, index_factory=index_factory, metric=metric, overwrite=overwrite)
+        return cls.from_store(store_dir, outp, index_factory=index_factory, metric=metric, rerank=rerank,
+                              overwrite=overwrite)
 
     @classmethod
     def build_from_scenes(cls, scenes: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
                           chip: int = 256, stride: int | None = None, gsd: float | None = None,
                           bands: Sequence[int] | None = None, nodata: float | None = None, stretch: str = "auto",
                           resampling: str | None = None, min_valid: float = 0.5,
-                          backbone: str = "tf_efficientnet_lite0", weights: str = "auto", index_factory: str = "auto",
-                          metric: str = "cosine", cache_dir: str | os.PathLike[str] | None = None,
-                          workers: int | None = None, progress: bool = True, overwrite: bool = False) -> "Archive":
+                          backbone: str = "fusion", weights: str = "auto", index_factory: str = "auto",
+                          metric: str = "cosine", rerank: str | None = "auto",
+                          cache_dir: str | os.PathLike[str] | None = None, workers: int | None = None,
+                          progress: bool = True, overwrite: bool = False) -> "Archive":
         """Tile georeferenced scenes (GeoTIFF, COG, any CRS) into chips and index them into a new
         archive ``out`` whose catalog records, for every chip, its scene, pixel window and
         footprint in the scene CRS and in WGS84 (:mod:`landlens.retrieval.geo`).
@@ -144,20 +151,22 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
         bb = create_backbone(backbone, weights)
         store_dir, _ = ensure_features(ds, bb, cache_dir=Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR,
                                        workers=workers, progress=progress, command="landlens index build")
-        return cls.from_store(store_dir, outp, index_factory=index_factory, metric=metric, overwrite=overwrite,
-                              extra_meta={"tiling": tiling})
+        return cls.from_store(store_dir, outp, index_factory=index_factory, metric=metric, rerank=rerank,
+                              overwrite=overwrite, extra_meta={"tiling": tiling})
 
     @classmethod
     def from_store(cls, store: str | os.PathLike[str], out: str | os.PathLike[str], *, index_factory: str = "auto",
-                   metric: str = "cosine", overwrite: bool = False, extra_meta: dict[str, Any] | None = None,
-                   **index_settings: Any) -> Archive:
+                   metric: str = "cosine", rerank: str | None = None, overwrite: bool = False,
+                   extra_meta: dict[str, Any] | None = None, **index_settings: Any) -> Archive:
         """An archive ``out`` over the valid rows of a complete feature store (``landlens
         features extract``): the store's images, classes and extractor, which queries are
         embedded with. ``index_settings`` (``nprobe``, ``ef_search``, ``seed``...) go to the
         :class:`~landlens.retrieval.index.SearchIndex`; ``overwrite`` as in :meth:`build`.
         Chips of scenes among the images are located (the catalog's ``geo`` table); an empty
-        class name means unlabelled; ``extra_meta`` is recorded with the archive's meta."""
+        class name means unlabelled; ``extra_meta`` is recorded with the archive's meta; ``rerank``
+        is the archive's default re-ranking (``"auto"``, a spec, or ``None``: plain searches)."""
         from landlens.features.store import FeatureStore
+        from landlens.retrieval.rerank import archive_rerank
         from landlens.retrieval.index import build_index_from_store
 
         outp = Path(out)
@@ -165,6 +174,7 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
         index = build_index_from_store(store, kind=index_factory, metric=metric, **index_settings)
         index.paths_ = index.labels_ = index.classes_ = None  # the catalog names the rows
         fs = FeatureStore(store).load().only_valid()
+        default_rerank = archive_rerank(rerank, len(fs), metric)
         root = Path(fs.meta["dataset"]["root"])
         files = [root / p for p in fs.paths]
         with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
@@ -175,7 +185,7 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
         geo = {r.id: g for r, g in zip(records, chip_geo([r.path for r in records])) if g is not None}
         meta = {"data_root": str(root), "dataset": fs.meta.get("dataset", {}).get("name"), "created": added,
                 "feature_store": str(Path(store).resolve()), "classes": [c for c in fs.classes if c],
-                **(extra_meta or {})}
+                **({"rerank": default_rerank} if default_rerank else {}), **(extra_meta or {})}
         with file_lock(outp):
             old = read_current(outp)
             gen = int(old[len(GEN_PREFIX):]) + 1 if old else 1
@@ -334,6 +344,7 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
             "chips": len(state.geo),
             "scenes": sorted({g.scene for g in state.geo.values()}),
             "tiling": state.meta.get("tiling"),
+            "rerank": self.rerank,
         }
 
     # ------------------------------------------------------------------ embedding and searching

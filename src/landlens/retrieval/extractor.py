@@ -38,6 +38,8 @@ def weights_argument(recorded: dict[str, Any]) -> str:
         return "package"
     if source == "builtin":  # hand-crafted descriptors: nothing to load
         return "auto"
+    if source == "fusion":  # several backbones: the argument each member was loaded with
+        return ref or "auto"
     if source == "run":  # a trained run directory: its location, pinned to the recorded digest
         from landlens.models.classifier import run_weights_argument
 

@@ -67,7 +67,8 @@ class ArchiveSearch:
     metric: str
 
     def _init_search(self) -> None:
-        self._rerank_spec: str | None = None
+        # the archive's recorded default (index build --rerank), fitted at the first search
+        self._rerank_spec: str | None = self._state.meta.get("rerank")
         self._rerank_lock = threading.Lock()
         self._rerankers: dict[str, tuple[int, Any]] = {}  # spec -> (generation, fitted re-ranker)
         self._matchers: dict[str, Any] = {}

@@ -233,8 +233,8 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
     if decode_budget_bytes < 1 or (thumbnail_decodes is not None and thumbnail_decodes < 1):
         raise LandlensError("the decode budget and thumbnail_decodes must be positive")
     arch = _open_archive(archive)
-    if rerank is not None:
-        arch.set_rerank(rerank)
+    # the given re-ranking, else the archive's recorded default, fitted now rather than at the first search
+    arch.set_rerank(arch.rerank if rerank is None else rerank)
     predictor = _open_predictor(classifier_run)
     service = SearchService(arch, predictor, token=token.strip() if token else None,
                             max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, max_k=max_k,

@@ -4,7 +4,7 @@ A config is a YAML or JSON file with up to six sections (every key optional, def
 
     data:    {path: ../shared/data/UCMerced_LandUse, split: 80/20, seed: 0, augment: dihedral,
               input_size: 224, batch_size: 32}
-    model:   {backbone: tf_efficientnet_lite0, weights: auto, strategy: full, head: se}
+    model:   {backbone: fusion, weights: auto, strategy: linear, head: linear}
     loss:    {name: ice}
     optim:   {name: sgd, lr: 0.01, momentum: 0.9, schedule: cosine}
     trainer: {epochs: 10, patience: 3, seed: 0}
@@ -122,7 +122,10 @@ class ModelConfig(Section):
     """Backbone, its starting weights, the transfer strategy and the head.
 
     Attributes:
-        backbone: registry name (``landlens models list``) or a timm name.
+        backbone: registry name (``landlens models list``), a timm name, or ``fusion[:A+B...]``
+            (:mod:`landlens.models.fusion`; the default: EfficientNet-Lite0, MobileNetV2 and
+            SqueezeNet 1.1 as one frozen extractor, the best measured frozen representation
+            for its cost, benchmarks/results/default_pipeline.md).
         weights: ``auto``, ``package``, ``hub``, ``none`` or a checkpoint path.
         strategy: ``linear`` (backbone frozen), ``partial`` (last ``unfreeze_stages`` stages
             trained) or ``full`` fine-tuning.
@@ -134,7 +137,7 @@ class ModelConfig(Section):
         embedding_bn: BatchNorm after the embedding projection.
     """
 
-    backbone: str = "tf_efficientnet_lite0"
+    backbone: str = "fusion"
     weights: str = "auto"
     strategy: Strategy = "linear"
     unfreeze_stages: int = Field(1, ge=1)

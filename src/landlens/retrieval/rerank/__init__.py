@@ -64,7 +64,34 @@ from landlens.retrieval.rerank.diffusion import Diffusion, conjugate_gradient
 from landlens.retrieval.rerank.graph import knn_graph, topk_rows
 from landlens.retrieval.rerank.kreciprocal import KReciprocal, jaccard_min_sums
 
+DEFAULT_RERANK = "kreciprocal:k1=80,k2=6,lambda=0.1"
+"""The re-ranking archives get by default (``rerank="auto"``): chosen on UC Merced val queries
+(benchmarks/results/retrieval_quality_unsupervised_after_spine.md), best for EfficientNet-Lite0
+and for the fused backbones alike."""
+AUTO_RERANK_MAX_IMAGES = 50_000
+"""``rerank="auto"`` re-ranks archives up to this size: its k-NN graph is fitted once per archive
+generation (about 25 s for 27,000 images on 2 cores, growing with the square of the size)."""
+
+
+def archive_rerank(spec: str | None, n_images: int, metric: str) -> str | None:
+    """The default re-ranking an archive records: ``"auto"`` gives :data:`DEFAULT_RERANK` for a
+    cosine archive of at most :data:`AUTO_RERANK_MAX_IMAGES` images, else none; ``None`` or
+    ``"none"`` none; any other spec is checked (:func:`make_reranker`) and kept."""
+    from landlens.errors import ConfigError
+
+    if spec is None or str(spec).strip().lower() == "none":
+        return None
+    if str(spec).strip().lower() == "auto":
+        return DEFAULT_RERANK if metric == "cosine" and n_images <= AUTO_RERANK_MAX_IMAGES else None
+    if metric != "cosine":
+        raise ConfigError(f"re-ranking {spec!r} needs the cosine metric; this archive uses {metric}")
+    make_reranker(spec)
+    return str(spec)
+
+
 __all__ = [
+    "AUTO_RERANK_MAX_IMAGES",
+    "DEFAULT_RERANK",
     "SPEC_HELP",
     "AlphaQE",
     "BoundReranker",
@@ -72,6 +99,7 @@ __all__ = [
     "KReciprocal",
     "RerankPipeline",
     "Reranker",
+    "archive_rerank",
     "augment",
     "conjugate_gradient",
     "jaccard_min_sums",
