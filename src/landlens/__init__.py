@@ -9,8 +9,9 @@ of these)::
     fs = landlens.extract("UCMerced_LandUse", bb)                        # FeatureSet, cached in runs/features
     both = landlens.fuse([fs, landlens.extract("UCMerced_LandUse", "tv_mobilenet_v2")])
     print(landlens.evaluate(both).metrics["mAP"])                        # mAP, ANMRR, P@k, class-wise mAP
-    arch = landlens.Archive.build("UCMerced_LandUse", "ucm.archive")     # FAISS index + catalog on disk
-    hits = arch.search("query.jpg", k=10, rerank="kreciprocal")          # by file, image, vector or id
+    best = landlens.extract("UCMerced_LandUse", "fusion")                # four offline backbones as one
+    arch = landlens.Archive.build("UCMerced_LandUse", "ucm.archive")     # fusion + k-reciprocal by default
+    hits = arch.search("query.jpg", k=10)                                # by file, image, vector or id
     landlens.align_text("UCMerced_LandUse", "captions.json", "words.safetensors")   # image-text heads
     arch.enable_text("words.safetensors"); arch.search_text("harbor with many boats", k=10)
     run = landlens.train(landlens.load_config("benchmarks/configs/ucm_linear.yaml"))

@@ -46,8 +46,9 @@ def _templates(path: Path | None):
 @click.option("--captions", "-c", type=click.Path(path_type=Path), default=None,
               help="captions file (UCM-captions JSON layout, or CSV image,split,sentence) describing DATA's images "
                    "(not with --clip)")
-@click.option("--backbone", "-b", "backbones", multiple=True, default=("tf_efficientnet_lite0",), show_default=True,
-              help="image tower: a backbone; repeat to fuse several (L2-normalised, concatenated)")
+@click.option("--backbone", "-b", "backbones", multiple=True, default=("fusion",), show_default=True,
+              help="image tower: a backbone (the default: the fused offline backbones that `index build` uses by "
+                   "default); repeat to fuse several (L2-normalised, concatenated)")
 @click.option("--weights", multiple=True, default=("auto",), show_default=True,
               help="one for all backbones or one per --backbone")
 @click.option("--text", "text", default="minilm", show_default=True,
