@@ -200,6 +200,10 @@ def train_run_row(dataset: str) -> dict:
 
     split = DATA[dataset][1]
     out = REPO / "runs" / "bench" / f"default-train-run-{dataset}"
+    if out.exists():  # the defaults may have changed since: train again
+        import shutil
+
+        shutil.rmtree(out)
     cfg = load_config(None, [f"data.path={folder(dataset)}", f"data.split={split}", f"out={out}",
                              "model.weights=package"])
     t0 = time.perf_counter()

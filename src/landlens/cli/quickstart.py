@@ -140,7 +140,7 @@ def _row(pipeline: str, ds, bb, distance: str, rerank: str | None, out: Path, ca
 def _echo_table(ds, data: Path, rows: list[dict]) -> None:
     click.echo("")
     click.echo("| pipeline | dataset | backbone | re-ranking | images | mAP | ANMRR | P@5 | P@10 | P@50 | P@100 "
-               "| extract s | search s |")
+               "| extract s | evaluate s |")
     click.echo("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         m = r["metrics"]

@@ -112,6 +112,10 @@ class _BackboneWithHead(nn.Module):
             "classes": list(self.classes),
             "preprocessing": self.backbone.preprocessing.to_dict(),
             "initial_weights": self.backbone.weights.to_dict(),
+            # a fusion (models.fusion): each member's architecture and the view it was trained on
+            **({"members": [{"backbone": m.spec.name, "preprocessing": m.preprocessing.to_dict(),
+                             "initial_weights": m.weights.to_dict()} for m in self.backbone.members]}
+               if hasattr(self.backbone, "members") else {}),
         }
 
 
@@ -304,15 +308,35 @@ def load_classifier(directory: str | os.PathLike[str], *, map_location: str = "c
 
 def _rebuild_backbone(meta: dict[str, Any], d: Path) -> Backbone:
     """The backbone ``model.json`` describes, randomly initialised (the tensors come next)."""
+    name = str(meta["backbone"])
+    if name.lower().startswith("fusion:"):
+        from landlens.models.fusion import FusedBackbone
+
+        members = meta.get("members")
+        if not isinstance(members, list) or len(members) < 2:
+            raise CheckpointError(f"{d / MODEL_META}: a fusion backbone without its 'members'")
+        built = [_rebuild_one(m, d) for m in members]
+        return FusedBackbone(name, built, str((meta.get("initial_weights") or {}).get("ref", "auto")),
+                             _preprocessing(meta, d))
+    return _rebuild_one(meta, d)
+
+
+def _preprocessing(meta: dict[str, Any], d: Path) -> Preprocessing:
+    try:
+        return Preprocessing.from_dict(meta["preprocessing"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{d / MODEL_META}: unusable preprocessing: {first_line(exc)}") from None
+
+
+def _rebuild_one(meta: dict[str, Any], d: Path) -> Backbone:
+    """One single backbone of ``model.json`` (the model's, or a fusion member's)."""
     from landlens.models.specs import build_body, get_spec
 
     try:
         spec = get_spec(str(meta["backbone"]))
-        pre = Preprocessing.from_dict(meta["preprocessing"])
     except LandlensError as exc:
         raise CheckpointError(f"{d / MODEL_META}: {exc}") from None
-    except (TypeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{d / MODEL_META}: unusable preprocessing: {first_line(exc)}") from None
+    pre = _preprocessing(meta, d)
     init = meta.get("initial_weights") or {}
     info = WeightsInfo(source=str(init.get("source", "none")), ref=str(init.get("ref", "")),
                        digest=init.get("digest"), file_sha256=init.get("file_sha256"))

@@ -141,21 +141,15 @@ class FusedBackbone(Backbone):
         return out
 
 
-def fused_backbone(name: str, weights: str = "auto", *, preprocessing: Preprocessing | None = None,
-                   verify: bool = True) -> FusedBackbone:
-    """Build the fusion ``name`` (see the module docstring); ``weights`` is given to every member
-    (``auto``, ``package``, ``hub``, ``none``; a single checkpoint file cannot hold several members)."""
-    from landlens.models.registry import create_backbone
-
-    members = fusion_members(name)
-    w = str(weights).strip()
-    if w.lower() not in ("auto", "package", "hub", "none"):
+def check_fusion_weights(name: str, weights: str) -> str:
+    """The weights argument every member of fusion ``name`` gets, lower-cased; a checkpoint file
+    (which holds one backbone) is refused."""
+    w = str(weights).strip().lower()
+    if w not in ("auto", "package", "hub", "none"):
         raise BackboneError(f"backbone {name!r}: weights {weights!r}: a fusion takes auto, package, hub or none "
                             f"(each member loads its own); a checkpoint file holds one backbone")
-    built = [create_backbone(m, w, verify=verify) for m in members]
-    canonical = "fusion:" + "+".join(b.name for b in built)
-    return FusedBackbone(canonical, built, w.lower(), preprocessing)
+    return w
 
 
-__all__ = ["DEFAULT_FUSION", "FUSION_PRESETS", "FusedBackbone", "carrier_preprocessing", "fused_backbone",
+__all__ = ["DEFAULT_FUSION", "FUSION_PRESETS", "FusedBackbone", "carrier_preprocessing", "check_fusion_weights",
            "fusion_members"]

@@ -66,10 +66,12 @@ def create_backbone(
         from landlens.models.classifier import run_backbone
 
         return run_backbone(name, weights, preprocessing=preprocessing)
-    if prefix == "fusion":
-        from landlens.models.fusion import fused_backbone
+    if prefix == "fusion":  # several backbones as one (models.fusion), each member built here
+        from landlens.models.fusion import FusedBackbone, check_fusion_weights, fusion_members
 
-        return fused_backbone(name, weights, preprocessing=preprocessing, verify=verify)
+        w = check_fusion_weights(name, weights)
+        members = [create_backbone(m, w, verify=verify) for m in fusion_members(name)]
+        return FusedBackbone("fusion:" + "+".join(m.name for m in members), members, w, preprocessing)
     if prefix == "openclip":
         from landlens.models.openclip import openclip_backbone
 

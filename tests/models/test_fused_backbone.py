@@ -74,3 +74,20 @@ def test_bgr_member_view_and_resize():
     np.testing.assert_allclose(got[:, 1280:].numpy(), want_sq.numpy(), atol=1e-5)
     assert fused.weights.source == "fusion" and fused.weights.ref == "package" and len(fused.weights.digest) == 64
     assert [m["backbone"] for m in fused.describe()["members"]] == ["tf_efficientnet_lite0", "tv_squeezenet1_1"]
+
+
+def test_a_classifier_on_a_fusion_saves_and_reloads_without_its_weights_packages(tmp_path: Path):
+    """model.json records each member's architecture and view; the reloaded network computes the
+    same log-probabilities (the loader builds random members, the tensors come from the file)."""
+    _need("efficientnet-lite0", "ndf-squeezenet1_1")
+    from landlens.models.classifier import Classifier, load_classifier, save_classifier
+
+    fused = landlens.create_backbone("fusion:tf_efficientnet_lite0+tv_squeezenet1_1", "package")
+    model = Classifier(fused, ["a", "b", "c"]).eval()
+    save_classifier(model, tmp_path / "run")
+    again = load_classifier(tmp_path / "run")
+    assert again.backbone.name == fused.name and again.backbone.member_sizes == fused.member_sizes
+    assert [m.preprocessing for m in again.backbone.members] == [m.preprocessing for m in fused.members]
+    x = torch.rand(2, 3, 227, 227)
+    with torch.no_grad():
+        np.testing.assert_allclose(again(x).numpy(), model(x).numpy(), atol=1e-5)
