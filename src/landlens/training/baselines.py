@@ -118,12 +118,14 @@ def choose_c(method: str, X_train: np.ndarray, y_train: np.ndarray, *, seed: int
         return c, {"chosen": c, "grid": list(values), "folds": 0, "note": "too few images per class to cross-validate"}
     search = GridSearchCV(make_baseline(method, seed=seed), {"clf__C": list(values)}, scoring="accuracy",
                           cv=StratifiedKFold(folds, shuffle=True, random_state=seed), n_jobs=1, refit=False)
+    t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         search.fit(X_train, y_train)
     c = float(search.best_params_["clf__C"])
     scores = {f"{v:g}": round(float(s), 5) for v, s in zip(values, search.cv_results_["mean_test_score"])}
-    return c, {"chosen": c, "grid": list(values), "folds": folds, "cv_accuracy": scores}
+    return c, {"chosen": c, "grid": list(values), "folds": folds, "cv_accuracy": scores,
+               "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def fit_baseline(method: str, X_train: np.ndarray, y_train: np.ndarray, *, C: float = 1.0, k: int = 5,
