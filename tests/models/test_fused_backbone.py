@@ -91,3 +91,27 @@ def test_a_classifier_on_a_fusion_saves_and_reloads_without_its_weights_packages
     x = torch.rand(2, 3, 227, 227)
     with torch.no_grad():
         np.testing.assert_allclose(again(x).numpy(), model(x).numpy(), atol=1e-5)
+
+
+def test_an_archive_of_a_fusion_embeds_queries_and_additions_as_it_indexed(tmp_path: Path):
+    """Index, search by file (eager and traced), add: every vector is the fusion's extraction."""
+    _need("efficientnet-lite0", "ndf-squeezenet1_1")
+    from fixtures.make_datasets import make_folder_dataset
+
+    data = make_folder_dataset(tmp_path / "d", ["beach", "forest"], per_class=3, size=80)
+    name = "fusion:tf_efficientnet_lite0+tv_squeezenet1_1"
+    arch = landlens.Archive.build(data, tmp_path / "a", backbone=name, weights="package", cache_dir=tmp_path / "c",
+                                  progress=False)
+    assert arch.backbone_name == name and arch.rerank is not None  # the archive default: re-ranked
+    first = arch.records()[0]
+    stored = arch.vector(first.id)
+    for mode in ("none", "jit"):
+        if mode == "jit":
+            arch.optimize("jit")
+        got = arch.embed([arch.load_query(first.path)])[0]
+        np.testing.assert_allclose(got, stored, atol=1e-4)
+    extra = make_folder_dataset(tmp_path / "e", ["lake"], per_class=1, size=72, seed=5)
+    new_file = next(extra.rglob("*.jpg"))
+    (rec,) = arch.add([new_file], ["lake"])
+    want = landlens.extract([new_file], landlens.create_backbone(name, "package"), cache_dir=tmp_path / "c2")
+    np.testing.assert_allclose(arch.vector(rec.id), want.features[0], atol=1e-4)
