@@ -184,3 +184,23 @@ def test_real_ucmerced_verifies(ucmerced_real: Path) -> None:
     assert report.ok, report.problems()[:5]
     assert report.dataset == "ucmerced" and report.n_readable == 2100
     assert len(report.off_size) == 44
+
+
+def test_notes_count_the_images_a_network_upsamples(tmp_path: Path) -> None:
+    """Short sides come from the decoded images; the note counts those below the input size."""
+    from PIL import Image
+
+    from landlens.data.verify import verify_dataset
+
+    root = make_folder_dataset(tmp_path / "small", ["a", "b"], per_class=2, size=(150, 180))
+    big = root / "a" / "big.png"
+    Image.new("RGB", (300, 240), (10, 20, 30)).save(big)
+    report = verify_dataset(root, workers=1)
+    sides = sorted(min(Image.open(p).size) for p in root.rglob("*.*"))
+    assert sorted(report.short_sides) == sides == [150, 150, 150, 150, 240]
+    assert report.upsampled(224) == 4 and report.upsampled(128) == 0
+    assert report.notes(224) == ["4 of 5 images have a shorter side below the backbone's 224-px input (smallest "
+                                 "150 px) and are upsampled: the network sees no more detail than the image holds"]
+    assert report.notes(128) == [] and report.to_dict()["short_side"] == {"min": 150, "median": 150, "max": 240}
+    big.unlink()
+    assert verify_dataset(root, workers=1).notes(224)[0].startswith("every image has a shorter side below")

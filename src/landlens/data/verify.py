@@ -133,11 +133,11 @@ class VerifyReport:
             out.append(f"{len(self.off_size)} image(s) are not {self.expected_size[0]}x{self.expected_size[1]}")
         n_up = self.upsampled(input_size) if input_size else 0
         if n_up:
-            share = "every image" if n_up == len(self.short_sides) else f"{n_up} of {len(self.short_sides)} images"
-            out.append(f"{share} has a shorter side below the backbone's {input_size}-px input "
-                       f"(smallest {min(self.short_sides)} px) and is upsampled: features see no more detail than "
-                       f"the image holds; a backbone with a smaller input (geoembed_v3, 128 px) or --input-size "
-                       f"may suit it better")
+            every = n_up == len(self.short_sides)
+            share = "every image has" if every else f"{n_up} of {len(self.short_sides)} images have"
+            out.append(f"{share} a shorter side below the backbone's {input_size}-px input "
+                       f"(smallest {min(self.short_sides)} px) and {'is' if every else 'are'} upsampled: the network "
+                       f"sees no more detail than the image holds")
         return out
 
     def to_dict(self) -> dict[str, Any]:
