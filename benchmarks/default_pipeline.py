@@ -221,9 +221,9 @@ NOTES = """## Notes
 
 - **Why these members.** The default `fusion` (Lite0, MobileNetV2, SqueezeNet, GeoEmbed) has the best
   val mAP among the subsets without EfficientNet-Lite1 and -Lite2 (A1: 82.41), the two members with
-  the largest inputs (240 and 260 px), which cost the most to extract. Adding them scores higher on
-  val (all six 84.37, +Lite1 84.01) at roughly twice the extraction time; that trade was made for
-  the CPU budget, not on a score. In train-part CV (A2) the four-member fusion with logistic
+  the largest inputs (240 and 260 px), each costlier to run than Lite0. Adding them scores higher on
+  val (all six 84.37, +Lite1 84.01) at the price of their extraction time (not measured as a fusion);
+  that trade was made for the CPU budget, not on a score. In train-part CV (A2) the four-member fusion with logistic
   regression (97.80) matches all six (97.50 logreg, 97.98 SVM C=10) within the folds' noise.
 - **One extractor is not the separate extractions.** A1 fuses separately extracted features. Run as
   one `FusedBackbone`, GeoEmbed sees the centre crop the other members see instead of its own
@@ -238,9 +238,11 @@ NOTES = """## Notes
 - **Goals of issue #16 not reached yet** (aims: archive >= 90 mAP on UC Merced, UC Merced 80/20 >= 99.5 %,
   EuroSAT >= 98.8 %): the defaults give 84.50 mAP, 98.10 % and 96.56 %. Fine-tuning Lite0 reached
   98.30 % on EuroSAT (benchmarks/results/classification.md) but does not fit the default's CPU budget.
-- **Timings.** Extraction rates come from the feature stores' records and were measured while other
-  jobs shared the 2 cores (UC Merced: Lite0 37.6 img/s, the fusion 15.9; EuroSAT's fusion 9.8 while
-  tests ran), so they are lower bounds on speed. `fit s` is the final fit only; choosing C by 3-fold
+- **Timings.** Extraction rates in B1 come from the feature stores' records and were measured while
+  other jobs shared the 2 cores (UC Merced: Lite0 37.6 img/s, the fusion 15.9; EuroSAT's fusion 9.8
+  while tests ran). On the quiet machine afterwards, into an empty cache (`landlens.extract` of UC
+  Merced, wall time): Lite0 32.2 s (65 img/s, compiled), the fusion 150.2 s (14.0 img/s), 4.7x; the
+  fusion costs about as many FLOPs as its four members together. `fit s` is the final fit only; choosing C by 3-fold
   CV on the train part (nine more fits) is not in it (`train baseline` records it as
   `C_search.seconds` from now on).
 """

@@ -30,7 +30,7 @@ def _parse_methods(values: tuple[str, ...]) -> list[str]:
 
 
 FUSION_NOTE = ("the default 'fusion' runs EfficientNet-Lite0, MobileNetV2, SqueezeNet 1.1 and GeoEmbed v3 "
-               "(offline weights) on each image, about 2.5x the time of one backbone: some 4 minutes per 3,000 "
+               "(offline weights) on each image, about 4.7x the time of Lite0 alone: some 4 minutes per 3,000 "
                "images on 2 cores (extracted once, then cached); -b tf_efficientnet_lite0 for one backbone")
 
 

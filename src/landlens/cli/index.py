@@ -74,7 +74,7 @@ def index_group() -> None:
 @click.option("--backbone", "-b", default=None,
               help="backbone name (`landlens models list`), any timm model name, or fusion[:A+B+...] "
                    "[default: fusion, i.e. EfficientNet-Lite0 + MobileNetV2 + SqueezeNet 1.1 + GeoEmbed v3 with "
-                   "offline weights, about 2.5x the extraction time of one backbone]")
+                   "offline weights: 150 s to extract UC Merced's 2,100 images on 2 cores, Lite0 alone 32 s]")
 @click.option("--weights", default="auto", show_default=True,
               help="auto | hub[:TAG] | package[:KEY] | PATH to a checkpoint")
 @click.option("--index-factory", "index_factory", default="auto", show_default=True,

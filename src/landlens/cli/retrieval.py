@@ -33,8 +33,8 @@ def _parse_ks(text: str) -> tuple[int, ...]:
 @click.option("--backbone", "-b", "backbones", multiple=True,
               help="backbone name (`landlens models list`); repeat to fuse several (L2-normalised, concatenated); "
                    "not with an archive, whose vectors are evaluated as they are [default: the best measured "
-                   "unsupervised pipeline, -b fusion (four offline backbones, about 2.5x one backbone's extraction "
-                   "time) with --rerank kreciprocal:k1=80,k2=6,lambda=0.1]")
+                   "unsupervised pipeline, -b fusion (four offline backbones, about 4.7x the extraction time of Lite0 "
+                   "alone) with --rerank kreciprocal:k1=80,k2=6,lambda=0.1]")
 @click.option("--plain", is_flag=True,
               help="the single-backbone baseline: EfficientNet-Lite0 (unless -b), no re-ranking (an archive: "
                    "without its recorded re-ranking)")

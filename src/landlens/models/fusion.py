@@ -35,13 +35,13 @@ from landlens.models.preprocessing import Preprocessing
 
 FUSION_PRESETS: dict[str, tuple[str, ...]] = {
     # the three ImageNet backbones with offline weights: fused retrieval 62.16 mAP (cosine) on
-    # UC Merced against 58.96 for EfficientNet-Lite0 alone, at about 2.3x its extraction time
+    # UC Merced against 58.96 for EfficientNet-Lite0 alone
     "imagenet3": ("tf_efficientnet_lite0", "tv_mobilenet_v2", "tv_squeezenet1_1"),
     # the same with GeoEmbed v3 (remote-sensing weights, 128 px, cheap): 63.4 mAP cosine, 81.90 with
     # k-reciprocal re-ranking (the ImageNet three: 76.77), 97.92 % 5-fold CV accuracy of logistic
     # regression on the UC Merced train part (97.68)
     "offline4": ("tf_efficientnet_lite0", "tv_mobilenet_v2", "tv_squeezenet1_1", "geoembed_v3"),
-    # every offline backbone: 66.13 mAP (83.90 re-ranked), about 5x Lite0's extraction time
+    # every offline backbone: 66.13 mAP (83.90 re-ranked), with the two largest EfficientNets added
     "offline6": ("tf_efficientnet_lite0", "tv_mobilenet_v2", "tv_squeezenet1_1", "tf_efficientnet_lite1",
                  "tf_efficientnet_lite2", "geoembed_v3"),
 }
