@@ -220,6 +220,14 @@ def test_commands_work_through_the_landlens_group(archive, tmp_path):
     bad.write_bytes(b"")
     res = CliRunner().invoke(cli, ["search", str(out), str(bad)])
     assert res.exit_code == 2 and res.stderr.count("\n") == 1 and str(bad) in res.stderr
+    # a store's vectors are searched as they are, unless --rerank records a default (auto: as index build)
+    assert doc["rerank"] is None
+    res = CliRunner().invoke(cli, ["retrieval", "index", str(store), "--out", str(tmp_path / "ranked"), "--rerank",
+                                   "auto", "--json"])
+    assert res.exit_code == 0, res.output
+    from landlens.retrieval.rerank import DEFAULT_RERANK
+
+    assert json.loads(res.stdout)["rerank"] == DEFAULT_RERANK
 
 
 def test_rerank_option_ranks_by_query_expansion(archive):

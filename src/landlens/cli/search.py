@@ -33,15 +33,19 @@ OLD_INDEX = ("{path} is a search index of landlens 0.1 (index.json, rows instead
 @click.option("--nprobe", type=int, default=None, help="IVF lists visited per query (IVF kinds)")
 @click.option("--ef-search", type=int, default=None, help="HNSW search beam width (hnsw)")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the training sample and k-means")
+@click.option("--rerank", default="none", show_default=True, metavar="SPEC",
+              help="the archive's default re-ranking of every search: none, auto (what `index build` records: "
+                   "k-reciprocal for cosine archives of up to 50,000 images) or a spec as in `retrieval evaluate`")
 @click.option("--overwrite", is_flag=True, help="replace an existing archive at --out (atomically)")
 @click.option("--json", "as_json", is_flag=True, help="print the archive summary as JSON")
 def index_cmd(store: Path, out: Path, kind: str, metric: str, nprobe: int | None, ef_search: int | None,
-              seed: int, overwrite: bool, as_json: bool) -> None:
+              seed: int, rerank: str, overwrite: bool, as_json: bool) -> None:
     """Build a search archive over the features of the feature store STORE, in the folder OUT.
 
     The same archive as `landlens index build` makes from an image folder: it records the
     store's backbone, weights and preprocessing, so `landlens search OUT IMAGE` and `landlens
-    serve OUT` embed query images the same way.
+    serve OUT` embed query images the same way. The store's vectors are searched as they are
+    unless --rerank records a default re-ranking.
     """
     from landlens.retrieval.archive import Archive
 
@@ -50,7 +54,8 @@ def index_cmd(store: Path, out: Path, kind: str, metric: str, nprobe: int | None
         settings["nprobe"] = nprobe
     if ef_search is not None:
         settings["ef_search"] = ef_search
-    arch = Archive.from_store(store, out, index_factory=kind, metric=metric, overwrite=overwrite, **settings)
+    arch = Archive.from_store(store, out, index_factory=kind, metric=metric, rerank=rerank, overwrite=overwrite,
+                              **settings)
     if as_json:
         echo_json(arch.info())
         return
