@@ -61,6 +61,16 @@ def backbone_options(f=None, *, default: str = "tf_efficientnet_lite0", note: st
     return add if f is None else add(f)
 
 
+def plain_rerank(plain: bool, rerank: str | None, doing: str) -> str | None:
+    """``--plain`` means ``--rerank none``; given with any other ``--rerank`` it is one error line
+    (``doing``: what the command does without re-ranking, e.g. ``"searches"``)."""
+    if not plain:
+        return rerank
+    if rerank is not None and rerank.strip().lower() != "none":
+        raise LandlensError(f"--plain {doing} without re-ranking; drop --rerank {rerank}")
+    return "none"
+
+
 def max_pixels_option(f):
     """--max-pixels: the decode size limit of :mod:`landlens.data.io` (header checked first)."""
     from landlens.data.io import DEFAULT_MAX_PIXELS

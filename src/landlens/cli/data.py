@@ -154,7 +154,7 @@ def _print_report(report: VerifyReport) -> None:
             click.echo(f"  {p}: {iw}x{ih}")
         if len(report.off_size) > _MAX_NOTES:
             click.echo(f"  ... and {len(report.off_size) - _MAX_NOTES} more")
-    side = report.to_dict()["short_side"]
+    side = report.short_side_summary()
     if side:
         click.echo(f"shorter side of the readable images: {side['min']}-{side['max']} px (median {side['median']}); "
                    f"a network upsamples images below its input size (EfficientNet-Lite0: 224 px)")

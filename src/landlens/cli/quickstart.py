@@ -152,7 +152,7 @@ def _echo_table(ds, data: Path, rows: list[dict]) -> None:
 
 
 def _short(name: str) -> str:
-    """A fusion's members, shortened for the table (``fusion:a+b`` -> ``fusion of a, b``)."""
+    """A fusion's members, shortened for the table (``fusion:tv_a+tv_b`` -> ``fusion: a + b``)."""
     if not name.startswith("fusion:"):
         return name
     return "fusion: " + " + ".join(m.replace("tf_efficientnet_", "").replace("tv_", "") for m in name[7:].split("+"))

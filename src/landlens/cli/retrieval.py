@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from landlens.cli.common import command_line
+from landlens.cli.common import command_line, plain_rerank
 
 DISTANCES = ("euclidean", "cosine", "manhattan", "chi2")
 
@@ -86,23 +86,15 @@ def evaluate_cmd(data: Path, backbones: tuple[str, ...], plain: bool, weights: t
     every metric.
     """
     from landlens.atomic import atomic_write_json
-    from landlens.errors import LandlensError
-    from landlens.retrieval.archive import Archive, is_archive
-    from landlens.retrieval.rerank import DEFAULT_RERANK
+    from landlens.retrieval.archive import is_archive
     from landlens.retrieval.study import evaluate_sources
 
-    if rerank is not None and rerank.strip().lower() == "none":
-        rerank = "none"
-    if plain and rerank not in (None, "none"):
-        raise LandlensError(f"--plain evaluates without re-ranking; drop --rerank {rerank}")
-    if is_archive(data):
-        if rerank is None and not plain and distance == "cosine":
-            rerank = Archive.open(data).rerank
-    elif not backbones:
+    rerank = plain_rerank(plain, rerank, "evaluates")
+    defaulted = not backbones and not is_archive(data)
+    if defaulted:
         backbones = ("tf_efficientnet_lite0",) if plain else ("fusion",)
-        if rerank is None and not plain and distance == "cosine" and pca is None and not whiten:
-            rerank = DEFAULT_RERANK
-    rerank = None if rerank == "none" else rerank
+    if rerank is None and not plain and (defaulted or not backbones):
+        rerank = "auto"  # an archive's own re-ranking, or the default pipeline's
 
     result, doc = evaluate_sources(
         data, backbones, weights, dataset=dataset, distance=distance, matcher=matcher, shortlist=shortlist,

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from landlens.cli.common import OneLineErrorCommand, echo_json, max_pixels_option
+from landlens.cli.common import OneLineErrorCommand, echo_json, max_pixels_option, plain_rerank
 
 KIND_HELP = ("auto (exact below 50,000 vectors, else the benchmarked large-archive index) | exact | hnsw | "
              "ivf-flat | ivf-pq | a FAISS factory string such as 'IVF4096,PQ64'")
@@ -170,10 +170,7 @@ def search_cmd(archive_dir: Path, queries: tuple[Path, ...], k: int, as_json: bo
     from landlens.retrieval.rerank import make_reranker
     from landlens.retrieval.search import NO_RERANK, search_files
 
-    if plain:
-        if rerank is not None and rerank.strip().lower() != NO_RERANK:
-            raise ArchiveError(f"--plain searches without re-ranking; drop --rerank {rerank}")
-        rerank = NO_RERANK
+    rerank = plain_rerank(plain, rerank, "searches")
     if (scene is not None or cut) and not places:
         raise ArchiveError("--scene and --cut say where an --at query comes from: give --at LON,LAT")
     if not queries and text is None and not places:
@@ -240,8 +237,7 @@ def search_cmd(archive_dir: Path, queries: tuple[Path, ...], k: int, as_json: bo
                    **({"at": [list(p) if p else None for p in where]} if places else {}),
                    "geojson": str(geojson) if geojson is not None else None,
                    "factory": arch.factory, **({"text": text, "image_weight": image_weight} if text else {}),
-                   "rerank": (arch.rerank if rerank is None else None if rerank == NO_RERANK else rerank)
-                   if text is None and matcher is None else None,
+                   "rerank": arch.rerank_for(rerank) if text is None and matcher is None else None,
                    "matcher": str(matcher) if matcher is not None else None,
                    "gallery": str(gallery) if gallery is not None else None,
                    **({"feedback": feedback_doc} if feedback_doc is not None else {}),

@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from landlens.cli.common import OneLineErrorCommand
+from landlens.cli.common import OneLineErrorCommand, plain_rerank
 from landlens.errors import ConfigError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -138,13 +138,9 @@ def serve_cmd(archive_dir: Path, host: str, port: int, run_dir: Path | None, tok
     Open the printed address in a browser: drop an image to find the most similar archive
     images (and its predicted classes with --run). The API is documented at /docs.
     """
-    from landlens.errors import LandlensError
     from landlens.service.app import create_app
 
-    if plain:
-        if rerank is not None and rerank.strip().lower() != "none":
-            raise LandlensError(f"--plain serves without re-ranking; drop --rerank {rerank}")
-        rerank = "none"
+    rerank = plain_rerank(plain, rerank, "serves")
     token = read_token(token_file)
     app = create_app(archive_dir, classifier_run=run_dir, token=token,
                      max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,

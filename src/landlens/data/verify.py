@@ -120,6 +120,13 @@ class VerifyReport:
         sees them enlarged, with no more detail than they hold."""
         return sum(1 for s in self.short_sides if s < input_size)
 
+    def short_side_summary(self) -> dict[str, int] | None:
+        """``{"min", "median", "max"}`` of the readable images' shorter sides (``None``: none readable)."""
+        if not self.short_sides:
+            return None
+        sides = sorted(self.short_sides)
+        return {"min": sides[0], "median": sides[len(sides) // 2], "max": sides[-1]}
+
     def notes(self, input_size: int | None = None) -> list[str]:
         """One line per note (never a failure): skipped files, empty class folders, images of
         another size than the catalog's, and with ``input_size`` the images a network of that
@@ -163,9 +170,7 @@ class VerifyReport:
             "off_size": [{"path": p, "width": w, "height": h} for p, w, h in self.off_size],
             "max_pixels": self.max_pixels,
             "elapsed_s": round(self.elapsed_s, 3),
-            "short_side": None if not self.short_sides else {
-                "min": min(self.short_sides), "median": sorted(self.short_sides)[len(self.short_sides) // 2],
-                "max": max(self.short_sides)},
+            "short_side": self.short_side_summary(),
         }
 
 

@@ -37,18 +37,18 @@ FUSION_PRESETS: dict[str, tuple[str, ...]] = {
     # the three ImageNet backbones with offline weights: fused retrieval 62.16 mAP (cosine) on
     # UC Merced against 58.96 for EfficientNet-Lite0 alone
     "imagenet3": ("tf_efficientnet_lite0", "tv_mobilenet_v2", "tv_squeezenet1_1"),
-    # the same with GeoEmbed v3 (remote-sensing weights, 128 px, cheap): 63.4 mAP cosine, 81.90 with
-    # k-reciprocal re-ranking (the ImageNet three: 76.77), 97.92 % 5-fold CV accuracy of logistic
-    # regression on the UC Merced train part (97.68)
+    # the same with GeoEmbed v3 (remote-sensing weights, 128 px): as one extractor 66.87 mAP cosine and
+    # 84.50 with k-reciprocal re-ranking (extracted separately and fused: 81.90; the ImageNet three:
+    # 76.77), 97.80 % 5-fold CV accuracy of logistic regression on the UC Merced train part (97.38)
     "offline4": ("tf_efficientnet_lite0", "tv_mobilenet_v2", "tv_squeezenet1_1", "geoembed_v3"),
     # every offline backbone: 66.13 mAP (83.90 re-ranked), with the two largest EfficientNets added
     "offline6": ("tf_efficientnet_lite0", "tv_mobilenet_v2", "tv_squeezenet1_1", "tf_efficientnet_lite1",
                  "tf_efficientnet_lite2", "geoembed_v3"),
 }
 DEFAULT_FUSION = "offline4"
-"""The preset ``fusion`` names: the best measured fusion whose extraction cost stays near that of
-two single backbones (chosen on UC Merced val queries and train-part cross-validation;
-benchmarks/results/default_pipeline.md)."""
+"""The preset ``fusion`` names: the best measured fusion without the two largest EfficientNets
+(chosen on UC Merced val queries and train-part cross-validation; its extraction takes about
+4.7x that of Lite0 alone; benchmarks/results/default_pipeline.md)."""
 
 
 def fusion_members(name: str) -> tuple[str, ...]:

@@ -84,6 +84,11 @@ class ArchiveSearch:
         """The unsupervised re-ranking spec searches use by default, or ``None``."""
         return self._rerank_spec
 
+    def rerank_for(self, rerank: str | None = None) -> str | None:
+        """The re-ranking a search given ``rerank`` uses: the archive's default for ``None``, none
+        for ``"none"``, else ``rerank`` itself."""
+        return self._rerank_spec if rerank is None else (None if rerank == NO_RERANK else rerank)
+
     def set_rerank(self, spec: str | None) -> None:
         """Re-rank every search without labels (:mod:`landlens.retrieval.rerank`: ``"aqe"``,
         ``"diffusion"``, ``"aqe+diffusion"``, ...), fitted now on the archive's vectors and
@@ -213,7 +218,7 @@ class ArchiveSearch:
         if class_name is not None and class_name not in set(state.classes.tolist()):
             raise ArchiveError(f"class {class_name!r} is not in the archive "
                                f"({', '.join(sorted(set(state.classes.tolist()) - {''})) or 'it has no classes'})")
-        spec = self._rerank_spec if rerank is None else (None if rerank == NO_RERANK else rerank)
+        spec = self.rerank_for(rerank)
         if matcher is not None:
             if rerank not in (None, NO_RERANK):
                 raise ArchiveError("a matching discriminator and an unsupervised re-ranking cannot be combined; "

@@ -59,6 +59,21 @@ def _check(archive: Any, backbones: Sequence[str], weights: Sequence[str], pca: 
         make_reranker(rerank)  # a bad spec fails before any extraction
 
 
+def _resolve_rerank(rerank: str | None, archive: Any, distance: str, pca: int | None, whiten: bool) -> str | None:
+    """``"none"`` as ``None``; ``"auto"`` as the archive's own re-ranking or the default pipeline's."""
+    from landlens.retrieval.rerank import DEFAULT_RERANK
+
+    if rerank is None or rerank.strip().lower() == "none":
+        return None
+    if rerank.strip().lower() != "auto":
+        return rerank
+    if distance != "cosine":
+        return None
+    if archive is not None:
+        return archive.rerank
+    return DEFAULT_RERANK if pca is None and not whiten else None
+
+
 def _folder_sources(data: Any, dataset: str | None, backbones: Sequence[str], weights: Sequence[str],
                     cache_dir: Any, workers: int | None, progress: bool, command: str | None,
                     say: Callable[[str], None]) -> tuple[list[FeatureSet], list[dict[str, Any]], dict[str, Any]]:
@@ -114,7 +129,9 @@ def evaluate_sources(
 
     ``split`` is a split manifest file for ``protocol="split"``; ``distance="learned"`` ranks by
     the discriminator at ``matcher`` (``shortlist``: re-rank only each query's K Euclidean
-    neighbours); ``rerank`` is an unsupervised re-ranking spec. ``say`` receives one line per
+    neighbours); ``rerank`` is an unsupervised re-ranking spec, ``"none"``, or ``"auto"``: an
+    archive's own re-ranking, or for a folder :data:`~landlens.retrieval.rerank.DEFAULT_RERANK`
+    (cosine distance only, and for a folder without PCA or whitening). ``say`` receives one line per
     feature source. Returns the result and the JSON document ``landlens retrieval evaluate``
     writes.
 
@@ -130,6 +147,7 @@ def evaluate_sources(
 
     archive = Archive.open(data) if is_archive(data) else None
     manifest = SplitManifest.load(split) if split is not None else None
+    rerank = _resolve_rerank(rerank, archive, distance, pca, whiten)
     _check(archive, backbones, weights, pca, confusion_k, protocol, manifest, database, distance, matcher,
            shortlist, rerank, data)
     if archive is not None:

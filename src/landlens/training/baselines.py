@@ -20,9 +20,10 @@ Methods (:data:`BASELINES`):
 ``C="auto"`` (the command's default) picks the regularisation from :data:`C_GRIDS` by
 stratified 3-fold cross-validation on the training part alone (scikit-learn's
 ``GridSearchCV``), so the test part never chooses it; the chosen value and every fold score are
-recorded. Measured on UC Merced (train part of the 80/20 split, 5-fold CV): the best fixed C of
-logistic regression on standardised features was 0.1 for EfficientNet-Lite0 and for the fused
-ImageNet backbones, that of the SVM on L2-normalised features 10 (benchmarks/results/default_pipeline.md).
+recorded. The best fixed C depends on the features (UC Merced train part of the 80/20 split,
+5-fold CV, benchmarks/results/default_pipeline.md): for logistic regression 0.1 on the default
+fusion, 0.01 and 1 tied on EfficientNet-Lite0 alone; for the SVM 1 on Lite0, 10 on all six
+offline backbones.
 """
 
 from __future__ import annotations
