@@ -18,6 +18,8 @@ of these)::
     scenes = landlens.Archive.build_from_scenes(["a.tif", "b.tif"], "a.archive", chip=256, gsd=0.3)
     ref, _ = landlens.query_at(scenes, 121.0, 14.6)                      # a place -> the chip holding it
     doc = landlens.results_geojson(scenes, landlens.search_files(scenes, [ref], k=10))   # GeoJSON hits
+    landlens.classify_scene("runs/eurosat", "landsat.tif", "landuse.tif", gsd=10, chip=64)  # land-use map
+    landlens.similarity_map(scenes, ref, "c.tif", "similar.tif")                   # where else looks like this
 
 The package is organised along that flow: ``scenes`` (GeoTIFF scenes read by windows, tiled
 into chips) -> ``data`` (catalog, decoding, folders, splits) ->
@@ -70,11 +72,13 @@ _EXPORTS: dict[str, str] = {
     "search_files": "landlens.retrieval.search",
     "query_at": "landlens.retrieval.geo",
     "results_geojson": "landlens.retrieval.geo",
+    "similarity_map": "landlens.retrieval.geo",
     # training
     "TrainConfig": "landlens.training.config",
     "load_config": "landlens.training.config",
     "train": "landlens.training.engine",
     "Predictor": "landlens.training.predict",
+    "classify_scene": "landlens.training.landuse",
     "ZeroShotPredictor": "landlens.training.predict",
     # errors
     "LandlensError": "landlens.errors",
@@ -93,6 +97,7 @@ __all__ = [
     "TrainConfig",
     "ZeroShotPredictor",
     "align_text",
+    "classify_scene",
     "clip_alignment",
     "create_backbone",
     "create_text_tower",
@@ -111,6 +116,7 @@ __all__ = [
     "results_geojson",
     "scan_folder",
     "search_files",
+    "similarity_map",
     "tile_scene",
     "train",
 ]
@@ -130,12 +136,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from landlens.retrieval.evaluate import evaluate
     from landlens.features.fusion import fuse
     from landlens.retrieval.rerank import make_reranker
-    from landlens.retrieval.geo import query_at, results_geojson
+    from landlens.retrieval.geo import query_at, results_geojson, similarity_map
     from landlens.retrieval.search import ArchiveHit, search_files
     from landlens.scenes.reader import open_scene
     from landlens.scenes.tiling import tile_scene
     from landlens.training.config import TrainConfig, load_config
     from landlens.training.engine import train
+    from landlens.training.landuse import classify_scene
     from landlens.training.predict import Predictor, ZeroShotPredictor
 
 

@@ -18,7 +18,8 @@ def cli() -> None:
     Datasets (`data`), backbones and their offline weights (`models`), feature
     extraction (`features`), retrieval evaluation and indexes (`retrieval`), search by
     example (`search`), persistent archives (`index`) and the search service and web page (`serve`), scene classification by transfer learning (`train`, `predict`,
-    `export`), learned matching (`matching`), and the end-to-end `quickstart`.
+    `export`), learned matching (`matching`), maps of whole GeoTIFF scenes (`scenes`), and the end-to-end
+    `quickstart`.
     """
 
 
@@ -31,6 +32,7 @@ def _register() -> None:
     from landlens.cli.predict import export_cmd, predict_cmd
     from landlens.cli.quickstart import quickstart
     from landlens.cli.retrieval import retrieval
+    from landlens.cli.scenes import scenes
     from landlens.cli.search import index_cmd, search_cmd
     from landlens.cli.serve import serve_cmd
     from landlens.cli.split import split
@@ -42,7 +44,7 @@ def _register() -> None:
     retrieval.add_command(align_cmd)
     retrieval.add_command(evaluate_text_cmd)
     for group in (data, models, features, retrieval, search_cmd, train, predict_cmd, export_cmd, matching,
-                  quickstart, index_group, serve_cmd):
+                  quickstart, index_group, serve_cmd, scenes):
         cli.add_command(group)
 
 

@@ -142,6 +142,45 @@ def _scene_refs(archive: Any) -> dict[str, str]:
     return out
 
 
+def archive_scenes(archive: Any) -> list[dict[str, Any]]:
+    """The scenes the archive's chips come from, sorted by path: ``path``, ``name``, ``chips``
+    (how many), the chip grid's ``width``, ``height``, ``crs`` and ``gsd``, and ``ref``, the
+    reference of one of its chips (whose settings read the scene as the archive did)."""
+    from collections import Counter
+
+    from landlens.scenes.reader import Scene
+    from landlens.scenes.refs import parse_chip_ref
+
+    counts = Counter(g.scene for g in archive.located().values())
+    out = []
+    for path, ref in sorted(_scene_refs(archive).items()):
+        chip = parse_chip_ref(ref)
+        with Scene.from_ref(chip) as sc:  # type: ignore[arg-type]
+            out.append({"path": path, "name": Path(path).name, "chips": int(counts[path]), "width": sc.grid.width,
+                        "height": sc.grid.height, "crs": sc.grid.crs, "gsd": chip.gsd, "ref": ref})  # type: ignore[union-attr]
+    return out
+
+
+def grid_place(ref: str, col: float, row: float) -> tuple[float, float]:
+    """WGS84 ``(lon, lat)`` of the position ``(col, row)`` on the chip grid of the scene of the
+    chip reference ``ref`` (read with its settings).
+
+    Raises:
+        LandlensError: the position is outside the grid.
+    """
+    from rasterio.warp import transform
+
+    from landlens.scenes.reader import WGS84, Scene, to_map
+    from landlens.scenes.refs import parse_chip_ref
+
+    with Scene.from_ref(parse_chip_ref(ref)) as sc:  # type: ignore[arg-type]
+        if not (0.0 <= col <= sc.grid.width and 0.0 <= row <= sc.grid.height):
+            raise LandlensError(f"col {col:g}, row {row:g} is outside the scene's grid ({sc.grid.width}x{sc.grid.height})")
+        x, y = to_map(sc.grid.transform, col, row)
+        lons, lats = transform(sc.grid.crs, WGS84, [x], [y])
+    return float(lons[0]), float(lats[0])
+
+
 def _cut(scene: Any, lon: float, lat: float, chip: int) -> str | None:
     """The reference of a ``chip``-pixel window of ``scene`` centred on the point (moved inside
     the grid at an edge), or ``None`` when the point is outside the scene."""
@@ -198,6 +237,72 @@ def query_at(archive: Any, lon: float, lat: float, *, scene: str | os.PathLike[s
     raise ArchiveError(f"{lon},{lat} is outside every scene of {archive.directory}")
 
 
+# --------------------------------------------------------------------------- similarity maps
+
+
+class QueryScorer:
+    """The similarity of RGB chips to a query vector under an archive's extractor and metric (a
+    :class:`~landlens.scenes.maps.ChipScorer`): the cosine for a cosine archive, ``1 / (1 + d)``
+    of the Euclidean distance ``d`` otherwise (the search's own scores)."""
+
+    outputs = 1
+
+    def __init__(self, archive: Any, vector: np.ndarray) -> None:
+        import hashlib
+        import json
+
+        self.archive = archive
+        q = np.asarray(vector, np.float32).ravel()
+        self.cosine = archive.metric == "cosine"
+        if self.cosine:
+            norm = float(np.linalg.norm(q))
+            if norm == 0.0:
+                raise ArchiveError("the query's feature vector is all zeros: it has no direction to compare")
+            q = q / norm
+        self.q = q
+        ident = json.dumps(archive.features_identity(), sort_keys=True, default=str)
+        self.identity = "query:" + hashlib.sha256(q.tobytes() + ident.encode() + archive.metric.encode()).hexdigest()
+
+    def __call__(self, chips: list[np.ndarray]) -> np.ndarray:
+        from PIL import Image
+
+        x = self.archive.embed([Image.fromarray(c) for c in chips]).astype(np.float32)
+        if self.cosine:
+            x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
+            return (x @ self.q)[:, None]
+        return (1.0 / (1.0 + np.linalg.norm(x - self.q, axis=1)))[:, None]
+
+
+def similarity_map(archive: Any, query: Any, scene: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                   progress: bool = False, restart: bool = False, batch_size: int = 32, preview: bool = True,
+                   **tiling: Any) -> Any:
+    """"Where else looks like this": the similarity of every chip of ``scene`` to ``query`` (what
+    :meth:`~landlens.retrieval.search.ArchiveSearch.query_vector` takes: an id, an image file, a
+    chip reference, a PIL image, a vector) under the archive's extractor, as a float32 GeoTIFF
+    ``out`` with a PNG preview (:func:`landlens.scenes.maps.make_map`; the scene need not be in
+    the archive). Tiling settings (``chip``, ``stride``, ``gsd``, ``bands``, ``nodata``,
+    ``stretch``, ``resampling``, ``min_valid``) default to those the archive recorded for its
+    scenes, else :data:`DEFAULT_TILING`; ``stride`` (default: the chip) is the map's cell size.
+    Returns the :class:`~landlens.scenes.maps.MapResult`."""
+    from landlens.scenes.maps import make_map
+
+    settings = {**DEFAULT_TILING, **(archive.meta.get("tiling") or {}),
+                **{k: v for k, v in tiling.items() if v is not None}}
+    unknown = set(settings) - set(DEFAULT_TILING)
+    if unknown:
+        raise LandlensError(f"unknown tiling setting(s): {', '.join(sorted(unknown))}")
+    vector = archive.query_vector(query)
+    extra: list[tuple[Any, str]] = []
+    if isinstance(query, (str, os.PathLike)):
+        thumb = np.asarray(archive.load_query(query).convert("RGB").resize((96, 96)))
+        extra.append((thumb, f"query: {Path(str(query).split('#')[0]).name}"))
+    elif isinstance(query, (int, np.integer)):
+        extra.append(((255, 255, 255), f"query: archive image {int(query)}"))
+    return make_map(scene, QueryScorer(archive, vector), out, kind="values", value_name="similarity",
+                    batch_size=batch_size, preview=preview, legend_extra=extra, restart=restart, progress=progress,
+                    **settings)
+
+
 # --------------------------------------------------------------------------- GeoJSON
 
 
@@ -232,5 +337,5 @@ def results_geojson(archive: Any, results: Sequence[Any], *, places: Sequence[tu
     return feature_collection(features, queries=queries)
 
 
-__all__ = ["DEFAULT_TILING", "Located", "check_lon_lat", "chips_at", "query_at", "results_geojson", "scene_dataset",
-           "tile_scenes"]
+__all__ = ["DEFAULT_TILING", "Located", "QueryScorer", "archive_scenes", "grid_place", "check_lon_lat", "chips_at", "query_at", "results_geojson", "scene_dataset",
+           "similarity_map", "tile_scenes"]

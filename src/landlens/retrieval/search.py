@@ -271,15 +271,21 @@ class ArchiveSearch:
         options = {"class_name": class_name, "rerank": rerank, "matcher": matcher, "shortlist": shortlist}
         if isinstance(query, (int, np.integer)) and not isinstance(query, bool):
             return self.search_id(int(query), k, **options)
+        return self.search_vectors(self.query_vector(query, max_pixels=max_pixels)[None], k, **options)[0]
+
+    def query_vector(self, query: Any, *, max_pixels: int | None = None) -> np.ndarray:
+        """The feature vector ``(dim,)`` of a query as :meth:`search` takes it: an indexed image's
+        id, an image file or chip reference, an RGB PIL image, or a vector (checked)."""
+        if isinstance(query, (int, np.integer)) and not isinstance(query, bool):
+            return self.vector(int(query))
         if isinstance(query, (str, os.PathLike)):
             query = self.load_query(query, max_pixels=max_pixels)
         if hasattr(query, "mode") and hasattr(query, "size"):  # a PIL image
-            vector = self.embed([query])[0]
-        else:
-            vector = np.asarray(query, dtype=np.float32)
-            if vector.ndim != 1 or vector.shape[0] != self.dim:
-                raise ArchiveError(f"a query vector must have shape ({self.dim},), got {tuple(vector.shape)}")
-        return self.search_vectors(vector[None], k, **options)[0]
+            return self.embed([query])[0]
+        vector = np.asarray(query, dtype=np.float32)
+        if vector.ndim != 1 or vector.shape[0] != self.dim:
+            raise ArchiveError(f"a query vector must have shape ({self.dim},), got {tuple(vector.shape)}")
+        return vector
 
     # ------------------------------------------------------------------ relevance feedback
     def refine(self, vector: Any, relevant: Sequence[int] = (), irrelevant: Sequence[int] = (),

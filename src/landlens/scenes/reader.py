@@ -336,29 +336,55 @@ class Scene:
             raise _scene_error(self.path, exc) from None
         return data, valid
 
-    def read_rgb(self, window: Window) -> np.ndarray:
-        """``(H, W, 3)`` uint8 RGB of ``window`` by the scene's stretch; no-data pixels black."""
-        data, valid = self.read(window)
+    def to_rgb(self, data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """``(H, W, 3)`` uint8 RGB of samples from :meth:`read` by the scene's stretch; no-data
+        pixels black."""
         rgb = apply_stretch(data, self.stretch)
         if rgb.shape[-1] == 1:
             rgb = np.repeat(rgb, 3, axis=-1)
         rgb[~valid] = 0
         return rgb
 
-    def valid_fraction(self, window: Window) -> float:
-        """The share of ``window``'s pixels that hold data (reads only the mask, or the shown
-        bands with a ``nodata`` value given)."""
-        if self._all_valid:
-            return 1.0
+    def read_rgb(self, window: Window) -> np.ndarray:
+        """``(H, W, 3)`` uint8 RGB of ``window`` by the scene's stretch; no-data pixels black."""
+        return self.to_rgb(*self.read(window))
+
+    def valid_mask(self, window: Window) -> np.ndarray:
+        """Which pixels of ``window`` hold data, ``(H, W)`` bool (reads only the mask, or the
+        shown bands with a ``nodata`` value given)."""
         win = self._check_window(window)
+        if self._all_valid:
+            return np.ones((int(window[3]), int(window[2])), bool)
         ds = self._reader()
         try:
             if self.nodata is not None:
                 data = ds.read(indexes=list(self.bands), window=win)
-                return float(self._valid(ds, data).mean())
-            return float((ds.read_masks(indexes=list(self.bands), window=win) > 0).any(0).mean())
+                return self._valid(ds, data)
+            return (ds.read_masks(indexes=list(self.bands), window=win) > 0).any(0)
         except Exception as exc:  # noqa: BLE001
             raise _scene_error(self.path, exc) from None
+
+    def valid_fraction(self, window: Window) -> float:
+        """The share of ``window``'s pixels that hold data (:meth:`valid_mask`)."""
+        if self._all_valid:
+            self._check_window(window)
+            return 1.0
+        return float(self.valid_mask(window).mean())
+
+    def overview(self, max_side: int = 1024) -> np.ndarray:
+        """The whole chip grid as ``(h, w, 3)`` uint8 RGB, decimated so its longer side is at most
+        ``max_side`` (one decimated read; GDAL takes it from an overview when the file has one);
+        for previews."""
+        step = max(1, math.ceil(max(self.grid.width, self.grid.height) / int(max_side)))
+        shape = (len(self.bands), max(1, math.ceil(self.grid.height / step)), max(1, math.ceil(self.grid.width / step)))
+        ds = self._reader()
+        try:
+            data = ds.read(indexes=list(self.bands), out_shape=shape)
+            valid = self._valid(ds, data) if self.nodata is not None or self._all_valid else \
+                self._valid(ds, data, out_shape=shape)
+        except Exception as exc:  # noqa: BLE001
+            raise _scene_error(self.path, exc) from None
+        return self.to_rgb(data, valid)
 
     def band_percentiles(self, percentiles: tuple[float, float] = PERCENTILES) -> Stretch:
         """Per shown band, the ``percentiles`` of its valid samples in a decimated read of the whole

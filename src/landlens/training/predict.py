@@ -214,6 +214,14 @@ class Predictor:
             out.append((tuple(self.classes[j] for j in order), tuple(float(row[j]) for j in order)))
         return out
 
+    def probabilities(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """Class probabilities ``(n, classes)`` float32 of network inputs: ``(S, S, 3)`` uint8
+        arrays already resized by :func:`~landlens.models.preprocessing.resize_and_crop`."""
+        if not len(arrays):
+            return np.zeros((0, len(self.classes)), np.float32)
+        batch = normalize_batch(torch.from_numpy(np.stack(arrays)), self.preprocessing)
+        return self.log_probs(batch).exp().numpy().astype(np.float32)
+
     def _predict_arrays(self, arrays: Sequence[np.ndarray], k: int) -> list[tuple[tuple[str, ...], tuple[float, ...]]]:
         batch = normalize_batch(torch.from_numpy(np.stack(arrays)), self.preprocessing)
         return self._rank(self.log_probs(batch), k)
