@@ -102,6 +102,8 @@ def test_search_by_id_excludes_itself_and_equals_archive(read_client: Any, servi
     assert image_id not in _ids(body["results"])
     rec = service_archive.record(image_id)
     assert body["query"] == {"id": image_id, "name": rec.name, "class": rec.class_name, "width": 64, "height": 64}
+    assert all(h["place"] is None for h in body["results"])  # image files lie nowhere
+    assert read_client.get("/api/scenes").json() == {"scenes": []}
     # k larger than the archive: every other image, once
     r = read_client.get(f"/api/search/{image_id}", params={"k": 100})
     ids = _ids(r.json()["results"])

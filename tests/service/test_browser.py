@@ -769,3 +769,54 @@ def test_search_by_words(browser: Any, archive_env: dict[str, Any], words_url: s
     want = archive.search_text("with many trees", K, image=other)
     assert [c["id"] for c in _cards(page)] == _ids(want)
     assert page.problems == [] and _csp_violations(page) == []
+
+
+# ---------------------------------------------------------------------- scenes
+
+
+@pytest.fixture(scope="module")
+def scene_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """An archive of the 64-px chips of a generated UTM scene (320 x 256 px) behind uvicorn."""
+    from fixtures.scenes import utm_scene
+    from fixtures.weights import require
+
+    require("rasterio", "pyproj", why="scene archives (pip install 'landlens[scenes]')")
+    from landlens.retrieval.archive import Archive
+    from landlens.service.app import create_app
+
+    tmp = tmp_path_factory.mktemp("browser_scene")
+    scene = utm_scene(tmp / "utm.tif")[0]
+    arch = Archive.build_from_scenes([scene], tmp / "scene.archive", chip=64, backbone="lbp_rgb", rerank=None,
+                                     workers=0, progress=False)
+    with _serve(create_app(tmp / "scene.archive", optimize="none")) as url:
+        yield {"url": url, "archive": arch, "scene": scene}
+
+
+def test_scene_view_draws_the_hits_and_searches_where_clicked(browser: Any, open_page: Callable[..., Any],
+                                                               scene_env: dict[str, Any]) -> None:
+    """A click on the scene searches with the chip there: the cards are the archive's own answer
+    for that chip, and the query's and hits' windows are drawn where they lie on the scene."""
+    arch = scene_env["archive"]
+    page = open_page(1280, 900, url=scene_env["url"])
+    page.wait_for_selector("#scene-view:not([hidden])")
+    page.wait_for_function("() => { const i = document.getElementById('scene-image'); "
+                           "return i.complete && i.naturalWidth > 0; }")
+    page.fill("#k", "4")
+    page.locator("#k").blur()
+    box = page.locator("#scene-image").bounding_box()
+    x, y = box["x"] + box["width"] * 150 / 320, box["y"] + box["height"] * 80 / 256  # inside window (128, 64)
+    _search(page, lambda: page.mouse.click(x, y), lambda r: "/api/search/at" in r.url)
+    chip = next(r for r in arch.records() if arch.geo(r.id).window == (128, 64, 64, 64))
+    want = arch.search_vectors(arch.embed([arch.load_query(chip.path)]), 4)[0]
+    assert [c["id"] for c in _cards(page)] == _ids(want) and want[0].record.id == chip.id
+    rects = page.eval_on_selector_all(
+        "#scene-overlay rect", "els => els.map(e => [e.getAttribute('class'), ...['x', 'y', 'width', 'height']"
+                               ".map(a => Number(e.getAttribute(a)))])")
+    assert rects[-1] == ["query", 128, 64, 64, 64]  # drawn last, on top of the hits
+    assert sorted(tuple(r[1:]) for r in rects[:-1]) == sorted(tuple(arch.geo(h.record.id).window) for h in want)
+    assert page.locator("#scene-image").bounding_box() == box  # the view did not move under the pointer
+    drawn = page.locator("#scene-overlay rect.query").bounding_box()  # on screen, around the click
+    assert drawn["x"] <= x <= drawn["x"] + drawn["width"] and drawn["y"] <= y <= drawn["y"] + drawn["height"]
+    assert abs(drawn["width"] - box["width"] * 64 / 320) <= 4  # the box includes the 3 px stroke
+    _shot(page, "scene-view.png")
+    assert page.problems == [] and _csp_violations(page) == []

@@ -104,7 +104,7 @@ from landlens.service.models import (
     FeedbackRequest,
     FeedbackWeights,
 )
-from landlens.service.routes import images, info, page
+from landlens.service.routes import images, info, page, scenes
 from landlens.service.routes.docs import DOCS_URL, docs_csp, docs_router
 from landlens.service.routes.page import STATIC_DIR, PageFiles
 from landlens.service.routes.search import search_router
@@ -325,6 +325,7 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
     app.include_router(search_router(max_k))
     app.include_router(words_router(max_k))
     app.include_router(images.router)
+    app.include_router(scenes.router)
     app.include_router(docs_router(title, app.openapi_url or "/openapi.json"))
     return app
 

@@ -51,12 +51,14 @@ def finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def hit_dict(hit: Any) -> dict[str, Any]:
-    """The JSON form of a search hit, with its thumbnail URL."""
+def hit_dict(hit: Any, place: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON form of a search hit, with its thumbnail URL and, for a chip of a scene, its
+    ``place`` (scene index and window; ``null`` otherwise)."""
     d = hit.to_dict()
     d["distance"] = finite(float(d["distance"]))
     d["score"] = finite(float(d["score"]))
     d["thumbnail"] = f"/api/images/{hit.record.id}/thumbnail"
+    d["place"] = place
     return d
 
 

@@ -21,7 +21,7 @@ from landlens.errors import ImageReadError, LandlensError, first_line
 from landlens.service.batching import MicroBatcher
 from landlens.service.budget import DEFAULT_DECODE_BUDGET_BYTES, WeightedSemaphore, decode_cost, mib
 from landlens.service.caches import DEFAULT_QUERY_CACHE, QueryVectorCache
-from landlens.service.common import ServiceError, Timer
+from landlens.service.common import ServiceError, Timer, hit_dict
 from landlens.service.models import FeedbackQuery
 from landlens.service.thumbnails import Thumbnailer
 from landlens.service.uploads import SavedUpload, UploadError, decode_error, save_upload
@@ -81,6 +81,8 @@ class SearchService:
         self.queries = QueryVectorCache(query_cache)
         self.write_lock = threading.Lock()
         self._class_counts: tuple[int, dict[str, int]] | None = None
+        self._scenes: tuple[int, list[dict[str, Any]]] | None = None
+        self.overviews: dict[tuple[str, str], bytes] = {}  # scene overview PNGs, a few
 
     def _warm_up(self) -> None:
         """One embedding of a grey image (and one text encoding when the archive answers text
@@ -196,6 +198,45 @@ class SearchService:
             cached = (gen, dict(self.archive.class_counts()))
             self._class_counts = cached
         return cached[1]
+
+    def scenes(self) -> list[dict[str, Any]]:
+        """The archive's scenes (:func:`landlens.retrieval.geo.archive_scenes`, with their
+        ``index`` in that list), once per generation; empty for an archive without chips."""
+        gen = self.archive.generation
+        cached = self._scenes
+        if cached is None or cached[0] != gen:
+            scenes: list[dict[str, Any]] = []
+            if self.archive.located():
+                from landlens.retrieval.geo import archive_scenes
+
+                scenes = [{**sc, "index": i} for i, sc in enumerate(archive_scenes(self.archive))]
+            cached = (gen, scenes)
+            self._scenes = cached
+        return cached[1]
+
+    def place_of(self, image_id: int) -> dict[str, Any] | None:
+        """``{"scene": index, "window": [col, row, width, height]}`` of a chip, else ``None``."""
+        geo = self.archive.geo(image_id)
+        if geo is None:
+            return None
+        index = {sc["path"]: sc["index"] for sc in self.scenes()}.get(geo.scene)
+        return None if index is None else {"scene": index, "window": list(geo.window)}
+
+    def place_of_ref(self, ref: str) -> dict[str, Any] | None:
+        """The ``place`` (scene index and window) of a chip reference of an archive scene."""
+        from landlens.scenes.refs import parse_chip_ref
+
+        chip = parse_chip_ref(ref)
+        if chip is None:
+            return None
+        index = {sc["path"]: sc["index"] for sc in self.scenes()}.get(chip.scene)
+        return None if index is None else {"scene": index, "window": list(chip.window)}
+
+    def hits_json(self, hits: Sequence[Any]) -> list[dict[str, Any]]:
+        """The JSON of search hits (:func:`~landlens.service.common.hit_dict`), each chip with its
+        scene index and window (``place``) for the page's scene view."""
+        located = bool(self.archive.located())
+        return [hit_dict(h, self.place_of(h.record.id) if located else None) for h in hits]
 
     def check_class(self, class_name: str | None) -> None:
         if class_name is not None and class_name not in self.class_counts():

@@ -13,11 +13,24 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from landlens.errors import LandlensError, first_line
-from landlens.service.common import ServiceError, Timer, clamp_k, class_param, hit_dict
+from landlens.service.common import ServiceError, Timer, clamp_k, class_param
 from landlens.service.models import MAX_FEEDBACK_IDS, FeedbackRequest, FeedbackWeights, MarkedSearch
 from landlens.service.state import SearchService, get_service
 
 Service = Annotated[SearchService, Depends(get_service)]
+FORMAT_HELP = "json: landlens's JSON; geojson: an RFC 7946 FeatureCollection, one WGS84 polygon per hit (chips of scenes)"
+GEOJSON = "application/geo+json"
+
+
+def geojson_response(service: SearchService, query: str, hits: list[Any],
+                     place: tuple[float, float] | None = None) -> JSONResponse:
+    """The hits as ``application/geo+json`` (:func:`landlens.retrieval.geo.results_geojson`):
+    ``query`` is the query's chip reference or file name, ``place`` the WGS84 point asked for."""
+    from landlens.retrieval.geo import results_geojson
+    from landlens.retrieval.search import SearchResult
+
+    doc = results_geojson(service.archive, [SearchResult(query, None, hits)], places=[place])
+    return JSONResponse(doc, media_type=GEOJSON)
 
 
 def read_marks(service: SearchService, body: MarkedSearch, max_k: int, *,
@@ -59,6 +72,7 @@ def search_router(max_k: int) -> APIRouter:
         file: Annotated[UploadFile, File(description="query image (JPEG, PNG, TIFF, GIF, BMP or WebP)")],
         k: int = Form(12, ge=1, le=max_k, description="number of results"),  # max_k: not in an annotation
         class_name: Annotated[str | None, Form(alias="class", description="only images of this class")] = None,
+        fmt: Annotated[str, Form(alias="format", pattern="^(json|geojson)$", description=FORMAT_HELP)] = "json",
     ) -> JSONResponse:
         """Search the archive with an uploaded image."""
         await run_in_threadpool(service.refresh)
@@ -97,11 +111,13 @@ def search_router(max_k: int) -> APIRouter:
                     timer.add("classify", t)
         finally:
             await run_in_threadpool(saved.remove)
+        if fmt == "geojson":
+            return geojson_response(service, saved.name.replace("#", "_"), hits)
         query = {"id": None, "name": saved.name, "class": None, "width": width, "height": height}
         query_token = service.queries.put(np.asarray(vector), query)  # for relevance feedback
         timing = timer.finish()
         body = {"k": kk, "class": cls, "query": query, "query_token": query_token,
-                "results": [hit_dict(h) for h in hits], "classification": classification,
+                "results": await run_in_threadpool(service.hits_json, hits), "classification": classification,
                 "timing_ms": timing}
         return JSONResponse(body, headers={"Server-Timing": Timer.header(timing)})
 
@@ -111,6 +127,7 @@ def search_router(max_k: int) -> APIRouter:
         image_id: Annotated[int, PathParam(ge=0, description="id of an indexed image")],
         k: int = Query(12, ge=1, le=max_k, description="number of results"),  # max_k: not in an annotation
         class_name: Annotated[str | None, Query(alias="class")] = None,
+        fmt: Annotated[str, Query(alias="format", pattern="^(json|geojson)$", description=FORMAT_HELP)] = "json",
     ) -> JSONResponse:
         """Search the archive with an indexed image (the image itself is left out)."""
         await run_in_threadpool(service.refresh)
@@ -130,11 +147,73 @@ def search_router(max_k: int) -> APIRouter:
                 raise ServiceError(404, f"no image with id {image_id} in the archive") from None
             raise
         timer.add("search", t)
+        if fmt == "geojson":
+            return geojson_response(service, record.path, hits)
         timing = timer.finish()
         q = record.to_dict()
         body = {"k": kk, "class": cls,
                 "query": {key: q[key] for key in ("id", "name", "class", "width", "height")},
-                "results": [hit_dict(h) for h in hits], "classification": None, "timing_ms": timing}
+                "results": await run_in_threadpool(service.hits_json, hits), "classification": None, "timing_ms": timing}
+        return JSONResponse(body, headers={"Server-Timing": Timer.header(timing)})
+
+    @router.get("/api/search/at")
+    async def search_at(
+        service: Service,
+        lon: Annotated[float | None, Query(ge=-180, le=180, description="longitude, WGS84 degrees")] = None,
+        lat: Annotated[float | None, Query(ge=-90, le=90, description="latitude, WGS84 degrees")] = None,
+        scene: Annotated[int | None, Query(ge=0, description="instead of lon, lat: a scene (`/api/scenes` index)")] = None,
+        col: Annotated[float | None, Query(ge=0, description="with scene: column on its chip grid")] = None,
+        row: Annotated[float | None, Query(ge=0, description="with scene: row on its chip grid")] = None,
+        k: int = Query(12, ge=1, le=max_k, description="number of results"),  # max_k: not in an annotation
+        class_name: Annotated[str | None, Query(alias="class")] = None,
+        fmt: Annotated[str, Query(alias="format", pattern="^(json|geojson)$", description=FORMAT_HELP)] = "json",
+    ) -> JSONResponse:
+        """Search an archive of scenes with a place, given as ``lon``, ``lat`` or as a position
+        (``scene``, ``col``, ``row``) on a scene's chip grid: the query is the archive chip holding
+        it (the one whose centre is nearest), else a chip of the archive's size centred on it, cut
+        from the archive scene holding it; 404 when no scene of the archive holds the place."""
+        from landlens.retrieval.generations import ArchiveError
+        from landlens.retrieval.geo import grid_place, query_at
+
+        await run_in_threadpool(service.refresh)
+        timer = Timer()
+        cls = class_param(class_name)
+        service.check_class(cls)
+        t = time.perf_counter()
+        by_grid = scene is not None or col is not None or row is not None
+        if by_grid == (lon is not None or lat is not None) or (by_grid and None in (scene, col, row)) or \
+                (not by_grid and None in (lon, lat)):
+            raise ServiceError(422, "give a place as lon and lat, or as scene, col and row")
+        if by_grid:
+            scenes = await run_in_threadpool(service.scenes)
+            if scene >= len(scenes):  # type: ignore[operator]
+                raise ServiceError(404, f"no scene {scene} in the archive ({len(scenes)} scenes)")
+            try:
+                lon, lat = await run_in_threadpool(grid_place, scenes[scene]["ref"], col, row)  # type: ignore[index]
+            except LandlensError as exc:
+                raise ServiceError(422, first_line(exc)) from None
+        try:
+            ref, what = await run_in_threadpool(query_at, service.archive, lon, lat)
+        except ArchiveError as exc:
+            raise ServiceError(404, first_line(exc)) from None
+        image = await run_in_threadpool(service.archive.load_query, ref)
+        t = timer.add("decode", t)
+        vector = await asyncio.wrap_future(service.batcher.submit(image))
+        t = timer.add("embed", t)
+        available = len(service.archive) if cls is None else service.class_counts().get(cls, 0)
+        kk = clamp_k(k, available)
+        hits = (await run_in_threadpool(service.archive.search_vectors, np.asarray(vector)[None], kk,
+                                        class_name=cls))[0] if kk else []
+        timer.add("search", t)
+        if fmt == "geojson":
+            return geojson_response(service, ref, hits, (lon, lat))  # type: ignore[arg-type]
+        place = await run_in_threadpool(service.place_of_ref, ref)
+        query = {"id": None, "name": ref.rsplit("/", 1)[-1], "what": what, "at": [lon, lat], "place": place}
+        query_token = service.queries.put(np.asarray(vector), query)  # for relevance feedback
+        timing = timer.finish()
+        body = {"k": kk, "class": cls, "query": query, "query_token": query_token,
+                "results": await run_in_threadpool(service.hits_json, hits), "classification": None,
+                "timing_ms": timing}
         return JSONResponse(body, headers={"Server-Timing": Timer.header(timing)})
 
     @router.post("/api/search/feedback")
@@ -166,7 +245,7 @@ def search_router(max_k: int) -> APIRouter:
         timing = timer.finish()
         out = {"k": kk, "class": cls, "query": query,
                "query_token": q.vector_token if query_id is None else None,
-               "results": [hit_dict(h) for h in hits], "classification": None,
+               "results": await run_in_threadpool(service.hits_json, hits), "classification": None,
                "feedback": {"method": "rocchio", "weights": weights.to_dict(),
                             "relevant": relevant, "irrelevant": irrelevant},
                "timing_ms": timing}
@@ -175,4 +254,4 @@ def search_router(max_k: int) -> APIRouter:
     return router
 
 
-__all__ = ["read_marks", "search_router"]
+__all__ = ["geojson_response", "read_marks", "search_router"]

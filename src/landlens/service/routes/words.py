@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from landlens.errors import LandlensError, first_line
-from landlens.service.common import ServiceError, Timer, clamp_k, hit_dict
+from landlens.service.common import ServiceError, Timer, clamp_k
 from landlens.service.models import MAX_TEXT_CHARS, TextSearchRequest
 from landlens.service.routes.search import read_marks
 from landlens.service.state import SearchService, get_service
@@ -78,7 +78,7 @@ def words_router(max_k: int) -> APIRouter:
         timer.add("search", t)
         timing = timer.finish()
         out = {"k": kk, "class": cls, "query": query, "image_weight": body.image_weight if image is not None else None,
-               "results": [hit_dict(h) for h in hits], "classification": None,
+               "results": await run_in_threadpool(service.hits_json, hits), "classification": None,
                **({"feedback": {"method": "rocchio", "weights": weights.to_dict(), "relevant": relevant,
                                 "irrelevant": irrelevant}} if relevant or irrelevant else {}),
                "timing_ms": timing}

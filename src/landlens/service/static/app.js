@@ -11,6 +11,11 @@
 // Search by words (when /api/health says "text"): the sentence of the text box, alone or with
 // the last query image ("with the last query image"), goes to /api/search/text; its results
 // take feedback marks the same way (the sentence and the marks are sent again on each round).
+//
+// Archives of scenes (/api/scenes not empty): the scene view shows a scene's overview with the
+// query's window (red) and the hits' windows (yellow) drawn on it in the scene's chip-grid
+// pixels (an SVG whose viewBox is the grid); a click searches at that place (/api/search/at
+// with scene, col, row), whose query token takes feedback like an upload's.
 (function () {
   "use strict";
 
@@ -35,6 +40,10 @@
     textForm: $("text-form"),
     textQuery: $("text-query"),
     textCombine: $("text-combine"),
+    sceneView: $("scene-view"),
+    sceneSelect: $("scene-select"),
+    sceneImage: $("scene-image"),
+    sceneOverlay: $("scene-overlay"),
   };
 
   const MARK_TEXT = { relevant: "✓", irrelevant: "✕" };
@@ -294,9 +303,10 @@
     try {
       const data = await request();
       if (seq !== state.seq) return; // a newer search is on its way
-      if (last && last.file && data.query_token) last.token = data.query_token;
+      if (last && (last.file || last.scene != null) && data.query_token) last.token = data.query_token;
       state.round = round || 0;
       renderResults(data);
+      showPlaces(data);
       if (!round) renderProbs(data.classification); // a refinement keeps the query's predictions
       const n = (data.results || []).length;
       const ms = Math.round(Number(data.timing_ms && data.timing_ms.total) || 0);
@@ -392,6 +402,8 @@
     }
     if (last.text) {
       run(() => postText(textBody(last)), 0);
+    } else if (last.scene != null) {
+      run(() => getJson(`api/search/at?${atParams(last)}`), 0);
     } else if (last.file) {
       run(() => uploadSearch(last.file), 0);
     } else {
@@ -402,6 +414,108 @@
       }, 0);
     }
   }
+
+  // ------------------------------------------------------------------ scenes
+
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  const scenes = { list: [], current: -1, places: [] };
+
+  // Draw the query's and the hits' windows that lie on the scene shown.
+  function drawPlaces() {
+    const sc = scenes.list[scenes.current];
+    if (!sc) {
+      els.sceneOverlay.replaceChildren();
+      return;
+    }
+    els.sceneOverlay.setAttribute("viewBox", `0 0 ${sc.width} ${sc.height}`);
+    const shapes = [];
+    for (const p of scenes.places) {
+      if (p.place.scene !== sc.index) continue;
+      const [x, y, w, h] = p.place.window.map(Number);
+      const rect = document.createElementNS(SVG_NS, "rect");
+      rect.setAttribute("x", String(x));
+      rect.setAttribute("y", String(y));
+      rect.setAttribute("width", String(w));
+      rect.setAttribute("height", String(h));
+      rect.setAttribute("class", p.kind);
+      const title = document.createElementNS(SVG_NS, "title");
+      title.textContent = p.label;
+      rect.append(title);
+      shapes.push(rect);
+    }
+    els.sceneOverlay.replaceChildren(...shapes);
+  }
+
+  function selectScene(index) {
+    const sc = scenes.list[index];
+    if (!sc) return;
+    scenes.current = index;
+    els.sceneSelect.value = String(index);
+    const src = sameOrigin(sc.overview);
+    if (src) els.sceneImage.src = src;
+    els.sceneImage.alt = `Overview of ${sc.name}`;
+    drawPlaces();
+  }
+
+  // The places of a search answer; the view follows the query's scene, else the best hit's.
+  function showPlaces(data) {
+    if (!scenes.list.length) return;
+    const query = data.query && data.query.place;
+    scenes.places = [];
+    for (const hit of data.results || []) {
+      if (hit.place) scenes.places.push({ place: hit.place, kind: "hit", label: `${hit.rank}: ${hit.name}` });
+    }
+    if (query) scenes.places.push({ place: query, kind: "query", label: "query" }); // drawn last, on top
+    const first = query ? scenes.places[scenes.places.length - 1] : scenes.places[0];
+    if (first && first.place.scene !== scenes.current) selectScene(first.place.scene);
+    else drawPlaces();
+  }
+
+  function atParams(q) {
+    const params = new URLSearchParams({
+      scene: String(q.scene), col: q.col.toFixed(1), row: q.row.toFixed(1), k: String(kValue()),
+    });
+    if (els.filter.value) params.set("class", els.filter.value);
+    return params;
+  }
+
+  function searchAt(col, row) {
+    const sc = scenes.list[scenes.current];
+    state.last = { scene: sc.index, col, row, token: null };
+    rememberImage(state.last);
+    resetFeedback();
+    els.figure.hidden = true;
+    renderProbs(null);
+    return run(() => getJson(`api/search/at?${atParams(state.last)}`), 0);
+  }
+
+  async function loadScenes() {
+    try {
+      const data = await getJson("api/scenes");
+      scenes.list = data.scenes || [];
+    } catch (err) {
+      return; // an older server: no scene view
+    }
+    if (!scenes.list.length) return;
+    const options = scenes.list.map((sc) => {
+      const option = el("option", null, `${sc.name} (${sc.chips} chips)`);
+      option.value = String(sc.index);
+      return option;
+    });
+    els.sceneSelect.replaceChildren(...options);
+    els.sceneView.hidden = false;
+    selectScene(0);
+  }
+
+  els.sceneSelect.addEventListener("change", () => selectScene(Number(els.sceneSelect.value)));
+  els.sceneImage.addEventListener("click", (event) => {
+    const sc = scenes.list[scenes.current];
+    const box = els.sceneImage.getBoundingClientRect();
+    if (!sc || !box.width || !box.height) return;
+    const col = Math.min(Math.max(((event.clientX - box.left) / box.width) * sc.width, 0), sc.width);
+    const row = Math.min(Math.max(((event.clientY - box.top) / box.height) * sc.height, 0), sc.height);
+    searchAt(col, row);
+  });
 
   // ------------------------------------------------------------------ start-up
 
@@ -467,4 +581,5 @@
   });
 
   loadArchiveInfo();
+  loadScenes();
 })();
