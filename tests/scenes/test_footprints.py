@@ -86,3 +86,47 @@ def test_a_point_maps_to_its_pixel(tmp_path: Path) -> None:
     with Scene(path) as sc:
         col, row = sc.to_grid(lon, lat)
     assert col == pytest.approx(123.5, abs=1e-6) and row == pytest.approx(77.25, abs=1e-6)
+
+
+def test_footprints_across_the_antimeridian(tmp_path: Path) -> None:
+    """A UTM 60N scene straddling 180 degrees: the crossing chip's ring keeps its corners (pyproj),
+    turns counter-clockwise on continuous longitudes, its bounds have west > east (RFC 7946 5.2),
+    its GeoJSON is a MultiPolygon cut at the antimeridian whose parts add up to the whole, and
+    a place just east of 180 degrees finds it."""
+    from pyproj import Transformer
+
+    from fixtures.scenes import texture, write_scene
+    from landlens.retrieval.archive import Archive
+    from landlens.scenes.geojson import crosses_antimeridian, polygon, unwrap
+    from test_scenes_cli import check_rfc7946
+
+    crs = "EPSG:32660"
+    to_wgs = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+    x180, _ = Transformer.from_crs("EPSG:4326", crs, always_xy=True).transform(180.0, 1.0)
+    origin = (round(x180) - 960.0, 110_640.0)
+    data = (10 + texture(64, 192, 3, seed=5) * 240).astype(np.uint8)
+    path = write_scene(tmp_path / "dateline.tif", data, crs, origin, (10.0, 10.0))
+    tiles = tile_scene(path, chip=64)
+    assert [c.window for c in tiles.chips] == [(0, 0, 64, 64), (64, 0, 64, 64), (128, 0, 64, 64)]
+    crossing = tiles.chips[1]
+    ring = crossing.footprint_wgs84
+    assert crosses_antimeridian(ring) and not crosses_antimeridian(tiles.chips[0].footprint_wgs84)
+    want = [to_wgs.transform(x, y) for x, y in corners(origin, (10.0, 10.0), crossing.window)]
+    _check_ring(unwrap(ring), [(x + 360 if x < 0 else x, y) for x, y in want], 1e-9)
+    geo = polygon(ring)
+    assert geo["type"] == "MultiPolygon" and len(geo["coordinates"]) == 2
+    east, west = (part[0] for part in geo["coordinates"])
+    assert max(x for x, _ in east) == 180.0 and min(x for x, _ in west) == -180.0
+    assert all(0 < x <= 180 for x, _ in east) and all(-180 <= x < 0 for x, _ in west)
+    whole = _signed_area(unwrap(ring))
+    parts = _signed_area(east) + _signed_area([(x + 360, y) for x, y in west])
+    assert _signed_area(east) > 0 and _signed_area(west) > 0 and parts == pytest.approx(whole, rel=1e-9)
+    check_rfc7946({"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": geo, "properties": {}}]})
+
+    arch = Archive.build_from_scenes([path], tmp_path / "a.archive", chip=64, backbone="lbp_rgb", rerank=None,
+                                     workers=0, progress=False)
+    g = arch.geo(next(r.id for r in arch.records() if arch.geo(r.id).window == (64, 0, 64, 64)))
+    assert g.bounds[0] > 179.99 and g.bounds[2] < -179.99  # west > east
+    lon, lat = to_wgs.transform(x180 + 100.0, origin[1] - 320.0)  # just east of 180 degrees
+    assert lon < 0
+    assert [arch.geo(r.id).window for r in arch.locate(lon, lat)] == [(64, 0, 64, 64)]

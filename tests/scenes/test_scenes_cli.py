@@ -24,7 +24,7 @@ def _run(*args: str, ok: bool = True):  # noqa: ANN202
 
 
 def check_rfc7946(doc: dict) -> None:
-    """A FeatureCollection of Features with Polygon (or null) geometries as RFC 7946 defines them:
+    """A FeatureCollection of Features with Polygon, MultiPolygon (or null) geometries as RFC 7946 defines them:
     no ``crs`` member (WGS84 only, section 4), positions [longitude, latitude] within range
     (3.1.1), closed linear rings of four or more positions (3.1.6), exterior rings
     counter-clockwise (3.1.6, the right-hand rule)."""
@@ -34,14 +34,17 @@ def check_rfc7946(doc: dict) -> None:
         geom = f["geometry"]
         if geom is None:
             continue
-        assert geom["type"] == "Polygon" and len(geom["coordinates"]) >= 1
-        for k, ring in enumerate(geom["coordinates"]):
-            assert len(ring) >= 4 and ring[0] == ring[-1]
-            for pos in ring:
-                assert len(pos) == 2 and all(isinstance(v, float) for v in pos)
-                assert -180 <= pos[0] <= 180 and -90 <= pos[1] <= 90
-            area = sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(ring, ring[1:]))
-            assert (area > 0) if k == 0 else (area < 0)
+        assert geom["type"] in ("Polygon", "MultiPolygon")  # MultiPolygon: cut at the antimeridian (3.1.9)
+        polygons = [geom["coordinates"]] if geom["type"] == "Polygon" else geom["coordinates"]
+        for rings in polygons:
+            assert len(rings) >= 1
+            for k, ring in enumerate(rings):
+                assert len(ring) >= 4 and ring[0] == ring[-1]
+                for pos in ring:
+                    assert len(pos) == 2 and all(isinstance(v, float) for v in pos)
+                    assert -180 <= pos[0] <= 180 and -90 <= pos[1] <= 90
+                area = sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(ring, ring[1:]))
+                assert (area > 0) if k == 0 else (area < 0)
 
 
 @pytest.fixture(scope="module")

@@ -122,8 +122,9 @@ def chips_at(archive: Any, lon: float, lat: float) -> list[Located]:
     where: dict[str, tuple[float, float]] = {}
     out = []
     for id, g in archive.located().items():
-        west, south, east, north = g.bounds
-        if not (west <= lon <= east and south <= lat <= north):
+        west, south, east, north = g.bounds  # west > east: across the antimeridian
+        inside_lon = west <= lon <= east if west <= east else (lon >= west or lon <= east)
+        if not (inside_lon and south <= lat <= north):
             continue
         if g.crs not in where:
             where[g.crs] = _to_crs(g.crs, lon, lat)

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from landlens.errors import ImageReadError, LandlensError, first_line
+from landlens.scenes.geojson import unwrap
 from landlens.scenes.refs import RESAMPLINGS, ChipRef, Stretch
 
 STATS_SIDE = 1024
@@ -484,7 +485,8 @@ def footprints(grid: Grid, windows: Sequence[Window]) -> tuple[list[Ring], list[
     for i in range(len(native)):
         ring = [(float(lons[5 * i + k]), float(lats[5 * i + k])) for k in range(5)]
         ring[-1] = ring[0]
-        wgs.append(_ccw(ring))
+        # orientation on continuous longitudes (a ring across the antimeridian), then back to -180..180
+        wgs.append([(x - 360.0 if x > 180.0 else x, y) for x, y in _ccw(unwrap(ring))])
     return native, wgs
 
 
@@ -572,12 +574,13 @@ def chip_geo(refs: Sequence[ChipRef]) -> list[dict[str, Any]]:
                 scene._check_window(w)
             native, wgs = scene.footprints(windows)
             for k, i in enumerate(idx):
-                lons = [p[0] for p in wgs[k]]
+                lons = [p[0] for p in unwrap(wgs[k])]  # across the antimeridian: west > east (RFC 7946 5.2)
                 lats = [p[1] for p in wgs[k]]
+                east = max(lons) - 360.0 if max(lons) > 180.0 else max(lons)
                 out[i] = {"scene": str(Path(path)), "window": list(windows[k]), "gsd": gsd, "crs": scene.grid.crs,
                           "transform": list(scene.window_transform(windows[k])),
                           "footprint": [list(p) for p in native[k]], "footprint_wgs84": [list(p) for p in wgs[k]],
-                          "bounds": [min(lons), min(lats), max(lons), max(lats)]}
+                          "bounds": [min(lons), min(lats), east, max(lats)]}
     return out  # type: ignore[return-value]
 
 
