@@ -296,7 +296,8 @@ def similarity_map(archive: Any, query: Any, scene: str | os.PathLike[str], out:
     extra: list[tuple[Any, str]] = []
     if isinstance(query, (str, os.PathLike)):
         thumb = np.asarray(archive.load_query(query).convert("RGB").resize((96, 96)))
-        extra.append((thumb, f"query: {Path(str(query).split('#')[0]).name}"))
+        name = Path(str(query).split("#")[0]).name
+        extra.append((thumb, f"query:\n{name if len(name) <= 24 else name[:23] + '…'}"))
     elif isinstance(query, (int, np.integer)):
         extra.append(((255, 255, 255), f"query: archive image {int(query)}"))
     return make_map(scene, QueryScorer(archive, vector), out, kind="values", value_name="similarity",

@@ -58,9 +58,9 @@ from landlens.scenes.preview import (
     render_preview,
     value_colours,
 )
-from landlens.scenes.reader import PERCENTILES, Grid, Scene, Window
+from landlens.scenes.reader import PERCENTILES, Grid, Scene, Window, rasterio_module
 from landlens.scenes.refs import Stretch
-from landlens.scenes.tiling import DEFAULT_MIN_VALID, chip_windows
+from landlens.scenes.tiling import DEFAULT_MIN_VALID, check_min_valid, scene_windows
 
 NODATA_CLASS = 255
 """The class value of nodata cells in a class map."""
@@ -263,7 +263,7 @@ def _cell_valid(scene: Scene, cells: CellGrid, j: int) -> np.ndarray:
 
 def _map_overview(tif: Path, cells: CellGrid, shape: tuple[int, int]) -> np.ndarray:
     """The map's first band at the scene overview's pixel size (nearest), cropped to the scene."""
-    import rasterio
+    rasterio = rasterio_module()
     from rasterio.enums import Resampling
 
     h, w = shape
@@ -296,7 +296,7 @@ def write_class_map(out: Path, cells: CellGrid, rows: Iterator[tuple[int, np.nda
                     probabilities: Path | None = None) -> np.ndarray:
     """Write the class map (and the probabilities) row by row; returns cells per class, then
     nodata cells last."""
-    import rasterio
+    rasterio = rasterio_module()
     from rasterio.windows import Window as RWindow
 
     counts = np.zeros(len(classes) + 1, np.int64)
@@ -327,7 +327,7 @@ def write_class_map(out: Path, cells: CellGrid, rows: Iterator[tuple[int, np.nda
 
 def write_value_map(out: Path, cells: CellGrid, rows: Iterator[tuple[int, np.ndarray]], name: str) -> tuple[float, float, int]:
     """Write a one-band float32 map row by row; returns its (min, max) and its nodata cell count."""
-    import rasterio
+    rasterio = rasterio_module()
     from rasterio.windows import Window as RWindow
 
     lo, hi, missing = math.inf, -math.inf, 0
@@ -378,17 +378,13 @@ def make_map(scene_path: str | os.PathLike[str], scorer: ChipScorer, out: str | 
         raise LandlensError(f"a class map holds at most {NODATA_CLASS} classes")
     if int(batch_size) < 1:
         raise LandlensError(f"batch size {batch_size}: must be at least 1")
-    if not 0.0 <= float(min_valid) <= 1.0:
-        raise LandlensError(f"--min-valid {min_valid}: a share between 0 and 1")
+    check_min_valid(min_valid)
     if out.suffix.lower() not in (".tif", ".tiff"):
         raise LandlensError(f"{out}: the map is a GeoTIFF; name it .tif")
     stride = int(chip) if stride is None else int(stride)
     with Scene(scene_path, bands=bands, gsd=gsd, resampling=resampling, stretch=stretch, percentiles=percentiles,
                nodata=nodata) as scene:
-        windows = chip_windows(scene.grid.width, scene.grid.height, int(chip), stride)
-        if not windows:
-            raise LandlensError(f"{scene_path}: the scene ({scene.grid.width}x{scene.grid.height} pixels"
-                                f"{f' at {scene.gsd:g} m' if scene.gsd else ''}) is smaller than one {chip}-pixel chip")
+        windows = scene_windows(scene, chip, stride)
         settings = {"chip": int(chip), "stride": stride, "min_valid": float(min_valid)}
         key = _key(scene, windows, scorer, settings)
         work = _workdir(out)

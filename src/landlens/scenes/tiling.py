@@ -45,6 +45,23 @@ def chip_windows(width: int, height: int, chip: int, stride: int | None = None) 
             for c in _offsets(int(width), int(chip), stride)]
 
 
+def check_min_valid(min_valid: float) -> float:
+    """``min_valid`` as a float, or one error line when it is not a share between 0 and 1."""
+    if not 0.0 <= float(min_valid) <= 1.0:
+        raise LandlensError(f"--min-valid {min_valid}: a share between 0 and 1")
+    return float(min_valid)
+
+
+def scene_windows(scene: Scene, chip: int, stride: int | None = None) -> list[Window]:
+    """:func:`chip_windows` of an open scene's chip grid; one error line when the scene is
+    smaller than one chip."""
+    windows = chip_windows(scene.grid.width, scene.grid.height, int(chip), stride)
+    if not windows:
+        raise LandlensError(f"{scene.path}: the scene ({scene.grid.width}x{scene.grid.height} pixels"
+                            f"{f' at {scene.gsd:g} m' if scene.gsd else ''}) is smaller than one {chip}-pixel chip")
+    return windows
+
+
 @dataclass(frozen=True)
 class Chip:
     """One chip of a tiled scene: its reference, the share of its pixels holding data, and its
@@ -86,14 +103,10 @@ def tile_scene(path: str | os.PathLike[str], *, chip: int = DEFAULT_CHIP, stride
         ImageReadError: the scene cannot be read, has no CRS, or lacks a band asked for.
         LandlensError: bad settings, or a scene smaller than one chip.
     """
-    if not 0.0 <= float(min_valid) <= 1.0:
-        raise LandlensError(f"--min-valid {min_valid}: a share between 0 and 1")
+    check_min_valid(min_valid)
     with Scene(path, bands=bands, gsd=gsd, resampling=resampling, stretch=stretch, percentiles=percentiles,
                nodata=nodata) as scene:
-        windows = chip_windows(scene.grid.width, scene.grid.height, int(chip), stride)
-        if not windows:
-            raise LandlensError(f"{path}: the scene ({scene.grid.width}x{scene.grid.height} pixels"
-                                f"{f' at {scene.gsd:g} m' if scene.gsd else ''}) is smaller than one {chip}-pixel chip")
+        windows = scene_windows(scene, chip, stride)
         it: Any = windows
         if progress:
             from tqdm import tqdm
@@ -112,4 +125,5 @@ def tile_scene(path: str | os.PathLike[str], *, chip: int = DEFAULT_CHIP, stride
     return SceneTiles(info, chips, len(windows) - len(chips))
 
 
-__all__ = ["DEFAULT_CHIP", "DEFAULT_MIN_VALID", "Chip", "SceneTiles", "chip_windows", "tile_scene"]
+__all__ = ["DEFAULT_CHIP", "DEFAULT_MIN_VALID", "Chip", "SceneTiles", "check_min_valid", "chip_windows",
+           "scene_windows", "tile_scene"]

@@ -86,7 +86,9 @@ def map_accuracy(map_path: str | os.PathLike[str], truth: np.ndarray, classes: S
     """
     import json
 
-    import rasterio
+    from landlens.scenes.reader import rasterio_module
+
+    rasterio = rasterio_module()
 
     from landlens.errors import LandlensError
 
