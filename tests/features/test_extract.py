@@ -152,8 +152,10 @@ def test_auto_falls_back_when_compilation_fails(backbone, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(extract_mod, "_compile", broken)
-    fast = extract_mod.optimize_for_inference(backbone, x, "auto", n_images=10**6)
+    from landlens.features import inference
+
+    monkeypatch.setattr(inference, "_compile", broken)
+    fast = inference.optimize_for_inference(backbone, x, "auto", n_images=10**6)
     assert isinstance(fast, torch.jit.ScriptModule)
     with pytest.raises(Exception, match="--optimize compile: no compiler"):
-        extract_mod.optimize_for_inference(backbone, x, "compile")
+        inference.optimize_for_inference(backbone, x, "compile")

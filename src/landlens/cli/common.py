@@ -71,6 +71,24 @@ def plain_rerank(plain: bool, rerank: str | None, doing: str) -> str | None:
     return "none"
 
 
+def engine_options(f):
+    """--engine / --address / --actors: where features are extracted (local processes or Ray)."""
+    opts = [
+        click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="local: decoding processes and one model in this process; ray: Ray Data, decoding in "
+                          "Ray tasks and the model in a pool of actors (pip install 'landlens[ray]'), into the "
+                          "same resumable store"),
+        click.option("--address", default=None,
+                     help="--engine ray: the cluster (auto: the one this machine joined; ray://HOST:10001) "
+                          "[default: start Ray on this machine]; every node must see DATA at the same path"),
+        click.option("--actors", type=click.IntRange(min=1), default=None,
+                     help="--engine ray: model replicas [default: one per two CPUs of the cluster]"),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
 def max_pixels_option(f):
     """--max-pixels: the decode size limit of :mod:`landlens.data.io` (header checked first)."""
     from landlens.data.io import DEFAULT_MAX_PIXELS

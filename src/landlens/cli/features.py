@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from landlens.cli.common import backbone_options, command_line, echo_json, make_backbone
+from landlens.cli.common import backbone_options, command_line, echo_json, engine_options, make_backbone
 
 
 @click.group("features")
@@ -36,12 +36,18 @@ def extraction_options(f):
 @extraction_options
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="feature store folder")
 @click.option("--overwrite", is_flag=True, help="replace an existing store instead of resuming it")
+@engine_options
 def extract_cmd(data: Path, backbone: str, weights: str, input_size, resize_mode, dataset, batch_size, workers,
-                chunk_size, optimize, strict, max_pixels, quiet, out: Path, overwrite: bool) -> None:
+                chunk_size, optimize, strict, max_pixels, quiet, out: Path, overwrite: bool, engine: str,
+                address: str | None, actors: int | None) -> None:
     """Extract features of every image under DATA (one sub-folder per class) into OUT.
 
-    An interrupted run resumes when the same command is run again; a store made with a
-    different backbone, weights, preprocessing or image list is refused.
+    An interrupted run resumes when the same command is run again (with either engine); a
+    store made with a different backbone, weights, preprocessing or image list is refused.
+
+    \b
+    landlens features extract EuroSAT_RGB -b tf_efficientnet_lite0 --out eurosat.store --engine ray
+    landlens features extract /shared/EuroSAT_RGB --out eurosat.store --engine ray --address auto
     """
     from landlens.data.folder import scan_folder
     from landlens.features.extract import extract_features
@@ -52,7 +58,8 @@ def extract_cmd(data: Path, backbone: str, weights: str, input_size, resize_mode
     res = extract_features(ds.root, ds.paths, ds.labels, ds.classes, bb, out, dataset_name=ds.name,
                            batch_size=batch_size, workers=workers, chunk_size=chunk_size, strict=strict,
                            overwrite=overwrite, optimize=optimize, max_pixels=max_pixels, rgb_bands=rgb,
-                           progress=not quiet, extra_meta={"command": command_line()})
+                           progress=not quiet, extra_meta={"command": command_line()}, engine=engine,
+                           address=address, actors=actors)
     fails = res.meta.get("failures", [])
     if res.n_extracted == 0:
         click.echo(f"{out}: already complete ({res.n_items} images, {bb.name}); nothing to do")

@@ -12,7 +12,8 @@ from typing import Any
 
 import click
 
-from landlens.cli.common import OneLineErrorCommand, OneLineErrorGroup, echo_json, max_pixels_option, printable, plain_rerank
+from landlens.cli.common import (OneLineErrorCommand, OneLineErrorGroup, echo_json, engine_options, max_pixels_option,
+                                 plain_rerank, printable)
 
 
 def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -92,10 +93,12 @@ def index_group() -> None:
 @click.option("--workers", type=int, default=None, help="image decoding processes")
 @click.option("--overwrite", is_flag=True, help="rebuild an existing archive at OUT (atomically)")
 @click.option("--json", "as_json", is_flag=True, help="print the archive summary as JSON")
+@engine_options
 @tiling_options
 def build_cmd(data: tuple[Path, ...], out: Path, dataset: str | None, backbone: str | None, weights: str,
               index_factory: str, metric: str, rerank: str | None, plain: bool, cache_dir: Path | None,
-              workers: int | None, overwrite: bool, as_json: bool, **tiling: Any) -> None:
+              workers: int | None, overwrite: bool, as_json: bool, engine: str, address: str | None,
+              actors: int | None, **tiling: Any) -> None:
     """Index every image of the class-folder dataset DATA into the archive folder OUT, or tile
     the georeferenced scenes DATA (GeoTIFF files, any CRS) into chips and index those.
 
@@ -127,7 +130,7 @@ def build_cmd(data: tuple[Path, ...], out: Path, dataset: str | None, backbone: 
             raise LandlensError(f"--{next(iter(given)).replace('_', '-')} tiles scenes; {data[0]} is a folder of images")
         arch = Archive.build(data[0], out, dataset=dataset, backbone=backbone, weights=weights,
                              index_factory=index_factory, metric=metric, rerank=rerank, cache_dir=cache_dir,
-                             workers=workers, overwrite=overwrite)
+                             workers=workers, overwrite=overwrite, engine=engine, address=address, actors=actors)
     else:
         if dataset is not None:
             raise LandlensError("--dataset names a folder of class sub-folders; scenes have no classes")
@@ -135,7 +138,7 @@ def build_cmd(data: tuple[Path, ...], out: Path, dataset: str | None, backbone: 
                                          index_factory=index_factory, metric=metric, rerank=rerank,
                                          cache_dir=cache_dir,
                                          workers=workers, overwrite=overwrite, progress=not as_json,
-                                         **_tiling(given))
+                                         engine=engine, address=address, actors=actors, **_tiling(given))
     _summary(arch, as_json)
 
 

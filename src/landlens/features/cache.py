@@ -113,10 +113,11 @@ def extract(
 
 def ensure_features(ds: Any, backbone: Backbone, *, cache_dir: str | Path = DEFAULT_CACHE_DIR,
                     workers: int | None = None, optimize: Optimize = "auto", progress: bool = True,
-                    command: str | None = None) -> tuple[Path, ExtractResult | None]:
+                    command: str | None = None, **engine: Any) -> tuple[Path, ExtractResult | None]:
     """The cache's store of the scanned dataset ``ds`` under ``backbone``, extracted (or
     finished, after an interruption) when not complete yet: ``(store folder, what this call
-    extracted or None)``."""
+    extracted or None)``. ``engine``: ``engine``, ``address``, ``actors`` of
+    :func:`~landlens.features.extract.extract_features` (``engine="ray"``: on Ray Data)."""
     out = store_path(cache_dir, ds.name, ds.paths, ds.labels, backbone)
     store = FeatureStore(out)
     if store.exists() and store.read_meta().get("status") == "complete":
@@ -124,7 +125,8 @@ def ensure_features(ds: Any, backbone: Backbone, *, cache_dir: str | Path = DEFA
     rgb = getattr(ds.spec, "rgb_bands", None) if ds.spec is not None else None
     res = extract_features(ds.root, ds.paths, ds.labels, ds.classes, backbone, out, dataset_name=ds.name,
                            workers=workers, optimize=optimize, rgb_bands=rgb, progress=progress,
-                           extra_meta={"command": command} if command else None)
+                           extra_meta={"command": command} if command else None,
+                           **{k: v for k, v in engine.items() if v is not None})
     return out, res
 
 

@@ -12,22 +12,21 @@ from __future__ import annotations
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from landlens.errors import ImageReadError, LandlensError, first_line
+from landlens.errors import ImageReadError, LandlensError
+from landlens.features.inference import COMPILE_MIN_IMAGES, Optimize, noise_batch, optimize_for_inference
 from landlens.features.store import FeatureStore
 from landlens.models.preprocessing import Preprocessing, load_resized, normalize_batch
 from landlens.models.registry import Backbone
 
-Optimize = Literal["auto", "jit", "compile", "none"]
+Engine = Literal["local", "ray"]
 
 
 class DecodeDataset(Dataset):
@@ -60,100 +59,6 @@ def _collate(batch: list[tuple[np.ndarray | None, int, str | None]]):
     bad = [(i, r) for a, i, r in batch if a is None]
     x = torch.from_numpy(np.stack([a for a, _ in ok])) if ok else None
     return x, [i for _, i in ok], bad
-
-
-COMPILE_MIN_IMAGES = 2000
-"""``auto`` compiles (about half a minute to a minute) only for runs at least this long."""
-
-
-def _compiler_available() -> bool:
-    import shutil
-
-    return any(shutil.which(c) for c in ("cc", "gcc", "clang"))
-
-
-def _same(fast: Callable, model: nn.Module, example: torch.Tensor) -> None:
-    """Check ``fast`` against eager mode on the first rows of ``example`` (a full batch is run
-    through ``fast``, which also triggers compilation for that shape)."""
-    with torch.inference_mode():
-        got = fast(example)[:2]
-        ref = model(example[:2])
-    if got.shape != ref.shape or not torch.allclose(got, ref, rtol=1e-3, atol=1e-4):
-        raise RuntimeError(f"optimised graph differs from eager (max abs diff {(got - ref).abs().max():.2e})")
-
-
-def _jit(model: nn.Module, example: torch.Tensor) -> Callable:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with torch.inference_mode():
-            traced = torch.jit.trace(model, example[:2], check_trace=False)
-            fast = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
-        # checked on other pixels than those traced: a graph that baked a value in would pass on those
-        _same(fast, model, torch.flip(example[:2], dims=(-1,)))
-    return fast
-
-
-def _compile(model: nn.Module, example: torch.Tensor) -> Callable:
-    import logging
-
-    import torch._inductor.config as inductor_config
-
-    # a CPU-only run needs no CUDA: torch's notice that it found none is noise for users, so it
-    # is held back while compiling (and the logger's level restored after: a library does not
-    # change the application's logging). freezing: weights become constants, so batch-norm
-    # folds into convolutions and oneDNN prepacks the weights (what makes the compiled CPU
-    # graph fast); compilation happens on the first call, inside the patch
-    notice = logging.getLogger("torch.utils.cpp_extension")
-    level = notice.level
-    notice.setLevel(logging.ERROR)
-    try:
-        with inductor_config.patch(freezing=True), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fast = torch.compile(model, dynamic=False)
-            _same(fast, model, example)
-    finally:
-        notice.setLevel(level)
-    return fast
-
-
-def noise_batch(pre: Preprocessing, n: int, seed: int = 0) -> torch.Tensor:
-    """``n`` seeded noise images at the backbone's input size, normalised as ``pre`` says: the
-    example a graph is prepared and checked on."""
-    size = pre.input_size
-    pixels = np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-    return normalize_batch(torch.from_numpy(pixels), pre)
-
-
-def optimize_for_inference(model: nn.Module, example: torch.Tensor, mode: Optimize = "auto",
-                           n_images: int | None = None) -> Callable:
-    """Return a faster callable computing the same function as ``model`` (eval mode).
-
-    ``jit``: trace, freeze and ``torch.jit.optimize_for_inference`` (batch-norm folded into
-    convolutions, oneDNN weights prepacked; seconds to prepare). ``compile``:
-    ``torch.compile`` with inductor freezing (fastest per image; half a minute to a minute to
-    compile, needs a C compiler). ``auto``: ``compile`` for runs of at least
-    :data:`COMPILE_MIN_IMAGES` images where a compiler exists, else ``jit``; any failure
-    falls back to the next simpler mode. ``none``: eager. Every optimised graph is checked
-    against eager mode on ``example`` before use.
-    """
-    model = model.eval().to(memory_format=torch.channels_last)
-    if mode == "none":
-        return model
-    with torch.inference_mode():  # the graph is used on inference tensors: guard on those
-        example = example.clone()
-    chain: list[str]
-    if mode == "auto":
-        big = n_images is not None and n_images >= COMPILE_MIN_IMAGES
-        chain = (["compile"] if big and _compiler_available() else []) + ["jit"]
-    else:
-        chain = [mode]
-    for step in chain:
-        try:
-            return _compile(model, example) if step == "compile" else _jit(model, example)
-        except Exception as exc:  # noqa: BLE001 - an optimisation that fails is skipped, eager is exact
-            if mode != "auto":
-                raise LandlensError(f"cannot prepare the backbone with --optimize {mode}: {first_line(exc, 200)}") from None
-    return model
 
 
 @dataclass
@@ -194,15 +99,25 @@ def extract_features(
     rgb_bands: Sequence[int] | None = None,
     progress: bool = True,
     extra_meta: dict[str, Any] | None = None,
+    engine: Engine = "local",
+    address: str | None = None,
+    actors: int | None = None,
 ) -> ExtractResult:
     """Extract ``backbone`` features of the images ``root/paths`` into the store ``out``.
 
     Unreadable images are skipped and listed in the store's meta (their rows are NaN and
     marked invalid); with ``strict=True`` the first one stops the run after the chunks
     already finished have been saved. Rerunning the same call resumes an interrupted store.
+
+    ``engine="ray"`` runs on Ray Data (:mod:`landlens.features.ray_engine`: ``address`` of the
+    cluster, ``actors`` backbone replicas; ``workers`` is then unused) into the same store.
     """
     if batch_size <= 0 or chunk_size <= 0:
         raise LandlensError("--batch-size and --chunk-size must be positive")
+    if engine not in ("local", "ray"):
+        raise LandlensError(f"unknown engine {engine!r}: local or ray")
+    if engine == "local" and (address is not None or actors is not None):
+        raise LandlensError("--address and --actors go with --engine ray")
     store = FeatureStore(out)
     pre = backbone.preprocessing
     identity = {
@@ -226,7 +141,13 @@ def extract_features(
     pending = [c for c in range(n_chunks) if c not in done]
     todo = [i for c in pending for i in range(c * chunk_size, min(n, (c + 1) * chunk_size))]
     prepare = 0.0
-    if todo:
+    if todo and engine == "ray":
+        from landlens.features.ray_engine import run_ray
+
+        prepare = run_ray(root, paths, backbone, store, todo, chunk_size, n, batch_size=batch_size, strict=strict,
+                          optimize=optimize, max_pixels=max_pixels, rgb_bands=rgb_bands, progress=progress,
+                          address=address, actors=actors)
+    elif todo:
         prepare = _run(root, paths, backbone, store, todo, chunk_size, n, batch_size,
                             default_workers() if workers is None else workers, strict, optimize, max_pixels,
                             rgb_bands, progress)
@@ -234,7 +155,7 @@ def extract_features(
     meta = store.finalize(store.read_meta(), backbone.num_features)
     loop = seconds - prepare
     meta = store.update_meta(last_run={"seconds": round(seconds, 3), "prepare_seconds": round(prepare, 3),
-                                       "images": len(todo),
+                                       "images": len(todo), "engine": engine,
                                        "images_per_second": round(len(todo) / loop, 2) if loop > 0 else None})
     return ExtractResult(store.root, n, len(todo), len(meta["failures"]), seconds, meta)
 
@@ -303,5 +224,5 @@ def _run(root, paths, backbone, store, todo, chunk_size, n, batch_size, workers,
     return prepare
 
 
-__all__ = ["DecodeDataset", "ExtractResult", "default_workers", "extract_features", "noise_batch",
-           "optimize_for_inference"]
+__all__ = ["COMPILE_MIN_IMAGES", "DecodeDataset", "ExtractResult", "Optimize", "default_workers", "extract_features",
+           "noise_batch", "optimize_for_inference"]

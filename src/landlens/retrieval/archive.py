@@ -90,7 +90,8 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
     def build(cls, data: str | os.PathLike[str], out: str | os.PathLike[str], *, dataset: str | None = None,
               backbone: str = "fusion", weights: str = "auto", index_factory: str = "auto",
               metric: str = "cosine", rerank: str | None = "auto", cache_dir: str | os.PathLike[str] | None = None,
-              workers: int | None = None, progress: bool = True, overwrite: bool = False) -> "Archive":
+              workers: int | None = None, progress: bool = True, overwrite: bool = False,
+              engine: str = "local", address: str | None = None, actors: int | None = None) -> "Archive":
         """Index every readable image of the class-folder dataset ``data`` into a new archive ``out``.
 
         Features come from ``backbone`` (with ``weights``) through a feature store in
@@ -104,6 +105,8 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
         (:mod:`landlens.models.fusion`) and ``rerank="auto"``, k-reciprocal re-ranking recorded as
         the archive's default for every search (:func:`~landlens.retrieval.rerank.archive_rerank`).
         ``backbone="tf_efficientnet_lite0", rerank=None`` is the plain single-backbone archive.
+        ``engine="ray"`` extracts on Ray Data (``address``, ``actors``:
+        :mod:`landlens.features.ray_engine`) into the same cache.
         """
         from landlens.data.folder import scan_folder
         from landlens.features.cache import DEFAULT_CACHE_DIR, ensure_features
@@ -114,7 +117,8 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
         ds = scan_folder(data, dataset)
         bb = create_backbone(backbone, weights)
         store_dir, _ = ensure_features(ds, bb, cache_dir=Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR,
-                                       workers=workers, progress=progress, command="landlens index build")
+                                       workers=workers, progress=progress, command="landlens index build",
+                                       engine=engine, address=address, actors=actors)
         return cls.from_store(store_dir, outp, index_factory=index_factory, metric=metric, rerank=rerank,
                               overwrite=overwrite)
 
@@ -126,7 +130,8 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
                           backbone: str = "fusion", weights: str = "auto", index_factory: str = "auto",
                           metric: str = "cosine", rerank: str | None = "auto",
                           cache_dir: str | os.PathLike[str] | None = None, workers: int | None = None,
-                          progress: bool = True, overwrite: bool = False) -> "Archive":
+                          progress: bool = True, overwrite: bool = False, engine: str = "local",
+                          address: str | None = None, actors: int | None = None) -> "Archive":
         """Tile georeferenced scenes (GeoTIFF, COG, any CRS) into chips and index them into a new
         archive ``out`` whose catalog records, for every chip, its scene, pixel window and
         footprint in the scene CRS and in WGS84 (:mod:`landlens.retrieval.geo`).
@@ -150,7 +155,8 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
         ds, _ = scene_dataset(scenes, progress=progress, **tiling)
         bb = create_backbone(backbone, weights)
         store_dir, _ = ensure_features(ds, bb, cache_dir=Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR,
-                                       workers=workers, progress=progress, command="landlens index build")
+                                       workers=workers, progress=progress, command="landlens index build",
+                                       engine=engine, address=address, actors=actors)
         return cls.from_store(store_dir, outp, index_factory=index_factory, metric=metric, rerank=rerank,
                               overwrite=overwrite, extra_meta={"tiling": tiling})
 
@@ -399,7 +405,7 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
         that cannot be prepared leaves eager mode in place. Returns the mode in use:
         ``'jit'``, ``'compile'`` or ``'eager'``.
         """
-        from landlens.features.extract import noise_batch, optimize_for_inference
+        from landlens.features.inference import noise_batch, optimize_for_inference
 
         if mode not in ("jit", "compile", "none"):
             raise ArchiveError(f"unknown forward-pass mode {mode!r}: use jit, compile or none")
