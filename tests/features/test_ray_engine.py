@@ -168,19 +168,24 @@ print("RAY" if any(m == "ray" or m.startswith("ray.") for m in sys.modules if sy
     assert out.stdout.strip().endswith("NORAY")
 
 
-def test_index_build_on_ray(ray_session: Path, data: Any, tmp_path: Path) -> None:
-    """`landlens index build --engine ray` indexes the vectors the local engine gives."""
+def test_index_build_of_a_scene_on_ray(ray_session: Path, tmp_path: Path) -> None:
+    """`landlens index build SCENE.tif --engine ray`: the chips of a scene, read by window in the
+    Ray decode tasks, indexed with the vectors the local engine gives."""
     from click.testing import CliRunner
 
+    from fixtures.scenes import utm_scene
     from landlens.cli.main import cli
     from landlens.retrieval.archive import Archive
 
-    local = Archive.build(data.root, tmp_path / "local.archive", backbone="lbp_rgb", rerank=None, workers=0,
-                          progress=False, cache_dir=tmp_path / "cache-local")
-    res = CliRunner().invoke(cli, ["index", "build", str(data.root), "--out", str(tmp_path / "ray.archive"), "-b",
-                                   "lbp_rgb", "--plain", "--engine", "ray", "--actors", "1", "--cache-dir",
+    require("rasterio", why="scenes (pip install 'landlens[scenes]')")
+    scene = utm_scene(tmp_path / "utm.tif")[0]
+    local = Archive.build_from_scenes([scene], tmp_path / "local.archive", chip=64, backbone="lbp_rgb", rerank=None,
+                                      workers=0, progress=False, cache_dir=tmp_path / "cache-local")
+    res = CliRunner().invoke(cli, ["index", "build", str(scene), "--chip", "64", "--out", str(tmp_path / "ray.archive"),
+                                   "-b", "lbp_rgb", "--plain", "--engine", "ray", "--actors", "1", "--cache-dir",
                                    str(tmp_path / "cache-ray")], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     ray_arch = Archive.open(tmp_path / "ray.archive")
-    assert [r.path for r in ray_arch.records()] == [r.path for r in local.records()]
-    np.testing.assert_allclose(ray_arch.feature_set().features, local.feature_set().features, rtol=0, atol=1e-6)
+    assert [r.path for r in ray_arch.records()] == [r.path for r in local.records()] and len(local) == 18
+    np.testing.assert_allclose(np.stack([ray_arch.vector(r.id) for r in ray_arch.records()]),
+                               np.stack([local.vector(r.id) for r in local.records()]), rtol=0, atol=1e-6)
