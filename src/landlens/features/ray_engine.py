@@ -42,6 +42,9 @@ import numpy as np
 
 from landlens.errors import ImageReadError, LandlensError
 
+DECODE_CPU = 0.25
+"""CPUs a decode task reserves (decoding a chip is light next to the backbone's forward pass)."""
+
 FAULT_ENV = "LANDLENS_RAY_EXIT_ONCE"
 """Fault injection for tests: a file path; the first actor to see it missing creates it and exits."""
 
@@ -149,13 +152,16 @@ def run_ray(root: str | Path, paths: Sequence[str], backbone: Any, store: Any, t
     actors = max(1, cpus // 2) if actors is None else int(actors)
     if actors < 1:
         raise LandlensError(f"--actors {actors}: at least one")
-    # each actor reserves an equal share of the CPUs but one, which stays free for decode tasks
-    # (reserving them all would starve decoding: the pool would wait for inputs forever)
-    share = max(0.25, (cpus - 1) / actors) if cpus > 1 else 0.5
-    threads = max(1, cpus // actors)  # torch threads: the cores, shared by the actors (decoding is light)
+    # Ray schedules by reserved CPUs, per node: the actors together reserve three quarters of the
+    # cluster's CPUs, and none more than three quarters of the largest node, so that a quarter CPU
+    # stays free next to them for the (light) decode tasks; reserving everything starves decoding
+    # and the pool waits for inputs forever (seen on 2 cores, and on two 1-CPU nodes)
+    biggest = max([float(nd["Resources"].get("CPU", 0)) for nd in ray.nodes() if nd.get("Alive")] or [cpus])
+    share = max(0.25, min(DECODE_CPU * 3 * cpus / actors, DECODE_CPU * 3 * biggest))
+    threads = max(1, round(cpus / actors))  # torch threads: the cores, shared by the actors
     rows = [{"i": int(i), "path": str(paths[i])} for i in todo]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 4 * cpus)))
-    ds = ds.map_batches(decode_batch, batch_size=batch_size, num_cpus=min(1.0, cpus / 2),
+    ds = ds.map_batches(decode_batch, batch_size=batch_size, num_cpus=DECODE_CPU,
                         fn_kwargs={"root": str(Path(root).resolve()), "pre": backbone.preprocessing.to_dict(),
                                    "max_pixels": max_pixels, "rgb_bands": list(rgb_bands) if rgb_bands else None})
     ds = ds.map_batches(Embedder, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=share,
@@ -213,4 +219,4 @@ def run_ray(root: str | Path, paths: Sequence[str], backbone: Any, store: Any, t
     return float(startup or 0.0)
 
 
-__all__ = ["FAULT_ENV", "Embedder", "connect", "decode_batch", "ray_module", "run_ray"]
+__all__ = ["DECODE_CPU", "FAULT_ENV", "Embedder", "connect", "decode_batch", "ray_module", "run_ray"]
