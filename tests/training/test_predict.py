@@ -185,3 +185,15 @@ def test_prediction_to_dict() -> None:
     assert d == {"path": "a.jpg", "error": None,
                  "top": [{"rank": 1, "label": "x", "probability": 0.75},
                          {"rank": 2, "label": "y", "probability": 0.25}]}
+
+
+def test_an_optimized_predictor_gives_the_same_probabilities(run_dir: Path, images: list[Path], ref: np.ndarray) -> None:
+    fast = Predictor(run_dir, batch_size=3)
+    assert fast.optimize("jit") == "jit" and fast._fast is not None
+    preds = fast.predict_paths(images, top_k=len(CLASSES))
+    for pred, row in zip(preds, ref):
+        got = dict(zip(pred.labels, pred.probabilities))
+        np.testing.assert_allclose([got[c] for c in CLASSES], row, rtol=1e-4, atol=1e-5)
+    assert fast.optimize("none") == "eager" and fast._fast is None
+    with pytest.raises(ConfigError, match="unknown forward-pass mode"):
+        fast.optimize("compile")

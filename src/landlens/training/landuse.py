@@ -69,6 +69,7 @@ def classify_scene(run: str | os.PathLike[str], scene: str | os.PathLike[str], o
     from landlens.training.predict import Predictor
 
     predictor = Predictor(run, device=device, batch_size=batch_size)
+    predictor.optimize("jit")  # a traced graph, checked against eager mode (eager where it cannot be)
     scorer = RunScorer(predictor)
     return make_map(scene, scorer, out, kind="classes", classes=predictor.classes, chip=chip, stride=stride, gsd=gsd,
                     bands=bands, nodata=nodata, stretch=stretch, resampling=resampling, min_valid=min_valid,

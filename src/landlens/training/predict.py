@@ -182,6 +182,7 @@ class Predictor:
             recorded = extra.get("rgb_bands") if isinstance(extra, dict) else None
             rgb_bands = [int(b) for b in recorded] if recorded else None
         self.rgb_bands = list(rgb_bands) if rgb_bands is not None else None
+        self._fast: Any = None  # a prepared forward pass (optimize)
 
     @property
     def classes(self) -> list[str]:
@@ -201,9 +202,28 @@ class Predictor:
             raise ConfigError(f"top-k {k} is not between 1 and the model's {n} classes")
         return k
 
+    def optimize(self, mode: str = "jit") -> str:
+        """Prepare a faster forward pass for every later prediction (what a long map of a scene
+        wants): :func:`landlens.features.inference.optimize_for_inference` on the CPU (traced,
+        frozen, channels-last; checked against eager mode first; a graph that cannot be prepared
+        leaves eager mode). Returns the mode in use: ``'jit'`` or ``'eager'``."""
+        from landlens.features.inference import noise_batch, optimize_for_inference
+
+        if mode not in ("jit", "none"):
+            raise ConfigError(f"unknown forward-pass mode {mode!r}: jit or none")
+        if mode == "none" or self.device.type != "cpu":
+            self._fast = None
+            return "eager"
+        example = noise_batch(self.preprocessing, 2).contiguous(memory_format=torch.channels_last)
+        fast = optimize_for_inference(self.model, example, mode="auto")
+        self._fast = None if fast is self.model else fast
+        return "eager" if self._fast is None else "jit"
+
     @torch.inference_mode()
     def log_probs(self, batch: torch.Tensor) -> torch.Tensor:
         """Log-probabilities (B, C) of a normalised float batch (B, 3, S, S), on the CPU."""
+        if self._fast is not None:
+            return self._fast(batch.contiguous(memory_format=torch.channels_last)).float()
         return self.model(batch.to(self.device)).float().cpu()
 
     def _rank(self, log_probs: torch.Tensor, k: int) -> list[tuple[tuple[str, ...], tuple[float, ...]]]:
