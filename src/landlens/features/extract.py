@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from landlens.errors import ImageReadError, LandlensError
 from landlens.features.inference import COMPILE_MIN_IMAGES, Optimize, noise_batch, optimize_for_inference
-from landlens.features.store import FeatureStore
+from landlens.features.store import ChunkAssembler, FeatureStore
 from landlens.models.preprocessing import Preprocessing, load_resized, normalize_batch
 from landlens.models.registry import Backbone
 
@@ -174,22 +174,7 @@ def _run(root, paths, backbone, store, todo, chunk_size, n, batch_size, workers,
     model = optimize_for_inference(backbone, example, optimize, n_images=len(todo))
     prepare = time.perf_counter() - t_prep
 
-    buffers: dict[int, dict[str, Any]] = {}
-
-    def buf(c: int) -> dict[str, Any]:
-        if c not in buffers:
-            length = min(n, (c + 1) * chunk_size) - c * chunk_size
-            buffers[c] = {"f": np.full((length, backbone.num_features), np.nan, np.float32),
-                          "v": np.zeros(length, bool), "fail": [], "left": length}
-        return buffers[c]
-
-    def account(i: int) -> None:
-        c = i // chunk_size
-        b = buffers[c]
-        b["left"] -= 1
-        if b["left"] == 0:
-            store.write_chunk(c, b["f"], b["v"], b["fail"])
-            del buffers[c]
+    chunks = ChunkAssembler(store, n, chunk_size, backbone.num_features)
 
     bar = None
     if progress:
@@ -203,19 +188,14 @@ def _run(root, paths, backbone, store, todo, chunk_size, n, batch_size, workers,
                 for i, reason in bad:
                     if strict:
                         raise ImageReadError(Path(root) / paths[i], reason)
-                    buf(i // chunk_size)["fail"].append({"path": paths[i], "reason": reason})
-                    account(i)
+                    chunks.add(i, None, {"path": paths[i], "reason": reason})
                 if x is not None:
                     real = x.shape[0]
                     if real < batch_size:  # keep one input shape for traced/compiled graphs
                         x = torch.cat([x, x[-1:].expand(batch_size - real, *x.shape[1:])])
                     f = model(normalize_batch(x, pre)).float().flatten(1)[:real].numpy()
                     for row, i in enumerate(idx):
-                        b = buf(i // chunk_size)
-                        off = i - (i // chunk_size) * chunk_size
-                        b["f"][off] = f[row]
-                        b["v"][off] = True
-                        account(i)
+                        chunks.add(i, f[row])
                 if bar is not None:
                     bar.update(len(idx) + len(bad))
     finally:

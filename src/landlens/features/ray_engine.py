@@ -167,9 +167,10 @@ def run_ray(root: str | Path, paths: Sequence[str], backbone: Any, store: Any, t
     ds = ds.map_batches(Embedder, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=share,
                         fn_constructor_kwargs={"backbone": backbone, "optimize": optimize, "batch_size": batch_size,
                                                "threads": threads, "n_images": -(-len(todo) // actors)})
+    from landlens.features.store import ChunkAssembler
+
     startup = None
-    buffers: dict[int, dict[str, Any]] = {}
-    written = set(store.completed_chunks())
+    chunks = ChunkAssembler(store, n, chunk_size, backbone.num_features)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -183,37 +184,17 @@ def run_ray(root: str | Path, paths: Sequence[str], backbone: Any, store: Any, t
             fresh = 0
             for i, ok, reason, f in zip(batch["i"], batch["ok"], batch["reason"], batch["f"]):
                 i = int(i)
-                c = i // chunk_size
-                b = buffers.get(c)
-                if b is None:
-                    if c in written:
-                        continue  # a retried batch of a chunk already written
-                    length = min(n, (c + 1) * chunk_size) - c * chunk_size
-                    b = buffers[c] = {"f": np.full((length, backbone.num_features), np.nan, np.float32),
-                                      "v": np.zeros(length, bool), "fail": [], "seen": set()}
-                off = i - c * chunk_size
-                if off in b["seen"]:
-                    continue  # delivered twice
-                b["seen"].add(off)
-                fresh += 1
-                if ok:
-                    b["f"][off] = f
-                    b["v"][off] = True
-                else:
-                    if strict:
-                        raise ImageReadError(Path(root) / paths[i], str(reason))
-                    b["fail"].append((off, {"path": paths[i], "reason": str(reason)}))
-                if len(b["seen"]) == len(b["v"]):  # in image order, as the local engine lists them
-                    store.write_chunk(c, b["f"], b["v"], [d for _, d in sorted(b["fail"], key=lambda t: t[0])])
-                    written.add(c)
-                    del buffers[c]
+                if not ok and strict:
+                    raise ImageReadError(Path(root) / paths[i], str(reason))
+                failure = None if ok else {"path": paths[i], "reason": str(reason)}
+                fresh += chunks.add(i, f if ok else None, failure)  # a row delivered twice counts once
             if bar is not None:
                 bar.update(fresh)
     finally:
         if bar is not None:
             bar.close()
-    if buffers:
-        missing = sorted(buffers)
+    if chunks.open:
+        missing = sorted(chunks.open)
         raise LandlensError(f"the Ray run ended with chunk(s) {missing[:5]} incomplete; run the command again "
                             f"to resume them")
     return float(startup or 0.0)

@@ -245,9 +245,45 @@ class FeatureStore:
             shutil.rmtree(self.root)
 
 
+class ChunkAssembler:
+    """A store's chunks put together from rows that arrive in any order, some maybe twice (a
+    retried batch): each chunk is written (atomically, its failures in image order) as soon as
+    all its rows are in, and exactly once. Both extraction engines write through it."""
+
+    def __init__(self, store: FeatureStore, n: int, chunk_size: int, dim: int) -> None:
+        self.store, self.n, self.chunk_size, self.dim = store, int(n), int(chunk_size), int(dim)
+        self.written = set(store.completed_chunks())
+        self.open: dict[int, dict[str, Any]] = {}
+
+    def add(self, i: int, features: np.ndarray | None, failure: dict[str, Any] | None = None) -> bool:
+        """Row ``i``: its features, or ``None`` with its ``failure`` (``{"path", "reason"}``).
+        Returns ``False`` for a row already in (nothing changes)."""
+        c, off = divmod(int(i), self.chunk_size)
+        if c in self.written:
+            return False
+        b = self.open.get(c)
+        if b is None:
+            length = min(self.n, (c + 1) * self.chunk_size) - c * self.chunk_size
+            b = self.open[c] = {"f": np.full((length, self.dim), np.nan, np.float32), "v": np.zeros(length, bool),
+                                "fail": [], "seen": set()}
+        if off in b["seen"]:
+            return False
+        b["seen"].add(off)
+        if features is not None:
+            b["f"][off] = features
+            b["v"][off] = True
+        else:
+            b["fail"].append((off, failure))
+        if len(b["seen"]) == len(b["v"]):
+            self.store.write_chunk(c, b["f"], b["v"], [d for _, d in sorted(b["fail"], key=lambda t: t[0])])
+            self.written.add(c)
+            del self.open[c]
+        return True
+
+
 def _short(v: Any) -> str:
     s = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
     return s if len(s) <= 80 else s[:77] + "..."
 
 
-__all__ = ["FeatureSet", "FeatureStore", "features_identity", "items_digest"]
+__all__ = ["ChunkAssembler", "FeatureSet", "FeatureStore", "features_identity", "items_digest"]
