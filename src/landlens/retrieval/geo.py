@@ -145,8 +145,8 @@ def _scene_refs(archive: Any) -> dict[str, str]:
 
 def archive_scenes(archive: Any) -> list[dict[str, Any]]:
     """The scenes the archive's chips come from, sorted by path: ``path``, ``name``, ``chips``
-    (how many), the chip grid's ``width``, ``height``, ``crs`` and ``gsd``, and ``ref``, the
-    reference of one of its chips (whose settings read the scene as the archive did)."""
+    (how many), the chip grid's ``width``, ``height``, ``transform``, ``crs`` and ``gsd``, and
+    ``ref``, the reference of one of its chips (whose settings read the scene as the archive did)."""
     from collections import Counter
 
     from landlens.scenes.reader import Scene
@@ -158,27 +158,26 @@ def archive_scenes(archive: Any) -> list[dict[str, Any]]:
         chip = parse_chip_ref(ref)
         with Scene.from_ref(chip) as sc:  # type: ignore[arg-type]
             out.append({"path": path, "name": Path(path).name, "chips": int(counts[path]), "width": sc.grid.width,
-                        "height": sc.grid.height, "crs": sc.grid.crs, "gsd": chip.gsd, "ref": ref})  # type: ignore[union-attr]
+                        "height": sc.grid.height, "transform": list(sc.grid.transform), "crs": sc.grid.crs,
+                        "gsd": chip.gsd, "ref": ref})  # type: ignore[union-attr]
     return out
 
 
-def grid_place(ref: str, col: float, row: float) -> tuple[float, float]:
-    """WGS84 ``(lon, lat)`` of the position ``(col, row)`` on the chip grid of the scene of the
-    chip reference ``ref`` (read with its settings).
+def grid_place(scene: dict[str, Any], col: float, row: float) -> tuple[float, float]:
+    """WGS84 ``(lon, lat)`` of the position ``(col, row)`` on the chip grid of a scene of
+    :func:`archive_scenes` (its recorded grid: no file is opened).
 
     Raises:
         LandlensError: the position is outside the grid.
     """
     from rasterio.warp import transform
 
-    from landlens.scenes.reader import WGS84, Scene, to_map
-    from landlens.scenes.refs import parse_chip_ref
+    from landlens.scenes.reader import WGS84, to_map
 
-    with Scene.from_ref(parse_chip_ref(ref)) as sc:  # type: ignore[arg-type]
-        if not (0.0 <= col <= sc.grid.width and 0.0 <= row <= sc.grid.height):
-            raise LandlensError(f"col {col:g}, row {row:g} is outside the scene's grid ({sc.grid.width}x{sc.grid.height})")
-        x, y = to_map(sc.grid.transform, col, row)
-        lons, lats = transform(sc.grid.crs, WGS84, [x], [y])
+    if not (0.0 <= col <= scene["width"] and 0.0 <= row <= scene["height"]):
+        raise LandlensError(f"col {col:g}, row {row:g} is outside the scene's grid ({scene['width']}x{scene['height']})")
+    x, y = to_map(scene["transform"], col, row)
+    lons, lats = transform(scene["crs"], WGS84, [x], [y])
     return float(lons[0]), float(lats[0])
 
 
@@ -339,5 +338,5 @@ def results_geojson(archive: Any, results: Sequence[Any], *, places: Sequence[tu
     return feature_collection(features, queries=queries)
 
 
-__all__ = ["DEFAULT_TILING", "Located", "QueryScorer", "archive_scenes", "grid_place", "check_lon_lat", "chips_at", "query_at", "results_geojson", "scene_dataset",
-           "similarity_map", "tile_scenes"]
+__all__ = ["DEFAULT_TILING", "Located", "QueryScorer", "archive_scenes", "check_lon_lat", "chips_at", "grid_place",
+           "query_at", "results_geojson", "scene_dataset", "similarity_map", "tile_scenes"]

@@ -81,7 +81,7 @@ class SearchService:
         self.queries = QueryVectorCache(query_cache)
         self.write_lock = threading.Lock()
         self._class_counts: tuple[int, dict[str, int]] | None = None
-        self._scenes: tuple[int, list[dict[str, Any]]] | None = None
+        self._scenes: tuple[int, list[dict[str, Any]], dict[str, int]] | None = None
         self.overviews: dict[tuple[str, str], bytes] = {}  # scene overview PNGs, a few
 
     def _warm_up(self) -> None:
@@ -202,6 +202,10 @@ class SearchService:
     def scenes(self) -> list[dict[str, Any]]:
         """The archive's scenes (:func:`landlens.retrieval.geo.archive_scenes`, with their
         ``index`` in that list), once per generation; empty for an archive without chips."""
+        return self._scene_table()[0]
+
+    def _scene_table(self) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """``(scenes, scene path -> index)``, computed once per generation."""
         gen = self.archive.generation
         cached = self._scenes
         if cached is None or cached[0] != gen:
@@ -210,32 +214,30 @@ class SearchService:
                 from landlens.retrieval.geo import archive_scenes
 
                 scenes = [{**sc, "index": i} for i, sc in enumerate(archive_scenes(self.archive))]
-            cached = (gen, scenes)
+            cached = (gen, scenes, {sc["path"]: sc["index"] for sc in scenes})
             self._scenes = cached
-        return cached[1]
+        return cached[1], cached[2]
+
+    def _place(self, scene: str, window: Sequence[int]) -> dict[str, Any] | None:
+        index = self._scene_table()[1].get(scene)
+        return None if index is None else {"scene": index, "window": list(window)}
 
     def place_of(self, image_id: int) -> dict[str, Any] | None:
         """``{"scene": index, "window": [col, row, width, height]}`` of a chip, else ``None``."""
         geo = self.archive.geo(image_id)
-        if geo is None:
-            return None
-        index = {sc["path"]: sc["index"] for sc in self.scenes()}.get(geo.scene)
-        return None if index is None else {"scene": index, "window": list(geo.window)}
+        return None if geo is None else self._place(geo.scene, geo.window)
 
     def place_of_ref(self, ref: str) -> dict[str, Any] | None:
         """The ``place`` (scene index and window) of a chip reference of an archive scene."""
         from landlens.scenes.refs import parse_chip_ref
 
         chip = parse_chip_ref(ref)
-        if chip is None:
-            return None
-        index = {sc["path"]: sc["index"] for sc in self.scenes()}.get(chip.scene)
-        return None if index is None else {"scene": index, "window": list(chip.window)}
+        return None if chip is None else self._place(chip.scene, chip.window)
 
     def hits_json(self, hits: Sequence[Any]) -> list[dict[str, Any]]:
         """The JSON of search hits (:func:`~landlens.service.common.hit_dict`), each chip with its
         scene index and window (``place``) for the page's scene view."""
-        located = bool(self.archive.located())
+        located = bool(self._scene_table()[1])
         return [hit_dict(h, self.place_of(h.record.id) if located else None) for h in hits]
 
     def check_class(self, class_name: str | None) -> None:

@@ -180,16 +180,16 @@ def search_router(max_k: int) -> APIRouter:
         cls = class_param(class_name)
         service.check_class(cls)
         t = time.perf_counter()
-        by_grid = scene is not None or col is not None or row is not None
-        if by_grid == (lon is not None or lat is not None) or (by_grid and None in (scene, col, row)) or \
-                (not by_grid and None in (lon, lat)):
+        geo, grid = (lon, lat), (scene, col, row)
+        by_grid = all(v is not None for v in grid) and all(v is None for v in geo)
+        if not by_grid and not (all(v is not None for v in geo) and all(v is None for v in grid)):
             raise ServiceError(422, "give a place as lon and lat, or as scene, col and row")
         if by_grid:
             scenes = await run_in_threadpool(service.scenes)
             if scene >= len(scenes):  # type: ignore[operator]
                 raise ServiceError(404, f"no scene {scene} in the archive ({len(scenes)} scenes)")
             try:
-                lon, lat = await run_in_threadpool(grid_place, scenes[scene]["ref"], col, row)  # type: ignore[index]
+                lon, lat = grid_place(scenes[scene], col, row)  # type: ignore[index,arg-type]
             except LandlensError as exc:
                 raise ServiceError(422, first_line(exc)) from None
         try:
