@@ -89,6 +89,17 @@ def engine_options(f):
     return f
 
 
+def parse_lon_lat(value: str) -> tuple[float, float]:
+    """``"LON,LAT"`` as floats in range, or click's one-line error naming the value."""
+    try:
+        lon, lat = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: LON,LAT in degrees, e.g. 121.0247,14.5832") from None
+    if not (-180 <= lon <= 180 and -90 <= lat <= 90):
+        raise click.BadParameter(f"{value!r}: longitude first (-180..180), then latitude (-90..90)")
+    return lon, lat
+
+
 def max_pixels_option(f):
     """--max-pixels: the decode size limit of :mod:`landlens.data.io` (header checked first)."""
     from landlens.data.io import DEFAULT_MAX_PIXELS

@@ -138,13 +138,14 @@ def build_cmd(data: tuple[Path, ...], out: Path, dataset: str | None, backbone: 
                                          index_factory=index_factory, metric=metric, rerank=rerank,
                                          cache_dir=cache_dir,
                                          workers=workers, overwrite=overwrite, progress=not as_json,
-                                         engine=engine, address=address, actors=actors, **_tiling(given))
+                                         engine=engine, address=address, actors=actors, **tiling_settings(given))
     _summary(arch, as_json)
 
 
-def _tiling(given: dict[str, Any]) -> dict[str, Any]:
-    """The tiling options given, under the names :meth:`Archive.build_from_scenes` takes."""
-    return {k: v for k, v in given.items() if k in TILING_KEYS}
+def tiling_settings(given: dict[str, Any]) -> dict[str, Any]:
+    """The tiling options given (not ``None``), under the names :meth:`Archive.build_from_scenes`
+    and the maps of :mod:`landlens.cli.scenes` take."""
+    return {k: v for k, v in given.items() if k in TILING_KEYS and v is not None}
 
 
 @index_group.command("add", cls=OneLineErrorCommand)
@@ -179,7 +180,7 @@ def add_cmd(archive: Path, images: tuple[Path, ...], class_name: str | None, cla
     if tile:
         if class_name is not None or class_from_folder:
             raise ConfigError("chips of scenes are added unlabelled: leave out --class and --class-from-folder")
-        new = arch.add_scenes(list(images), progress=not as_json, max_pixels=max_pixels, **_tiling(given))
+        new = arch.add_scenes(list(images), progress=not as_json, max_pixels=max_pixels, **tiling_settings(given))
         if as_json:
             echo_json({"added": [r.to_dict() for r in new], "generation": arch.generation, "images": len(arch)})
             return

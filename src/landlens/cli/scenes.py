@@ -11,8 +11,8 @@ from typing import Any
 
 import click
 
-from landlens.cli.common import OneLineErrorCommand, OneLineErrorGroup, echo_json
-from landlens.cli.index import TILING_KEYS, tiling_options
+from landlens.cli.common import OneLineErrorCommand, OneLineErrorGroup, echo_json, parse_lon_lat
+from landlens.cli.index import tiling_options, tiling_settings
 
 
 @click.group("scenes", cls=OneLineErrorGroup)
@@ -37,10 +37,6 @@ def map_options(f):
     for opt in reversed(opts):
         f = opt(f)
     return f
-
-
-def _settings(given: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in given.items() if k in TILING_KEYS and v is not None}
 
 
 def _report(result: Any, as_json: bool) -> None:
@@ -88,7 +84,7 @@ def classify_cmd(run: Path, scene: Path, out: Path, batch_size: int, no_preview:
     from landlens.training.landuse import classify_scene
 
     result = classify_scene(run, scene, out, probabilities=probabilities, device=device, batch_size=batch_size,
-                            preview=not no_preview, restart=restart, progress=not quiet, **_settings(tiling))
+                            preview=not no_preview, restart=restart, progress=not quiet, **tiling_settings(tiling))
     _report(result, as_json)
 
 
@@ -117,15 +113,11 @@ def similarity_cmd(archive: Path, query: str, scene: Path, out: Path, batch_size
     arch = Archive.open(archive)
     q: Any = query
     if query.startswith("@"):
-        try:
-            lon, lat = (float(v) for v in query[1:].split(","))
-        except ValueError:
-            raise click.BadParameter(f"{query!r}: a place is @LON,LAT in degrees", param_hint="QUERY") from None
-        q, what = query_at(arch, lon, lat)
+        q, what = query_at(arch, *parse_lon_lat(query[1:]))
         if not quiet:
             click.echo(f"query: {what}", err=True)
     elif query.isdigit():
         q = int(query)
     result = similarity_map(arch, q, scene, out, batch_size=batch_size, preview=not no_preview, restart=restart,
-                            progress=not quiet, **_settings(tiling))
+                            progress=not quiet, **tiling_settings(tiling))
     _report(result, as_json)

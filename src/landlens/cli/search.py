@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from landlens.cli.common import OneLineErrorCommand, echo_json, max_pixels_option, plain_rerank
+from landlens.cli.common import OneLineErrorCommand, echo_json, max_pixels_option, parse_lon_lat, plain_rerank
 
 KIND_HELP = ("auto (exact below 50,000 vectors, else the benchmarked large-archive index) | exact | hnsw | "
              "ivf-flat | ivf-pq | a FAISS factory string such as 'IVF4096,PQ64'")
@@ -77,17 +77,7 @@ def open_archive(path: Path) -> Any:
 
 
 def _lon_lat(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[tuple[float, float], ...]:
-    out = []
-    for value in values:
-        parts = value.split(",")
-        try:
-            lon, lat = (float(v) for v in parts)
-        except ValueError:
-            raise click.BadParameter(f"{value!r}: LON,LAT in degrees, e.g. 121.0247,14.5832") from None
-        if not (-180 <= lon <= 180 and -90 <= lat <= 90):
-            raise click.BadParameter(f"{value!r}: longitude first (-180..180), then latitude (-90..90)")
-        out.append((lon, lat))
-    return tuple(out)
+    return tuple(parse_lon_lat(value) for value in values)
 
 
 @click.command("search", cls=OneLineErrorCommand)
