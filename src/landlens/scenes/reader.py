@@ -384,16 +384,21 @@ class Scene:
         """The whole chip grid as ``(h, w, 3)`` uint8 RGB, decimated so its longer side is at most
         ``max_side`` (one decimated read; GDAL takes it from an overview when the file has one);
         for previews."""
-        step = max(1, math.ceil(max(self.grid.width, self.grid.height) / int(max_side)))
-        shape = (len(self.bands), max(1, math.ceil(self.grid.height / step)), max(1, math.ceil(self.grid.width / step)))
-        ds = self._reader()
+        return self.to_rgb(*self._read_decimated(self._reader(), int(max_side)))
+
+    def _read_decimated(self, ds: Any, max_side: int) -> tuple[np.ndarray, np.ndarray]:
+        """The shown bands of the whole dataset ``ds`` (the file, or the chip grid's warped view)
+        and their data mask, decimated by one integer step so the longer side is at most
+        ``max_side`` (one read; GDAL takes it from an overview when the file has one)."""
+        step = max(1, math.ceil(max(ds.width, ds.height) / max_side))
+        shape = (len(self.bands), max(1, math.ceil(ds.height / step)), max(1, math.ceil(ds.width / step)))
         try:
             data = ds.read(indexes=list(self.bands), out_shape=shape)
-            valid = self._valid(ds, data) if self.nodata is not None or self._all_valid else \
-                self._valid(ds, data, out_shape=shape)
+            if self.nodata is not None or self._all_valid:
+                return data, self._valid(ds, data)
+            return data, self._valid(ds, data, out_shape=shape)
         except Exception as exc:  # noqa: BLE001
             raise _scene_error(self.path, exc) from None
-        return self.to_rgb(data, valid)
 
     def band_percentiles(self, percentiles: tuple[float, float] = PERCENTILES) -> Stretch:
         """Per shown band, the ``percentiles`` of its valid samples in a decimated read of the whole
@@ -403,17 +408,7 @@ class Scene:
             hit = _stats_cache.get(key)
         if hit is not None:
             return hit
-        src = self._src
-        step = max(1, math.ceil(max(src.width, src.height) / STATS_SIDE))
-        shape = (len(self.bands), max(1, math.ceil(src.height / step)), max(1, math.ceil(src.width / step)))
-        try:
-            data = src.read(indexes=list(self.bands), out_shape=shape)
-            if self.nodata is not None or self._all_valid:
-                valid = self._valid(src, data)
-            else:
-                valid = self._valid(src, data, out_shape=shape)
-        except Exception as exc:  # noqa: BLE001
-            raise _scene_error(self.path, exc) from None
+        data, valid = self._read_decimated(self._src, STATS_SIDE)
         if not valid.any():
             raise ImageReadError(self.path, "every pixel is nodata: no stretch can be computed")
         out = []
