@@ -114,4 +114,14 @@ def optimize_for_inference(model: nn.Module, example: torch.Tensor, mode: Optimi
     return model
 
 
-__all__ = ["COMPILE_MIN_IMAGES", "Optimize", "noise_batch", "optimize_for_inference"]
+def prepared_forward(model: nn.Module, pre: Preprocessing, mode: str = "jit") -> Callable | None:
+    """A faster forward pass of ``model`` for a long-running caller (an archive answering
+    queries, a predictor mapping a scene), prepared and checked on two noise images in the
+    channels-last layout those callers feed it: ``jit`` (eager where tracing fails) or
+    ``compile``; ``None`` when eager mode stays in place."""
+    example = noise_batch(pre, 2).contiguous(memory_format=torch.channels_last)
+    fast = optimize_for_inference(model, example, mode="auto" if mode == "jit" else mode)  # type: ignore[arg-type]
+    return None if fast is model else fast
+
+
+__all__ = ["COMPILE_MIN_IMAGES", "Optimize", "noise_batch", "optimize_for_inference", "prepared_forward"]

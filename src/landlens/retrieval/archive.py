@@ -399,24 +399,19 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
     def optimize(self, mode: str = "jit") -> str:
         """Prepare a faster forward pass for :meth:`embed` (what a long-running service wants).
 
-        ``mode`` is that of :func:`landlens.features.extract.optimize_for_inference` (``jit``:
+        ``mode`` is that of :func:`landlens.features.inference.optimize_for_inference` (``jit``:
         traced, frozen, batch-norm folded, channels-last; ``compile``; ``none``); the prepared
         graph is checked against eager mode on seeded noise images first, and a ``jit`` graph
         that cannot be prepared leaves eager mode in place. Returns the mode in use:
         ``'jit'``, ``'compile'`` or ``'eager'``.
         """
-        from landlens.features.inference import noise_batch, optimize_for_inference
+        from landlens.features.inference import prepared_forward
 
         if mode not in ("jit", "compile", "none"):
             raise ArchiveError(f"unknown forward-pass mode {mode!r}: use jit, compile or none")
         bb = self.backbone()
-        # 'auto' without an image count is jit with eager as the fallback; 'compile' fails loudly
-        import torch
-
-        # traced on the channels-last layout that embed_images gives a prepared graph
-        example = noise_batch(bb.preprocessing, 2).contiguous(memory_format=torch.channels_last)
-        fast = optimize_for_inference(bb, example, mode="auto" if mode == "jit" else mode)  # type: ignore[arg-type]
-        self._fast = None if fast is bb else fast
+        # jit falls back to eager where tracing fails; compile fails loudly
+        self._fast = prepared_forward(bb, bb.preprocessing, mode)
         return "eager" if self._fast is None else mode
 
     def embed(self, images: Sequence[Any]) -> np.ndarray:

@@ -207,16 +207,12 @@ class Predictor:
         wants): :func:`landlens.features.inference.optimize_for_inference` on the CPU (traced,
         frozen, channels-last; checked against eager mode first; a graph that cannot be prepared
         leaves eager mode). Returns the mode in use: ``'jit'`` or ``'eager'``."""
-        from landlens.features.inference import noise_batch, optimize_for_inference
+        from landlens.features.inference import prepared_forward
 
         if mode not in ("jit", "none"):
             raise ConfigError(f"unknown forward-pass mode {mode!r}: jit or none")
-        if mode == "none" or self.device.type != "cpu":
-            self._fast = None
-            return "eager"
-        example = noise_batch(self.preprocessing, 2).contiguous(memory_format=torch.channels_last)
-        fast = optimize_for_inference(self.model, example, mode="auto")
-        self._fast = None if fast is self.model else fast
+        cpu = self.device.type == "cpu"
+        self._fast = prepared_forward(self.model, self.preprocessing, mode) if cpu else None
         return "eager" if self._fast is None else "jit"
 
     @torch.inference_mode()
