@@ -5,7 +5,7 @@ reports, galleries) goes through :func:`atomic_path`: the content is written to 
 file in the same folder, flushed to disk, and renamed over the target (``os.replace``, atomic
 on POSIX and Windows); if anything fails the temporary file is removed and the target is left
 as it was. Folders made of several files (an archive generation, an index) are written into a
-temporary folder and renamed the same way by their own modules.
+temporary folder, flushed, and renamed into place by :func:`atomic_folder`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,6 +58,48 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a no-op where folders cannot be opened."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike[str]) -> None:
+    """Flush every file and folder under ``path`` (and ``path`` itself) to disk."""
+    root = Path(path)
+    for p in sorted(root.rglob("*"), reverse=True):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        else:
+            fsync_dir(p)
+    fsync_dir(root)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary folder beside ``path`` (``.NAME.*.tmp``) to fill; when the block ends well it is
+    flushed to disk and renamed to ``path`` (a folder already there, left by an interrupted
+    writer, is replaced); if anything fails it is removed and ``path`` is left as it was."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def json_default(o: Any) -> Any:
     """NumPy numbers and arrays, and paths, as JSON values (anything else is a bug: TypeError)."""
     kind = type(o).__module__
@@ -74,4 +117,4 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int = 1
                                        default=json_default) + "\n")
 
 
-__all__ = ["atomic_file", "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "json_default"]
+__all__ = ["atomic_file", "atomic_folder", "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_dir", "fsync_tree", "json_default"]

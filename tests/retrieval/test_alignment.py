@@ -12,7 +12,7 @@ import torch
 
 from landlens.errors import CheckpointError
 from landlens.retrieval.alignment import Alignment, AlignmentMismatchError, info_nce, recall_at_k
-from landlens.retrieval.textspace import TextIndex, readable_class_name
+from landlens.retrieval.textspace import readable_class_name
 
 
 def test_info_nce_by_hand() -> None:
@@ -121,14 +121,6 @@ def test_identity_alignment_only_normalises() -> None:
     model = Alignment(4, 4, dim=4, head="identity")
     x = np.array([[3.0, 0, 4, 0]])
     np.testing.assert_allclose(model.images(x), [[0.6, 0, 0.8, 0]], atol=1e-7)
-
-
-def test_text_index_extends_and_subsets_like_a_fresh_projection() -> None:
-    model = _planted_model()
-    rng = np.random.default_rng(3)
-    a, b = rng.normal(size=(4, 6)), rng.normal(size=(3, 6))
-    idx = TextIndex.create(model, a).extended(b).subset([0, 5, 6])
-    np.testing.assert_allclose(idx.vectors, model.images(np.concatenate([a, b])[[0, 5, 6]]), atol=1e-7)
 
 
 @pytest.mark.parametrize(("name", "vocab", "want"), [

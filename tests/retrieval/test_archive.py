@@ -187,13 +187,21 @@ def test_stale_generations_are_ignored_then_collected(arch: Archive) -> None:
     (d / ".gen-00000002.abc.tmp").mkdir()
     (d / "gen-00000002").mkdir()  # a crashed update got as far as the rename
     (d / "gen-00000002" / "junk").write_text("partial")
+    (d / "segments" / "seg-00000002").mkdir()  # a crashed update's segment, never listed
+    (d / "segments" / "seg-00000002" / "junk").write_text("partial")
+    (d / "segments" / ".seg-00000002.abc.tmp").mkdir()
     assert Archive.open(d).generation == 1
     img = d.parent / "x.png"
     write_image(img, class_image(4, 1, (32, 32)))
     arch.add([img])
     names = sorted(p.name for p in d.iterdir())
-    assert names == [".lock", ".readers", CURRENT, "gen-00000002"]  # features live in the shared cache
-    assert json.loads((d / "gen-00000002" / "generation.json").read_text())["images"] == 13
+    assert names == [".lock", ".readers", CURRENT, "gen-00000002", "segments"]  # features live in the shared cache
+    doc = json.loads((d / "gen-00000002" / "generation.json").read_text())
+    assert doc["images"] == 13
+    assert [s["path"] for s in doc["segments"]] == ["segments/seg-00000001", "segments/seg-00000002"]
+    assert sorted(p.name for p in (d / "segments").iterdir()) == ["seg-00000001", "seg-00000002"]
+    assert not (d / "segments" / "seg-00000002" / "junk").exists()  # replaced by the complete segment
+    assert len(Archive.open(d)) == 13
 
 
 def test_open_and_build_errors(arch: Archive, data: Path, tmp_path: Path) -> None:

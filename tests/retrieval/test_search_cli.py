@@ -155,7 +155,7 @@ def test_k_larger_than_the_archive_is_refused(archive):
 def _forge(idx, tmp_path, name, change):
     forged = tmp_path / name
     shutil.copytree(idx, forged)
-    meta_file = next(forged.glob("gen-*/index/index.json"))
+    meta_file = next(forged.glob("segments/seg-*/index/index.json"))
     doc = json.loads(meta_file.read_text())
     change(doc["meta"])
     meta_file.write_text(json.dumps(doc))

@@ -68,7 +68,8 @@ def arch(world, tmp_path: Path) -> Archive:  # noqa: ANN001
 def _brute(arch: Archive, q: np.ndarray) -> list[int]:
     """Ids by descending cosine of q with every archive vector projected by the alignment's
     own linear head, computed here with numpy."""
-    al = Alignment.load(arch.directory / f"gen-{arch.generation:08d}" / "text" / "alignment.safetensors")
+    doc = json.loads((arch.directory / f"gen-{arch.generation:08d}" / "generation.json").read_text())
+    al = Alignment.load(arch.directory / doc["alignment"])  # the file the archive keeps
     v = np.asarray([arch.vector(r.id) for r in arch.records()], np.float64)
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     z = v @ al.image_head.weight.detach().numpy().T.astype(np.float64)

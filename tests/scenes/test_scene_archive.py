@@ -3,6 +3,7 @@ updates beside image files; a chip as a query finds itself first; queries given 
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 from pathlib import Path
@@ -75,8 +76,8 @@ def test_every_chip_is_located_in_the_catalog(arch: Archive, scenes: dict[str, P
     assert by_scene == {str(scenes["utm"].resolve()): utm_windows, str(scenes["merc"].resolve()): merc_windows}
     assert arch.meta["tiling"]["chip"] == 64 and arch.info()["chips"] == 30
     # the catalog itself: one geo row per chip, read without landlens
-    gen = arch.directory / f"gen-{arch.generation:08d}" / "catalog.sqlite"
-    con = sqlite3.connect(gen)
+    (seg,) = json.loads((arch.directory / f"gen-{arch.generation:08d}" / "generation.json").read_text())["segments"]
+    con = sqlite3.connect(arch.directory / seg["path"] / "catalog.sqlite")
     rows = con.execute("SELECT g.id, g.scene, g.col_off, g.row_off, g.width, g.height, i.path FROM geo g "
                        "JOIN images i ON i.id = g.id").fetchall()
     con.close()

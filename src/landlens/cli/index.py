@@ -216,6 +216,27 @@ def remove_cmd(archive: Path, ids: tuple[int, ...], as_json: bool) -> None:
     click.echo(f"{archive}: removed {n} image(s); {len(arch)} images, generation {arch.generation}")
 
 
+@index_group.command("compact", cls=OneLineErrorCommand)
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print the archive summary as JSON")
+def compact_cmd(archive: Path, as_json: bool) -> None:
+    """Merge the segments of ARCHIVE into one without its removed images, the index rebuilt with
+    the archive's settings. Updates write segments of their own and merge them as they go; this
+    takes time and disk in proportion to the whole archive."""
+    from landlens.retrieval.archive import Archive
+
+    arch = Archive.open(archive)
+    before = arch.info()
+    changed = arch.compact()
+    if as_json:
+        echo_json({"compacted": changed, "segments_before": before["segments"], "deleted_before": before["deleted"],
+                   "generation": arch.generation, "images": len(arch)})
+        return
+    click.echo(f"{archive}: " + (f"{before['segments']} segment(s) and {before['deleted']} removed image(s) "
+                                 f"merged into one segment; {len(arch)} images, generation {arch.generation}"
+                                 if changed else "already one segment without removed images; nothing to do"))
+
+
 @index_group.command("text", cls=OneLineErrorCommand)
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.argument("alignment", required=False, type=click.Path(path_type=Path))
@@ -279,7 +300,8 @@ def _summary(arch, as_json: bool) -> None:
     click.echo(f"  features: {info['backbone']} ({(info['weights'] or {}).get('source')}: "
                f"{(info['weights'] or {}).get('ref')}), {idx['dim']}-d")
     click.echo(f"  index: {idx['factory']} ({idx['kind']}), {idx['metric']}, {idx['bytes'] / 1e6:.1f} MB; "
-               f"generation on disk {info['generation_bytes'] / 1e6:.1f} MB")
+               f"generation on disk {info['generation_bytes'] / 1e6:.1f} MB in {info['segments']} segment(s)"
+               + (f", {info['deleted']} removed image(s) awaiting compaction" if info["deleted"] else ""))
     click.echo(f"  re-ranking: {info['rerank'] or 'none'}"
                + (" (every search; `landlens search --plain` for one without)" if info["rerank"] else ""))
     if info.get("chips"):

@@ -10,16 +10,18 @@ relevance feedback, searched by words once an image-text alignment is attached
 (:mod:`landlens.retrieval.textsearch`), and updated in place (:meth:`Archive.add`, :meth:`Archive.remove`).
 ``landlens index``, ``landlens search`` and ``landlens serve`` are thin shells over it.
 
-Image ids are stable integers that are never reused; FAISS rows are positions in
-``vectors.npy`` and change when images are removed. Adding appends to a copy of the live
-index (no retraining); removing rebuilds the index over the remaining vectors with the same
-settings (IVF kinds are retrained), so its cost grows with the archive.
+Image ids are stable integers that are never reused. An update writes only what it changes:
+adding images writes a segment of their own (vectors, catalog rows, a small exact index),
+removing them writes their ids into the generation's deletion set, so both cost time and bytes
+in proportion to the batch; searches merge the segments' results. Segments are merged by the
+compaction policy after updates (:func:`~landlens.retrieval.segments.plan_merges`) and all at
+once by :meth:`Archive.compact` (``landlens index compact``), which rebuilds the index with the
+archive's settings (IVF kinds retrained).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import shutil
 import threading
@@ -40,6 +42,9 @@ from landlens.retrieval.generations import (
     UnknownImageError, chip_geo, collect_garbage, describe_file, file_lock, generation_name, image_name, is_archive,
     load_current, load_generation, read_current, sha256_file, stored_path, utc_now, validate_class_name,
     write_generation,
+)
+from landlens.retrieval.segments import (
+    SEGMENTS, Segment, plan_merges, segment_index_settings, segment_name, write_segment,
 )
 
 
@@ -191,12 +196,13 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
         geo = {r.id: g for r, g in zip(records, chip_geo([r.path for r in records])) if g is not None}
         meta = {"data_root": str(root), "dataset": fs.meta.get("dataset", {}).get("name"), "created": added,
                 "feature_store": str(Path(store).resolve()), "classes": [c for c in fs.classes if c],
+                "index_settings": index.get_params(),
                 **({"rerank": default_rerank} if default_rerank else {}), **(extra_meta or {})}
         with file_lock(outp):
             old = read_current(outp)
             gen = int(old[len(GEN_PREFIX):]) + 1 if old else 1
-            state = Generation(gen, index, np.asarray(fs.features, dtype=np.float32), records, len(records), meta,
-                               geo=geo)
+            seg = write_segment(outp, segment_name(gen), index, np.asarray(fs.features, dtype=np.float32), records, geo)
+            state = Generation(gen, [seg], frozenset(), len(records), meta)
             write_generation(outp, state, int(old[len(GEN_PREFIX):]) if old else None)
             collect_garbage(outp, state)
         return cls.open(outp)
@@ -207,7 +213,7 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
         if name is None or int(name[len(GEN_PREFIX):]) == self._state.generation:
             return False
         with self._write_lock:
-            state = load_current(self.directory)
+            state = load_current(self.directory, reuse=self._state)
             if state is None or state.generation == self._state.generation:
                 return False
             self._state = state
@@ -220,7 +226,9 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
 
     @property
     def index(self) -> Any:
-        """The live :class:`~landlens.retrieval.index.SearchIndex` (do not modify it)."""
+        """The live index (do not modify it): the :class:`~landlens.retrieval.index.SearchIndex` of
+        an archive of one segment without deletions, else a
+        :class:`~landlens.retrieval.segments.SegmentIndex` searching the live rows of all segments."""
         return self._state.index
 
     @property
@@ -324,8 +332,9 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
         """A JSON-able summary: size, classes, extractor, index, disk use."""
         state = self._state
         meta = state.index.meta
-        gen = self.directory / generation_name(state.generation)
-        disk = sum(p.stat().st_size for p in gen.rglob("*") if p.is_file())
+        used = [self.directory / generation_name(state.generation), *(self.directory / s.path for s in state.segments),
+                *([self.directory / state.alignment_ref] if state.alignment_ref else [])]
+        disk = sum(f.stat().st_size for p in used for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
         uploads = self.directory / UPLOADS
         return {
             "directory": str(self.directory.resolve()),
@@ -345,6 +354,8 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
             "created": state.meta.get("created"),
             "updated": state.meta.get("updated", state.meta.get("created")),
             "generation_bytes": disk,
+            "segments": len(state.segments),
+            "deleted": len(state.deleted),
             "uploads": sum(1 for p in uploads.iterdir() if p.stem in state.id_of_sha) if uploads.is_dir() else 0,
             "text": self.text_info(),
             "chips": len(state.geo),
@@ -429,22 +440,97 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
             name = read_current(self.directory)
             if name is None:
                 raise ArchiveError(f"archive {self.directory} lost its {CURRENT} file; rebuild it")
-            if int(name[len(GEN_PREFIX):]) != self._state.generation:
-                self._state = load_generation(self.directory, name)  # writers hold the lock: no clean-up runs
+            if int(name[len(GEN_PREFIX):]) != self._state.generation:  # writers hold the lock: no clean-up runs
+                self._state = load_generation(self.directory, name, self._state)
             yield self._state
             collect_garbage(self.directory, self._state)
 
-    def _publish(self, old: Generation, index: Any, vectors: np.ndarray, records: list[ImageRecord], next_id: int,
-                 text: Any = None, geo: dict[int, GeoRecord] | None = None) -> None:
-        meta = {**old.meta, "updated": utc_now()}
-        if geo is None:
-            geo = old.geo
-        kept = {r.id for r in records}
-        new = Generation(old.generation + 1, index, vectors, records, next_id, meta, text,
-                         {i: g for i, g in geo.items() if i in kept})
+    def _commit(self, old: Generation, segments: list[Segment], *, deleted: frozenset[int] | None = None,
+                next_id: int | None = None, alignment: tuple[Any, str | None] | None = None,
+                appended: bool = False, compact: bool = True) -> None:
+        """Publish the generation after ``old`` made of ``segments`` (written already), with
+        ``old``'s deletion set, next id and alignment unless given, after the compaction policy's
+        merges (``compact``; :func:`~landlens.retrieval.segments.plan_merges`), which it writes as
+        segments of the same generation. ``appended``: ``segments`` are ``old``'s with new ones
+        after them, so its derived tables are extended rather than rebuilt."""
+        al, ref = alignment if alignment is not None else (old.alignment, old.alignment_ref)
+        new = Generation(old.generation + 1, segments, old.deleted if deleted is None else deleted,
+                         old.next_id if next_id is None else next_id, {**old.meta, "updated": utc_now()}, al, ref,
+                         base=old if appended else None)
+        merges = 0
+        while compact:
+            groups = plan_merges([len(s) for s in new.segments],
+                                 [0 if lv is None else len(s) - len(lv) for s, lv in zip(new.segments, new.live)])
+            if not groups:
+                break
+            merges += 1
+            segs, gone = self._merged_segments(new, groups[0], f"{segment_name(new.generation)}.{merges}")
+            new = Generation(new.generation, segs, gone, new.next_id, new.meta, al, ref)
         write_generation(self.directory, new, old.generation)
-        new.vectors = np.load(self.directory / generation_name(new.generation) / "vectors.npy", mmap_mode="r")
         self._state = new
+
+    def _write_segment(self, state: Generation, name: str, vectors: np.ndarray, records: list[ImageRecord],
+                       geo: dict[int, GeoRecord], *, full: bool, text: np.ndarray | None = None,
+                       alignment: Any = None) -> Segment:
+        """Index ``vectors`` (the settings of :func:`segment_index_settings`) and write them with
+        their records as the segment ``name``; its text vectors are ``text`` or, under an
+        ``alignment`` (default: the archive's), projected from ``vectors``."""
+        from landlens.retrieval.index import SearchIndex
+
+        index = SearchIndex(**segment_index_settings(state.index_settings, len(vectors), full), meta=state.index.meta)
+        index.fit(vectors)
+        al = state.alignment if alignment is None else alignment
+        if text is None and al is not None:
+            text = al.images(vectors)
+        return write_segment(self.directory, name, index, vectors, records, geo, text)
+
+    def _merged_segments(self, state: Generation, members: Sequence[int], name: str, *, full: bool = False,
+                         alignment: Any = None) -> tuple[list[Segment], frozenset[int]]:
+        """``state``'s segments with those at positions ``members`` rewritten as one segment
+        ``name`` (deleted images left out) in the place of the first, and the deletion set left;
+        ``alignment``: project the text vectors with this one instead of keeping the segments'."""
+        parts = [(state.segments[i], state.live[i]) for i in members]
+        records = [r for s, lv in parts for r in (s.records if lv is None else [s.records[i] for i in lv])]
+        ids = {int(i) for s, _ in parts for i in s.ids}
+        segments = [s for i, s in enumerate(state.segments) if i not in set(members)]
+        if records:
+            vectors = np.concatenate([np.asarray(s.vectors if lv is None else s.vectors[lv], dtype=np.float32)
+                                      for s, lv in parts])
+            text = None
+            if alignment is None and state.alignment is not None:
+                text = np.concatenate([np.asarray(s.text if lv is None else s.text[lv], dtype=np.float32)
+                                       for s, lv in parts])
+            geo = {r.id: s.geo[r.id] for s, _ in parts for r in records if r.id in s.geo}
+            seg = self._write_segment(state, name, vectors, records, geo, full=full, text=text, alignment=alignment)
+            segments.insert(sum(1 for i in range(members[0]) if i not in members), seg)
+        return segments, state.deleted - ids
+
+    def compact(self) -> bool:
+        """Merge every segment into one without the deleted images, its index rebuilt with the
+        archive's settings (IVF kinds retrained): searches touch one index again. Costs time
+        and bytes in proportion to the archive. Returns ``False`` when there was nothing to do
+        (one segment and no deletions)."""
+        with self._updating() as state:
+            if len(state.segments) == 1 and not state.deleted and state.segments[0].path.startswith(SEGMENTS + "/"):
+                return False
+            segments, deleted = self._merged_segments(state, range(len(state.segments)),
+                                                      segment_name(state.generation + 1), full=True)
+            self._commit(state, segments, deleted=deleted, compact=False)
+            return True
+
+    def _set_alignment(self, alignment: Any) -> None:
+        """Attach an image-text alignment (every segment merged into one with its text vectors; the
+        alignment file kept as ``segments/align-<generation>.safetensors``) or detach it (``None``)."""
+        with self._updating() as state:
+            if alignment is None:
+                self._commit(state, list(state.segments), alignment=(None, None), appended=True, compact=False)
+                return
+            ref = f"{SEGMENTS}/align-{state.generation + 1:08d}.safetensors"
+            alignment.save(self.directory / ref)
+            segments, deleted = self._merged_segments(state, range(len(state.segments)),
+                                                      segment_name(state.generation + 1), full=True,
+                                                      alignment=alignment)
+            self._commit(state, segments, deleted=deleted, alignment=(alignment, ref), compact=False)
 
     def add(self, paths: Sequence[str | os.PathLike[str]], classes: Sequence[str | None] | None = None,
             *, batch_size: int = 32, progress: bool = False, max_pixels: int | None = None) -> list[ImageRecord]:
@@ -454,6 +540,7 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
         whole update (:class:`~landlens.errors.ImageReadError` naming it) and leaves the
         archive as it was. ``classes`` gives each file's class (``None``: unlabelled), each checked
         by :func:`validate_class_name`. ``max_pixels`` is the decode limit of :func:`load_query`.
+        The new images form a segment of their own (cost in proportion to the batch).
         """
         files = [Path(p) for p in paths]
         if classes is not None and len(classes) != len(files):
@@ -489,18 +576,12 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
             imgs = [self.load_query(t[0], max_pixels=max_pixels) for t in todo[s0:s0 + batch_size]]
             feats.append(self.embed(imgs))
         x = np.concatenate(feats)
-        index = copy.copy(state.index)
-        from landlens.retrieval.index import faiss_module
-
-        index.index_ = faiss_module().clone_index(state.index.index_)
-        index.add(x)
         added = utc_now()
         new = [ImageRecord(state.next_id + i, stored_path(f), image_name(str(f)), c, w, h, s, n, added)
                for i, (f, c, w, h, s, n) in enumerate(todo)]
-        geo = {**state.geo, **{r.id: g for r, g in zip(new, chip_geo([r.path for r in new])) if g is not None}}
-        vectors = np.concatenate([np.asarray(state.vectors, dtype=np.float32), x])
-        text = state.text.extended(x) if state.text is not None else None
-        self._publish(state, index, vectors, [*state.records, *new], state.next_id + len(new), text, geo)
+        geo = {r.id: g for r, g in zip(new, chip_geo([r.path for r in new])) if g is not None}
+        seg = self._write_segment(state, segment_name(state.generation + 1), x, new, geo, full=False)
+        self._commit(state, [*state.segments, seg], next_id=state.next_id + len(new), appended=True)
         return new
 
     def add_scenes(self, scenes: Sequence[str | os.PathLike[str]], *, progress: bool = False,
@@ -553,13 +634,11 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
             return added[0]
 
     def remove(self, ids: Sequence[int]) -> int:
-        """Drop images by id (the index is rebuilt over the rest); returns how many were removed.
-
-        Uploaded files (under ``uploads/``) of removed images are deleted by the clean-up
-        that follows the update.
+        """Drop images by id; returns how many were removed. Their ids join the generation's
+        deletion set (cost in proportion to the batch); the compaction policy rewrites a segment
+        once a quarter of it is deleted. Uploaded files (under ``uploads/``) of removed images are
+        deleted by the clean-up that follows the update.
         """
-        from landlens.retrieval.index import SearchIndex
-
         want = {int(i) for i in ids}
         if not want:
             return 0
@@ -568,18 +647,11 @@ class Archive(ArchiveSearch, ArchiveTextSearch):
             if unknown:
                 raise ArchiveError(f"no image with id {unknown[0]} in the archive"
                                    + (f" (and {len(unknown) - 1} more unknown ids)" if len(unknown) > 1 else ""))
-            keep = [i for i, r in enumerate(state.records) if r.id not in want]
-            if not keep:
+            if len(want) >= len(state.records):
                 raise ArchiveError("cannot remove every image: an archive needs at least one; "
                                    "delete the folder instead")
-            vectors = np.asarray(state.vectors, dtype=np.float32)[keep]
-            old = state.index
-            index = SearchIndex(**old.get_params(), meta=old.meta)
-            index.fit(vectors)
-            gone = [r for r in state.records if r.id in want]
-            text = state.text.subset(keep) if state.text is not None else None
-            self._publish(state, index, vectors, [state.records[i] for i in keep], state.next_id, text)
-        return len(gone)  # the clean-up after the update deleted their uploaded files
+            self._commit(state, list(state.segments), deleted=state.deleted | frozenset(want))
+        return len(want)  # the clean-up after the update deleted their uploaded files
 
     def upload_path(self, sha256: str, suffix: str) -> Path:
         """Where an uploaded image with this content hash is kept (``uploads/<sha256><suffix>``)."""

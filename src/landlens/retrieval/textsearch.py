@@ -33,7 +33,7 @@ DEFAULT_IMAGE_WEIGHT = 0.5
 
 class ArchiveTextSearch:
     """Search by words (a mixin of :class:`~landlens.retrieval.archive.Archive`, which provides
-    ``_state``, ``_updating``, ``_publish``, ``features_identity``, ``load_query``, ``embed`` and
+    ``_state``, ``_set_alignment``, ``features_identity``, ``load_query``, ``embed`` and
     ``directory``)."""
 
     _state: Generation
@@ -59,17 +59,13 @@ class ArchiveTextSearch:
             CheckpointError: a missing or damaged alignment file.
         """
         from landlens.retrieval.alignment import Alignment
-        from landlens.retrieval.textspace import TextIndex
 
         al = None if alignment is None else alignment if isinstance(alignment, Alignment) else Alignment.load(alignment)
         if al is not None:
             al.check_images(self.features_identity())  # type: ignore[attr-defined]
             if not al.text_tower.get("name"):
                 raise ArchiveError("the alignment records no text tower; it cannot answer text queries")
-        with self._updating() as state:  # type: ignore[attr-defined]
-            text = None if al is None else TextIndex.create(al, np.asarray(state.vectors, np.float32))
-            self._publish(state, state.index, np.asarray(state.vectors, np.float32), list(state.records),  # type: ignore[attr-defined]
-                          state.next_id, text)
+        self._set_alignment(al)  # type: ignore[attr-defined]
 
     def use_text_weights(self, weights: str) -> None:
         """Load the text tower from other weights (``create_text_tower``'s argument: a model

@@ -7,7 +7,7 @@ turns class names into classifier rows by prompt ensembling (the mean of a class
 template sentences, renormalised; Radford et al., CLIP, ICML 2021, Sec. 3.1.4), and
 :func:`zero_shot` labels images with classes nobody trained on.
 
-:class:`TextIndex` is what an archive keeps for text queries (``text/`` in a generation): the
+:class:`TextIndex` is what an archive keeps for text queries (the alignment file of a generation and the text vectors of its segments): the
 alignment file and the archive's image vectors already projected into the shared space, so a
 text query costs one text encoding and one matrix product.
 """
@@ -46,9 +46,6 @@ DEFAULT_TEMPLATES = (
 Lite0+SqueezeNet+GeoEmbed alignment (the four sets it compares are within about one point of
 each other there)."""
 
-TEXT_DIR = "text"
-ALIGNMENT_FILE = "alignment.safetensors"
-VECTORS_FILE = "vectors.npy"
 
 
 @lru_cache(maxsize=8)
@@ -186,36 +183,16 @@ def class_probabilities(space: TextSpace, vectors: np.ndarray, class_vectors: np
 @dataclass
 class TextIndex:
     """An archive's text side: the alignment and its image vectors in the shared space (row i =
-    archive row i), searched exactly by inner product."""
+    archive row i; each segment keeps its rows' in ``text/vectors.npy``), searched exactly by
+    inner product."""
 
     alignment: Alignment
     vectors: np.ndarray  # (n, dim) float32 unit rows
-
-    @classmethod
-    def create(cls, alignment: Alignment, image_vectors: Any) -> "TextIndex":
-        return cls(alignment, alignment.images(np.asarray(image_vectors, np.float32)))
-
-    def extended(self, image_vectors: Any) -> "TextIndex":
-        """This index with more archive rows at the end."""
-        return TextIndex(self.alignment, np.concatenate([np.asarray(self.vectors), self.alignment.images(image_vectors)]))
-
-    def subset(self, rows: Sequence[int]) -> "TextIndex":
-        return TextIndex(self.alignment, np.asarray(self.vectors)[np.asarray(rows, dtype=np.int64)])
-
-    def save(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.alignment.save(folder / ALIGNMENT_FILE)
-        with open(folder / VECTORS_FILE, "wb") as f:
-            np.save(f, np.ascontiguousarray(self.vectors, dtype=np.float32))
-
-    @classmethod
-    def load(cls, folder: Path) -> "TextIndex":
-        return cls(Alignment.load(folder / ALIGNMENT_FILE), np.load(folder / VECTORS_FILE, mmap_mode="r"))
 
     def scores(self, q: np.ndarray) -> np.ndarray:
         """Cosine of each query row with every archive row ``(nq, n)``."""
         return np.asarray(q, np.float32) @ np.asarray(self.vectors).T
 
 
-__all__ = ["ALIGNMENT_FILE", "DEFAULT_TEMPLATES", "TEXT_DIR", "TextIndex", "TextSpace", "class_probabilities", "class_prompts",
+__all__ = ["DEFAULT_TEMPLATES", "TextIndex", "TextSpace", "class_probabilities", "class_prompts",
            "open_text_space", "read_templates", "readable_class_name", "tower_vocabulary", "zero_shot"]
