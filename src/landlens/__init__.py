@@ -20,6 +20,8 @@ of these)::
     doc = landlens.results_geojson(scenes, landlens.search_files(scenes, [ref], k=10))   # GeoJSON hits
     landlens.classify_scene("runs/eurosat", "landsat.tif", "landuse.tif", gsd=10, chip=64)  # land-use map
     landlens.similarity_map(scenes, ref, "c.tif", "similar.tif")                   # where else looks like this
+    rows = landlens.NpyRows("vectors.npy")                               # more vectors than RAM holds:
+    big = landlens.build_disk_index(rows, rows.n, rows.dim, "big.index") # IVF-PQ, lists on disk
 
 The package is organised along that flow: ``scenes`` (GeoTIFF scenes read by windows, tiled
 into chips) -> ``data`` (catalog, decoding, folders, splits) ->
@@ -63,6 +65,10 @@ _EXPORTS: dict[str, str] = {
     "ArchiveHit": "landlens.retrieval.search",
     "evaluate": "landlens.retrieval.evaluate",
     "make_reranker": "landlens.retrieval.rerank",
+    "build_disk_index": "landlens.retrieval.ondisk",
+    "DiskIndex": "landlens.retrieval.ondisk",
+    "NpyRows": "landlens.retrieval.ondisk",
+    "DiskIndexSettings": "landlens.retrieval.ondisk",
     # search by words
     "Alignment": "landlens.retrieval.alignment",
     "align_text": "landlens.retrieval.textstudy",
@@ -89,14 +95,18 @@ __all__ = [
     "Alignment",
     "Archive",
     "ArchiveHit",
+    "DiskIndex",
+    "DiskIndexSettings",
     "FeatureSet",
     "FeatureStore",
     "LandlensError",
+    "NpyRows",
     "Predictor",
     "Preprocessing",
     "TrainConfig",
     "ZeroShotPredictor",
     "align_text",
+    "build_disk_index",
     "classify_scene",
     "clip_alignment",
     "create_backbone",
@@ -136,6 +146,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from landlens.retrieval.evaluate import evaluate
     from landlens.features.fusion import fuse
     from landlens.retrieval.rerank import make_reranker
+    from landlens.retrieval.ondisk import DiskIndex, DiskIndexSettings, NpyRows, build_disk_index
     from landlens.retrieval.geo import query_at, results_geojson, similarity_map
     from landlens.retrieval.search import ArchiveHit, search_files
     from landlens.scenes.reader import open_scene
