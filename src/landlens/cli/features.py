@@ -20,8 +20,10 @@ def extraction_options(f):
         click.option("--batch-size", default=64, show_default=True),
         click.option("--workers", type=int, default=None, help="decoding processes [default: CPU count, max 8]"),
         click.option("--chunk-size", default=1024, show_default=True, help="images per saved chunk (resume unit)"),
-        click.option("--optimize", type=click.Choice(["auto", "jit", "compile", "none"]), default="auto",
-                     show_default=True, help="inference graph: torch.compile with freezing (compile), traced+frozen (jit), eager (none); auto compiles long runs"),
+        click.option("--optimize", type=click.Choice(["auto", "onnx", "jit", "compile", "none"]), default="auto",
+                     show_default=True, help="inference graph: ONNX Runtime (onnx, needs landlens[onnx]), torch.compile with "
+                     "freezing (compile), traced+frozen (jit), eager (none); auto: onnx where installed, else compile, for "
+                     "long runs"),
         click.option("--strict", is_flag=True, help="stop at the first unreadable image instead of skipping it"),
         click.option("--max-pixels", type=int, default=None, help="refuse images with more pixels (decompression bombs)"),
         click.option("--quiet", "-q", is_flag=True, help="no progress bar"),

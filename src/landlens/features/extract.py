@@ -2,9 +2,10 @@
 
 Images are decoded, resized and cropped in worker processes and travel as ``uint8`` arrays;
 the main process normalises each batch once, in channels-last layout, and runs the backbone
-under ``torch.inference_mode``, compiled or traced and frozen for inference (batch-norm folded
-into convolutions, oneDNN weights prepacked; see :func:`optimize_for_inference`), falling back
-to eager mode where a model cannot be optimised. Features are written in whole chunks, so an interrupted run resumes.
+under ``torch.inference_mode``, prepared for inference by :func:`optimize_for_inference` (run by
+ONNX Runtime, compiled, or traced and frozen: batch-norm folded into convolutions, weights
+prepacked), falling back to eager mode where a model cannot be optimised. Features are written
+in whole chunks, so an interrupted run resumes.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ through Ray Data's batch-inference pattern::
     from_items(image rows)  ->  map_batches(decode_batch)      stateless tasks: the one decode path,
                                                                load_resized (decode, resize, crop)
                             ->  map_batches(Embedder, ...)     an actor pool: one backbone per actor,
-                                                               optimised once (traced, frozen)
+                                                               optimised once (optimize_for_inference)
                             ->  iter_batches on the driver     whole chunks, each written once
 
 The store is the local engine's (:class:`~landlens.features.store.FeatureStore`): the same
@@ -131,7 +131,7 @@ class Embedder:
         if ok.any():
             x = torch.from_numpy(np.ascontiguousarray(batch["x"][ok]))
             real = x.shape[0]
-            if real < self.batch_size:  # one input shape for the traced graph, as the local engine
+            if real < self.batch_size:  # one input shape for the prepared graph, as the local engine
                 x = torch.cat([x, x[-1:].expand(self.batch_size - real, *x.shape[1:])])
             with torch.inference_mode():
                 out = self.model(normalize_batch(x, self.backbone.preprocessing)).float().flatten(1)

