@@ -33,19 +33,13 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from memory import peak_rss_mb  # noqa: E402
 CHUNK = 256
 LATENT = 16  # each component spreads along a 16-d subspace, as CNN features have a low intrinsic dimension
 NOISE = 0.05  # isotropic noise around it
 NPROBES = (32, 64, 128, 256)
 
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (``VmHWM``: unlike ``ru_maxrss``, not inherited from the
-    parent that forked it)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class MixtureRows:

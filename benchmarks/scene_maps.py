@@ -13,7 +13,7 @@ Part ``landsat``: the real Landsat 8 scene (30 m, bands blue-green-red, black no
 land-use map from the EuroSAT run. EuroSAT chips are 64 px at 10 m (640 m), so the scene is
 resampled to 10 m (``--gsd 10``: GDAL bilinear upsampling, as the scene is coarser) and cut into
 64-px chips (640 m, the EuroSAT footprint); ``--bands 3,2,1`` shows red, green, blue and
-``--nodata 0`` marks the edge. Time and peak memory (ru_maxrss of a fresh process) of tiling
+``--nodata 0`` marks the edge. Time and peak memory (VmHWM of a fresh process) of tiling
 and of the map, and of the same map on a mosaic of the scene enlarged 10x (a GDAL VRT of 5 x 2
 copies), to show that memory does not grow with the scene.
 
@@ -56,7 +56,7 @@ PLACES = {"city": (-54.6407, -25.5016), "reservoir": (-54.5075, -25.3045)}
 
 
 WRAP = r"""
-import json, resource, sys, time
+import json, sys, time
 t = time.perf_counter()
 code = 0
 try:
@@ -64,8 +64,9 @@ try:
     cli.main(args=sys.argv[1:], prog_name="landlens")
 except SystemExit as e:
     code = e.code or 0
-print(json.dumps({"seconds": time.perf_counter() - t, "exit": code,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), file=sys.stderr)
+sys.path.insert(0, "benchmarks")
+from memory import peak_rss_mb
+print(json.dumps({"seconds": time.perf_counter() - t, "exit": code, "peak_rss_mib": peak_rss_mb()}), file=sys.stderr)
 sys.exit(code)
 """
 
@@ -81,10 +82,11 @@ def measured(*args: str) -> tuple[str, dict]:
 
 
 def measured_tiling(scene: Path, settings: dict) -> dict:
-    code = (f"import json,resource,sys,time\nfrom landlens.scenes.tiling import tile_scene\nt=time.perf_counter()\n"
+    code = (f"import json,sys,time\nsys.path.insert(0, 'benchmarks')\nfrom memory import peak_rss_mb\n"
+            f"from landlens.scenes.tiling import tile_scene\nt=time.perf_counter()\n"
             f"tiles=tile_scene({str(scene)!r}, **{settings!r})\n"
             f"print(json.dumps({{'seconds': time.perf_counter()-t, 'chips': len(tiles), 'skipped': tiles.skipped, "
-            f"'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024}}))")
+            f"'peak_rss_mib': peak_rss_mb()}}))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     return json.loads(p.stdout.strip().splitlines()[-1])
 

@@ -38,18 +38,12 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from memory import peak_rss_mb  # noqa: E402
 UCM = REPO / "../shared/data/UCMerced_LandUse/Images"
 EUROSAT = REPO / "../shared/data/EuroSAT_RGB"
 BACKBONE = "tv_squeezenet1_1"  # 512-d: a 1,000,000-vector archive is 2 GB of vectors + 2 GB of index
 
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (``VmHWM``: unlike ``ru_maxrss``, not inherited from the
-    parent that forked it)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _io() -> dict[str, int]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import threading
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from fixtures.archives import archive_copy
 from fixtures.make_datasets import class_image, make_folder_dataset, write_image
 from landlens.cli.main import cli
 from landlens.errors import ImageReadError
@@ -39,8 +39,7 @@ def built(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def arch(built: Path, tmp_path: Path) -> Archive:
-    shutil.copytree(built, tmp_path / "arch")
-    return Archive.open(tmp_path / "arch")
+    return archive_copy(built, tmp_path)
 
 
 def _store_features(arch: Archive) -> tuple[np.ndarray, list[str]]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -25,7 +24,8 @@ import pytest
 from click.testing import CliRunner
 
 import landlens.retrieval.generations as generations
-from fixtures.make_datasets import class_image, make_folder_dataset, write_image
+from fixtures.archives import archive_copy, template_archive
+from fixtures.make_datasets import class_image, write_image
 from landlens.cli.main import cli
 from landlens.errors import ImageReadError
 from landlens.retrieval.archive import Archive
@@ -36,17 +36,12 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="flock, FIFOs an
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = make_folder_dataset(tmp_path_factory.mktemp("hard_data") / "scenes", ["beach", "forest"],
-                               per_class=3, size=40)
-    out = tmp_path_factory.mktemp("hard_template") / "arch"
-    Archive.build(data, out, backbone="lbp_rgb", rerank=None, progress=False)
-    return out
+    return template_archive(tmp_path_factory, "hard", ["beach", "forest"], per_class=3, size=40)
 
 
 @pytest.fixture()
 def arch(built: Path, tmp_path: Path) -> Archive:
-    shutil.copytree(built, tmp_path / "arch")
-    return Archive.open(tmp_path / "arch")
+    return archive_copy(built, tmp_path)
 
 
 def _image(path: Path, k: int) -> Path:

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fixtures.make_datasets import class_image, make_folder_dataset, write_image
+from fixtures.archives import archive_copy, template_archive
+from fixtures.make_datasets import class_image, write_image
 from landlens.cli.main import cli
 from landlens.retrieval.archive import Archive
 from landlens.retrieval.index import SearchIndex
@@ -29,16 +30,12 @@ CLASSES = ["beach", "forest", "river"]
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = make_folder_dataset(tmp_path_factory.mktemp("seg_data") / "scenes", CLASSES, per_class=4, size=48)
-    out = tmp_path_factory.mktemp("seg_template") / "arch"
-    Archive.build(data, out, backbone="lbp_rgb", rerank=None, progress=False)
-    return out
+    return template_archive(tmp_path_factory, "seg", CLASSES, per_class=4, size=48)
 
 
 @pytest.fixture()
 def arch(built: Path, tmp_path: Path) -> Archive:
-    shutil.copytree(built, tmp_path / "arch")
-    return Archive.open(tmp_path / "arch")
+    return archive_copy(built, tmp_path)
 
 
 def _images(folder: Path, n: int, cls: int = 1, start: int = 0) -> list[Path]:
