@@ -153,13 +153,6 @@ class Generation:
         recorded = self.meta.get("index_settings")
         return dict(recorded) if recorded else self.segments[0].index.get_params()
 
-    def segment_of(self, id: int) -> Segment:
-        """The segment holding image ``id`` (live or deleted)."""
-        for s in self.segments:
-            if (s.ids == int(id)).any():
-                return s
-        raise UnknownImageError(f"no image with id {id} in the archive")
-
 
 @contextlib.contextmanager
 def file_lock(directory: Path, name: str = LOCK, shared: bool = False) -> Iterator[None]:
