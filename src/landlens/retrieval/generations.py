@@ -64,7 +64,9 @@ from landlens.retrieval.records import (
     CLASS_NAME_LIMIT, UPLOAD_SUFFIXES, ArchiveError, GeoRecord, ImageRecord, UnknownImageError, chip_geo,
     describe_file, image_name, sha256_file, stored_path, utc_now, validate_class_name,
 )
-from landlens.retrieval.segments import SEGMENTS, RowStack, Segment, SegmentIndex, live_rows, load_segment
+from landlens.retrieval.segments import (
+    SEGMENTS, RowStack, Segment, SegmentIndex, live_records, live_rows, load_segment,
+)
 
 FORMAT_VERSION = 2
 LEGACY_FORMAT = 1
@@ -110,8 +112,7 @@ class Generation:
         if extends:
             assert base is not None
             self.live = [*base.live, *(live_rows(s, self.deleted) for s in self.segments[n_base:])]
-            new = [r for s, lv in zip(self.segments[n_base:], self.live[n_base:])
-                   for r in (s.records if lv is None else [s.records[i] for i in lv])]
+            new = [r for s, lv in zip(self.segments[n_base:], self.live[n_base:]) for r in live_records(s, lv)]
             self.records = [*base.records, *new]
             self.row_of = dict(base.row_of)
             self.id_of_sha = dict(base.id_of_sha)
@@ -119,8 +120,7 @@ class Generation:
             self.classes = np.concatenate([base.classes, np.array([r.class_name or "" for r in new], dtype=object)])
         else:
             self.live = [live_rows(s, self.deleted) for s in self.segments]
-            new = [r for s, lv in zip(self.segments, self.live) for r in (s.records if lv is None else
-                                                                          [s.records[i] for i in lv])]
+            new = [r for s, lv in zip(self.segments, self.live) for r in live_records(s, lv)]
             self.records, self.row_of, self.id_of_sha, self.geo = new, {}, {}, {}
             self.classes = np.array([r.class_name or "" for r in new], dtype=object)
         start = len(self.records) - len(new)

@@ -224,6 +224,11 @@ def live_rows(segment: Segment, deleted: frozenset[int]) -> np.ndarray | None:
     return np.flatnonzero(~gone) if gone.any() else None
 
 
+def live_records(segment: Segment, live: np.ndarray | None) -> list[ImageRecord]:
+    """The segment's records at the local rows ``live`` (all of them for ``None``), in row order."""
+    return segment.records if live is None else [segment.records[i] for i in live]
+
+
 class RowStack:
     """The live rows of several (n_i, d) arrays as one read-only (n, d) array: indexing by a row or
     an array of rows gathers from the parts; :func:`numpy.asarray` concatenates once (cached)."""
@@ -400,4 +405,4 @@ def segment_index_settings(settings: dict[str, Any], n: int, full: bool) -> dict
 
 
 __all__ = ["MAX_DELETED_SHARE", "MERGE_FANOUT", "SEGMENTS", "SEG_PREFIX", "RowStack", "Segment", "SegmentIndex",
-           "live_rows", "load_segment", "plan_merges", "segment_index_settings", "segment_name", "write_segment"]
+           "live_records", "live_rows", "load_segment", "plan_merges", "segment_index_settings", "segment_name", "write_segment"]

@@ -30,7 +30,7 @@ from landlens.retrieval.generations import (
     utc_now, validate_class_name, write_generation,
 )
 from landlens.retrieval.segments import (
-    SEGMENTS, Segment, plan_merges, segment_index_settings, segment_name, write_segment,
+    SEGMENTS, RowStack, Segment, live_records, plan_merges, segment_index_settings, segment_name, write_segment,
 )
 
 
@@ -99,18 +99,18 @@ class ArchiveUpdates:
         """``state``'s segments with those at positions ``members`` rewritten as one segment
         ``name`` (deleted images left out) in the place of the first, and the deletion set left;
         ``alignment``: project the text vectors with this one instead of keeping the segments'."""
-        parts = [(state.segments[i], state.live[i]) for i in members]
-        records = [r for s, lv in parts for r in (s.records if lv is None else [s.records[i] for i in lv])]
-        ids = {int(i) for s, _ in parts for i in s.ids}
+        parts = [state.segments[i] for i in members]
+        live = [state.live[i] for i in members]
+        kept = [live_records(s, lv) for s, lv in zip(parts, live)]
+        records = [r for rs in kept for r in rs]
+        ids = {int(i) for s in parts for i in s.ids}
         segments = [s for i, s in enumerate(state.segments) if i not in set(members)]
         if records:
-            vectors = np.concatenate([np.asarray(s.vectors if lv is None else s.vectors[lv], dtype=np.float32)
-                                      for s, lv in parts])
+            vectors = np.asarray(RowStack([s.vectors for s in parts], live))
             text = None
             if alignment is None and state.alignment is not None:
-                text = np.concatenate([np.asarray(s.text if lv is None else s.text[lv], dtype=np.float32)
-                                       for s, lv in parts])
-            geo = {r.id: s.geo[r.id] for s, _ in parts for r in records if r.id in s.geo}
+                text = np.asarray(RowStack([s.text for s in parts], live))
+            geo = {r.id: s.geo[r.id] for s, rs in zip(parts, kept) for r in rs if r.id in s.geo}
             seg = self._write_segment(state, name, vectors, records, geo, full=full, text=text, alignment=alignment)
             segments.insert(sum(1 for i in range(members[0]) if i not in members), seg)
         return segments, state.deleted - ids
