@@ -429,12 +429,7 @@ class SearchIndex:
 
     def _apply_search_params(self) -> None:
         faiss = faiss_module()
-        ivf = faiss.try_extract_index_ivf(self.index_)
-        if ivf is not None:
-            ivf.nprobe = int(min(self.nprobe, ivf.nlist))
-            coarse = faiss.downcast_index(ivf.quantizer)
-            if hasattr(coarse, "hnsw"):
-                coarse.hnsw.efSearch = int(max(QUANTIZER_EF_SEARCH, 2 * ivf.nprobe))
+        set_ivf_probes(self.index_, self.nprobe)
         hnsw = _hnsw_of(self.index_)
         if hnsw is not None:
             hnsw.efSearch = int(self.ef_search)
@@ -583,6 +578,18 @@ class SearchIndex:
         return self
 
 
+def set_ivf_probes(index: Any, nprobe: int) -> None:
+    """Visit ``nprobe`` lists (at most all) per query of the inverted file inside ``index``, if
+    any; an HNSW coarse quantiser searches with beam width ``max(QUANTIZER_EF_SEARCH, 2 * nprobe)``."""
+    faiss = faiss_module()
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = int(min(nprobe, ivf.nlist))
+        coarse = faiss.downcast_index(ivf.quantizer)
+        if hasattr(coarse, "hnsw"):
+            coarse.hnsw.efSearch = int(max(QUANTIZER_EF_SEARCH, 2 * ivf.nprobe))
+
+
 def _hnsw_of(index: Any) -> Any | None:
     """The ``faiss.HNSW`` graph inside ``index`` (directly or under a refine wrapper), if any."""
     faiss = faiss_module()
@@ -647,4 +654,5 @@ __all__ = [
     "default_nlist",
     "default_pq_m",
     "faiss_module",
+    "set_ivf_probes",
 ]

@@ -44,7 +44,7 @@ import numpy as np
 
 from landlens.atomic import atomic_path, atomic_write_json
 from landlens.errors import LandlensError, first_line
-from landlens.retrieval.index import METRICS, default_pq_m, faiss_module
+from landlens.retrieval.index import METRICS, default_pq_m, faiss_module, set_ivf_probes
 
 INDEX_FILE = "index.faiss"
 LISTS_FILE = "lists.ivfdata"
@@ -52,6 +52,8 @@ META_FILE = "disk_index.json"
 TRAINED_FILE = "trained.index"
 SHARDS = "shards"
 OPQ_ITERATIONS = 25
+READ_BLOCK = 65536
+"""Rows read from the stream at a time (a shard is encoded block by block)."""
 
 
 class DiskIndexError(LandlensError):
@@ -141,7 +143,7 @@ def _prepare(x: np.ndarray, metric: str) -> np.ndarray:
     return x
 
 
-def _sample(read: Source, n: int, size: int, seed: int, block: int = 65536) -> np.ndarray:
+def _sample(read: Source, n: int, size: int, seed: int, block: int = READ_BLOCK) -> np.ndarray:
     """``size`` rows chosen uniformly at random (seeded), read block by block in order."""
     rows = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
     out = []
@@ -156,8 +158,8 @@ def _encode_shard(trained: str, out: str, read: Source, start: int, stop: int, m
     """Encode rows ``start:stop`` into a copy of the trained index written to ``out``."""
     faiss = faiss_module()
     index = faiss.read_index(trained)
-    for a in range(start, stop, 65536):
-        b = min(stop, a + 65536)
+    for a in range(start, stop, READ_BLOCK):
+        b = min(stop, a + READ_BLOCK)
         index.add_with_ids(_prepare(read(a, b), metric), np.arange(a, b, dtype=np.int64))
     with atomic_path(out) as tmp:
         faiss.write_index(index, str(tmp))
@@ -240,8 +242,8 @@ def _encode_all(trained: str, todo: list[tuple[str, int, int]], read: Source, me
         ray = connect(None)
         task = ray.remote(num_cpus=1)(_encode_shard)
         refs = [task.remote(trained, name, read, a, b, metric) for name, a, b in todo]
-        for done in _progress(refs, progress, ray.get):
-            pass
+        for ref in _progress(refs, progress):
+            ray.get(ref)
         return
     if engine != "local":
         raise DiskIndexError(f"unknown engine {engine!r}: use local or ray")
@@ -258,11 +260,10 @@ def _encode_all(trained: str, todo: list[tuple[str, int, int]], read: Source, me
             f.result()
 
 
-def _progress(items: list, on: bool, get: Callable | None = None):  # noqa: ANN202
+def _progress(items: list, on: bool) -> Any:
     from tqdm import tqdm
 
-    for item in tqdm(items, desc="encoding shards", unit="shard", disable=not on):
-        yield get(item) if get is not None else item
+    return tqdm(items, desc="encoding shards", unit="shard", disable=not on)
 
 
 class DiskIndex:
@@ -311,13 +312,8 @@ class DiskIndex:
     def search(self, queries: Any, k: int, *, rerank: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """``(distances, ids)`` (nq, k), nearest first; PQ distances, or exact ones after the
         re-ranking of ``refine_factor * k`` candidates when the vectors are known and ``rerank``."""
-        faiss = faiss_module()
         q = _prepare(np.atleast_2d(np.asarray(queries, dtype=np.float32)), self.settings.metric)
-        ivf = faiss.extract_index_ivf(self.index_)
-        ivf.nprobe = int(min(self.nprobe, ivf.nlist))
-        coarse = faiss.downcast_index(ivf.quantizer)
-        if hasattr(coarse, "hnsw"):
-            coarse.hnsw.efSearch = int(max(64, 2 * ivf.nprobe))
+        set_ivf_probes(self.index_, self.nprobe)
         exact = rerank and self.vectors is not None
         sq, ids = self.index_.search(q, int(k) * (self.refine_factor if exact else 1))
         if exact:
