@@ -1,8 +1,14 @@
-"""Peak memory of the running benchmark process, for the scripts in this folder."""
+"""What the benchmark scripts in this folder measure in a process of their own: its memory, and
+the one JSON result a child process hands back to the script that started it."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
+from typing import Any
+
+RESULT = "RESULT "
 
 
 def peak_rss_mb() -> float:
@@ -23,3 +29,18 @@ def resident_mb() -> dict[str, float]:
             if line.startswith(key):
                 out[name] = int(line.split()[1]) / 1024
     return out
+
+
+def emit_result(doc: Any) -> None:
+    """Print ``doc`` as the child's result line (what :func:`child_result` reads)."""
+    print(RESULT + json.dumps(doc), flush=True)
+
+
+def child_result(cmd: list[str], **run: Any) -> Any:
+    """Run ``cmd`` (``run``: further :func:`subprocess.run` arguments) and return the result its
+    :func:`emit_result` printed; exit with its error output if it failed or printed none."""
+    res = subprocess.run(cmd, capture_output=True, text=True, **run)
+    line = next((ln for ln in res.stdout.splitlines() if ln.startswith(RESULT)), None)
+    if res.returncode or line is None:
+        raise SystemExit(f"{' '.join(cmd[:3])} ... failed ({res.returncode}): {res.stderr[-3000:]}")
+    return json.loads(line[len(RESULT):])

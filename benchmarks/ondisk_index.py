@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from memory import peak_rss_mb, resident_mb  # noqa: E402
+from measure import child_result, emit_result, peak_rss_mb, resident_mb  # noqa: E402
 CHUNK = 256
 LATENT = 16  # each component spreads along a 16-d subspace, as CNN features have a low intrinsic dimension
 NOISE = 0.05  # isotropic noise around it
@@ -121,7 +120,7 @@ def search_child(folder: str, n: int, dim: int, seed: int, gt_file: str) -> None
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)
     out["resident_at_end_mb"] = {k: round(v, 1) for k, v in resident_mb().items()}
     out["rss_before_open_mb"] = round(before, 1)
-    print("RESULT " + json.dumps(out), flush=True)
+    emit_result(out)
 
 
 def main() -> None:
@@ -164,12 +163,8 @@ def main() -> None:
         t0 = time.perf_counter()
         np.save(gt_file, ground_truth(src, queries(args.dim, args.seed)))
         gt_seconds = round(time.perf_counter() - t0, 1)
-    res = subprocess.run([sys.executable, __file__, "--n", str(args.n), "--dim", str(args.dim), "--seed",
-                          str(args.seed), "--child", str(folder), str(gt_file)], capture_output=True, text=True)
-    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if res.returncode or line is None:
-        raise SystemExit(res.stderr[-3000:])
-    search = json.loads(line[len("RESULT "):])
+    search = child_result([sys.executable, __file__, "--n", str(args.n), "--dim", str(args.dim), "--seed",
+                           str(args.seed), "--child", str(folder), str(gt_file)])
     cmd = (f"python benchmarks/ondisk_index.py --n {args.n} --dim {args.dim} --nlist {args.nlist} --pq-m {args.pq_m} "
            f"--shard {args.shard} --workers {args.workers}")
     doc = {"command": cmd, "n": args.n, "dim": args.dim, "factory": idx.meta["factory"], "build": build,

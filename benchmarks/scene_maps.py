@@ -65,7 +65,7 @@ try:
 except SystemExit as e:
     code = e.code or 0
 sys.path.insert(0, "benchmarks")
-from memory import peak_rss_mb
+from measure import peak_rss_mb
 print(json.dumps({"seconds": time.perf_counter() - t, "exit": code, "peak_rss_mib": peak_rss_mb()}), file=sys.stderr)
 sys.exit(code)
 """
@@ -82,7 +82,7 @@ def measured(*args: str) -> tuple[str, dict]:
 
 
 def measured_tiling(scene: Path, settings: dict) -> dict:
-    code = (f"import json,sys,time\nsys.path.insert(0, 'benchmarks')\nfrom memory import peak_rss_mb\n"
+    code = (f"import json,sys,time\nsys.path.insert(0, 'benchmarks')\nfrom measure import peak_rss_mb\n"
             f"from landlens.scenes.tiling import tile_scene\nt=time.perf_counter()\n"
             f"tiles=tile_scene({str(scene)!r}, **{settings!r})\n"
             f"print(json.dumps({{'seconds': time.perf_counter()-t, 'chips': len(tiles), 'skipped': tiles.skipped, "

@@ -39,7 +39,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from memory import peak_rss_mb  # noqa: E402
+from measure import child_result, emit_result, peak_rss_mb  # noqa: E402
 UCM = REPO / "../shared/data/UCMerced_LandUse/Images"
 EUROSAT = REPO / "../shared/data/EuroSAT_RGB"
 BACKBONE = "tv_squeezenet1_1"  # 512-d: a 1,000,000-vector archive is 2 GB of vectors + 2 GB of index
@@ -102,7 +102,7 @@ def child(arch_dir: str, batch_file: str, remove_ids: str, do_compact: bool) -> 
     if do_compact:
         out["compact"] = _step(d, lambda: arch.compact())
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    print("RESULT " + json.dumps(out), flush=True)
+    emit_result(out)
 
 
 def make_archive(out: Path, n: int, template: Path, seed: int = 0) -> None:
@@ -149,11 +149,7 @@ def run(arch_dir: Path, src: Path, batch_file: Path, ids: list[int], compact: bo
     env = {**os.environ, "PYTHONPATH": str(src)}
     cmd = [sys.executable, __file__, "--child", str(arch_dir), str(batch_file), ",".join(map(str, ids)),
            "1" if compact else "0"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
-    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if res.returncode or line is None:
-        raise SystemExit(f"run failed ({res.returncode}): {res.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return child_result(cmd, env=env, cwd=REPO)
 
 
 def main() -> None:
