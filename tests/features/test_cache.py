@@ -47,6 +47,31 @@ def test_extracts_once_then_reuses(tmp_path, checkpoint, monkeypatch):
                                   progress=False)
 
 
+def test_a_copy_of_the_folder_has_its_own_store(tmp_path, checkpoint):
+    """The same file names under another folder are other images: a copy with one image changed
+    gets that image's features, and its store records the copy's folder (an archive built from it
+    names the copy's files)."""
+    import shutil
+
+    from PIL import Image
+
+    data = make_folder_dataset(tmp_path / "d", ["a", "b"], per_class=3, size=40)
+    copy = tmp_path / "copy" / data.name
+    shutil.copytree(data, copy)
+    changed = sorted((copy / "b").iterdir())[0]
+    Image.open(changed).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(changed)
+    first = cache_mod.cached_features(data, backbone=_bb(checkpoint), cache_dir=tmp_path / "c", workers=0,
+                                      progress=False)
+    second = cache_mod.cached_features(copy, backbone=_bb(checkpoint), cache_dir=tmp_path / "c", workers=0,
+                                       progress=False)
+    assert first.paths == second.paths
+    row = second.paths.index(f"b/{changed.name}")
+    assert not np.allclose(first.features[row], second.features[row])
+    others = [i for i in range(len(first.paths)) if i != row]
+    np.testing.assert_allclose(first.features[others], second.features[others], atol=1e-5)
+    assert second.meta["dataset"]["root"] == str(copy.resolve())
+
+
 def test_random_weights_are_not_cached(tmp_path):
     data = make_folder_dataset(tmp_path / "d", ["a", "b"], per_class=2, size=16)
     with pytest.raises(LandlensError, match="randomly initialised"):

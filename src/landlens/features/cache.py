@@ -3,7 +3,7 @@
 Every command that needs the features of a folder (``landlens quickstart``, ``retrieval
 evaluate``, ``train baseline``, ``index build``, matching) calls :func:`cached_features` or
 :func:`ensure_features`; the first call extracts into
-``CACHE/<dataset>-<items digest>/<backbone>-<weights digest>-<preprocessing digest>``
+``CACHE/<dataset>-<folder and items digest>/<backbone>-<weights digest>-<preprocessing digest>``
 (``runs/features`` by default), later calls (and an interrupted first call) reuse that store.
 """
 
@@ -27,11 +27,15 @@ def _short_hash(obj: object, n: int = 10) -> str:
 
 
 def store_path(cache_dir: str | Path, dataset_name: str, paths: Sequence[str], labels: Sequence[int],
-               backbone: Backbone) -> Path:
-    """Where the features of these images under ``backbone`` live in the cache."""
+               backbone: Backbone, root: str | Path | None = None) -> Path:
+    """Where the features of these images under ``backbone`` live in the cache. ``root`` is the
+    folder the relative ``paths`` lie in: the same names under another folder (a copy, another
+    version of a dataset) are other images, with a store of their own that records their folder."""
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in dataset_name) or "images"
     weights = (backbone.weights.digest or "random")[:12]
-    return (Path(cache_dir) / f"{slug}-{items_digest(paths, labels)[:10]}"
+    items = items_digest(paths, labels)
+    key = items[:10] if root is None else _short_hash([str(Path(root).resolve()), items])
+    return (Path(cache_dir) / f"{slug}-{key}"
             / f"{backbone.name}-{weights}-{_short_hash(backbone.preprocessing.to_dict(), 8)}")
 
 
@@ -118,7 +122,7 @@ def ensure_features(ds: Any, backbone: Backbone, *, cache_dir: str | Path = DEFA
     finished, after an interruption) when not complete yet: ``(store folder, what this call
     extracted or None)``. ``engine``: ``engine``, ``address``, ``actors`` of
     :func:`~landlens.features.extract.extract_features` (``engine="ray"``: on Ray Data)."""
-    out = store_path(cache_dir, ds.name, ds.paths, ds.labels, backbone)
+    out = store_path(cache_dir, ds.name, ds.paths, ds.labels, backbone, ds.root)
     store = FeatureStore(out)
     if store.exists() and store.read_meta().get("status") == "complete":
         return out, None
