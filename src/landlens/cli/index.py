@@ -79,7 +79,9 @@ def index_group() -> None:
 @click.option("--weights", default="auto", show_default=True,
               help="auto | hub[:TAG] | package[:KEY] | PATH to a checkpoint")
 @click.option("--index-factory", "index_factory", default="auto", show_default=True,
-              help="auto | exact | hnsw | ivf-flat | ivf-pq | a FAISS factory string such as 'IVF256,Flat'")
+              help="auto (exact below 50,000 images; ivf-pq-disk once IVF-Flat's vectors would pass a quarter of "
+                   "the RAM; else ivf-flat) | exact | hnsw | ivf-flat | ivf-pq | ivf-pq-disk (IVF-PQ with OPQ, its "
+                   "lists memory-mapped from disk, re-ranked exactly) | a FAISS factory string such as 'IVF256,Flat'")
 @click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
 @click.option("--rerank", default=None, metavar="SPEC",
               help="the archive's default re-ranking of every search: auto (k-reciprocal, k1=80 k2=6 lambda=0.1, "

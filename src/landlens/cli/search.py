@@ -17,8 +17,9 @@ import click
 
 from landlens.cli.common import OneLineErrorCommand, echo_json, max_pixels_option, parse_lon_lat, plain_rerank
 
-KIND_HELP = ("auto (exact below 50,000 vectors, else the benchmarked large-archive index) | exact | hnsw | "
-             "ivf-flat | ivf-pq | a FAISS factory string such as 'IVF4096,PQ64'")
+KIND_HELP = ("auto (exact below 50,000 vectors, ivf-pq-disk once IVF-Flat's vectors would pass a quarter of the "
+             "RAM, else the benchmarked ivf-flat) | exact | hnsw | ivf-flat | ivf-pq | ivf-pq-disk | a FAISS factory "
+             "string such as 'IVF4096,PQ64'")
 
 OLD_INDEX = ("{path} is a search index of landlens 0.1 (index.json, rows instead of ids); search works on "
              "archives now: rebuild it with `landlens retrieval index STORE --out {path}.archive` or "

@@ -179,7 +179,7 @@ class Archive(ArchiveUpdates, ArchiveSearch, ArchiveTextSearch):
 
         outp = Path(out)
         _check_out(outp, overwrite)
-        index = build_index_from_store(store, kind=index_factory, metric=metric, **index_settings)
+        index = build_index_from_store(store, kind=index_factory, metric=metric, scratch=outp.parent, **index_settings)
         index.paths_ = index.labels_ = index.classes_ = None  # the catalog names the rows
         fs = FeatureStore(store).load().only_valid()
         default_rerank = archive_rerank(rerank, len(fs), metric)

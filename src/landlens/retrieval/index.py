@@ -38,8 +38,18 @@ built through ``faiss.index_factory``, whose short strings they also accept):
                distances, so recall stays close to that of the inverted file itself
                (``np``: no polysemous training, which costs minutes and serves only
                Hamming-filtered search).
-``auto``       ``exact`` below :data:`AUTO_EXACT_MAX` vectors, else :data:`AUTO_LARGE_KIND`
-               with the settings chosen by ``benchmarks/search_scale.py``.
+``ivf-pq-disk`` IVF-PQ with an OPQ rotation whose inverted lists live in a file that is
+               memory-mapped, not loaded (:mod:`landlens.retrieval.ondisk`,
+               ``"OPQ{m},IVF{nlist}_HNSW32,PQ{m}x8np"``): RAM holds the quantisers and the
+               pages of the lists a query visits. Built block by block from the vectors
+               (a memory map is never read whole); the ``refine_factor * k`` best PQ
+               candidates are re-ranked exactly when the vectors are attached
+               (:meth:`SearchIndex.use_vectors`; an archive attaches its memory-mapped
+               ``vectors.npy``). Not extended in place (:meth:`SearchIndex.add`).
+``auto``       ``exact`` below :data:`AUTO_EXACT_MAX` vectors; ``ivf-pq-disk`` where
+               IVF-Flat's copy of the vectors would take more than :data:`AUTO_RAM_SHARE`
+               of the machine's RAM; else :data:`AUTO_LARGE_KIND` with the settings chosen
+               by ``benchmarks/search_scale.py``.
 other          any FAISS index-factory string, e.g. ``"IVF4096,PQ64"`` or ``"HNSW32,Flat"``.
 =============  ==========================================================================
 
@@ -59,7 +69,9 @@ extractor in its ``meta``, so queries can be embedded as the database was
 An index is saved as a folder holding ``index.faiss`` (``faiss.write_index``) and
 ``index.json`` (kind, factory string, metric, dimension, size, settings, the caller's
 ``meta`` such as the identity of the feature store it indexes, and the rows' ``paths``,
-``labels`` and ``classes``), written into a temporary folder and renamed into place.
+``labels`` and ``classes``), written into a temporary folder and renamed into place; an
+``ivf-pq-disk`` index adds its list file ``lists.ivfdata`` and ``disk_index.json`` (hard links
+to the build's files where the file system allows).
 """
 
 from __future__ import annotations
@@ -70,6 +82,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -77,13 +90,15 @@ import numpy as np
 
 from landlens.errors import LandlensError, first_line
 from landlens.atomic import atomic_write_json
+from landlens.retrieval.faisskit import METRICS, default_pq_m, faiss_module, set_ivf_probes
+from landlens.retrieval.ondisk import LISTS_FILE, META_FILE, DiskIndex, DiskIndexSettings, build_disk_index
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
 INDEX_JSON = "index.json"
 
-METRICS = ("cosine", "euclidean")
-KINDS = ("auto", "exact", "hnsw", "ivf-flat", "ivf-pq")
+KINDS = ("auto", "exact", "hnsw", "ivf-flat", "ivf-pq", "ivf-pq-disk")
+DISK_KIND = "ivf-pq-disk"
 
 AUTO_EXACT_MAX = 50_000
 """``kind='auto'`` searches exactly below this many database vectors."""
@@ -95,6 +110,15 @@ at 2.2 ms per query, 227x faster than exact search, and built in 2 minutes; HNSW
 per query but builds about 2,000 vectors/s at 1280-d (8+ minutes per million), and
 ``ivf-pq`` with 64-byte codes levelled off at recall 0.93."""
 
+AUTO_RAM_SHARE = 0.25
+"""``kind='auto'`` builds ``ivf-pq-disk`` once ``n * dim * 4`` bytes (IVF-Flat's copy of the
+vectors) exceed this share of the machine's RAM (:func:`ram_bytes`). A quarter, not all: the
+build holds the vectors twice (the caller's array and the index's copy), and an archive's
+catalog and the page cache of its memory-mapped vectors need the rest (an archive of 1,000,000
+512-d vectors, 2 GB of vectors, peaked at 10.1 GB while compacting;
+``benchmarks/results/segment_archive.md``). On a 24 GiB machine the switch comes at about
+1.26 million 1280-d vectors."""
+
 DEFAULT_HNSW_M = 32
 DEFAULT_EF_CONSTRUCTION = 40
 DEFAULT_EF_SEARCH = 128
@@ -102,8 +126,6 @@ DEFAULT_NPROBE = 16
 DEFAULT_REFINE_FACTOR = 10
 HNSW_QUANTIZER_MIN_LIST = 1024
 """IVF kinds with at least this many lists search their centroids with an HNSW graph."""
-QUANTIZER_EF_SEARCH = 64
-"""Beam width of an HNSW coarse quantizer (at least ``2 * nprobe``)."""
 ADD_BLOCK = 65536
 """Rows copied, checked and added at a time by :meth:`SearchIndex.fit`."""
 MIN_TRAIN_PER_LIST = 39
@@ -118,26 +140,23 @@ class SearchIndexError(LandlensError):
     """A search index that cannot be built, searched, saved or loaded as asked."""
 
 
+def ram_bytes() -> int:
+    """Physical memory of this machine in bytes (what ``kind='auto'`` sizes against)."""
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def auto_kind(n: int, dim: int | None = None) -> str:
+    """The kind ``kind='auto'`` builds for ``n`` vectors of ``dim`` dimensions (module docstring)."""
+    if n < AUTO_EXACT_MAX:
+        return "exact"
+    if dim is not None and n * dim * 4 > AUTO_RAM_SHARE * ram_bytes():
+        return DISK_KIND
+    return AUTO_LARGE_KIND
+
+
 def default_nlist(n: int) -> int:
     """Inverted lists for ``n`` vectors: about ``4 sqrt(n)``, at most ``n / 39`` (at least 1)."""
     return int(max(1, min(round(4 * math.sqrt(max(n, 1))), n // MIN_TRAIN_PER_LIST)))
-
-
-def default_pq_m(dim: int) -> int:
-    """Sub-quantisers of the PQ codes: the largest divisor of ``dim`` that is at most 64 and
-    leaves at least 8 dimensions per sub-quantiser (e.g. 64 for 1280, 32 for 256, 8 for 64;
-    FAISS k-means is slow on 4-d sub-vectors)."""
-    best = 1
-    for m in range(1, min(64, dim // 8) + 1):
-        if dim % m == 0:
-            best = m
-    return best
-
-
-def faiss_module():  # noqa: ANN201 - the faiss module, imported on first use
-    import faiss
-
-    return faiss
 
 
 def _as_matrix(x: Any, what: str, offset: int = 0) -> np.ndarray:
@@ -256,12 +275,12 @@ class SearchIndex:
             faiss_module().normalize_L2(x)
         return x
 
-    def resolve_kind(self, n: int) -> str:
-        """The kind :meth:`fit` builds for ``n`` vectors (``'auto'`` resolved; ``'factory'``
-        for a FAISS factory string)."""
+    def resolve_kind(self, n: int, dim: int | None = None) -> str:
+        """The kind :meth:`fit` builds for ``n`` vectors of ``dim`` dimensions (``'auto'``
+        resolved by :func:`auto_kind`; ``'factory'`` for a FAISS factory string)."""
         kind = self.kind.strip().lower() if isinstance(self.kind, str) else self.kind
         if kind == "auto":
-            return "exact" if n < AUTO_EXACT_MAX else AUTO_LARGE_KIND
+            return auto_kind(n, dim)
         if kind in KINDS:
             return kind
         if isinstance(self.kind, str) and self.kind.strip() and any(ch.isupper() for ch in self.kind):
@@ -273,9 +292,14 @@ class SearchIndex:
 
     def factory_string(self, n: int, dim: int) -> str:
         """The FAISS factory string :meth:`fit` builds for ``n`` vectors of ``dim`` dimensions."""
-        kind = self.resolve_kind(n)
+        kind = self.resolve_kind(n, dim)
         if kind == "exact":
             return "Flat"
+        if kind == DISK_KIND:
+            try:
+                return self.disk_settings().resolved(n, dim).factory(dim)
+            except LandlensError as exc:
+                raise SearchIndexError(str(exc)) from None
         if kind == "hnsw":
             return f"HNSW{int(self.hnsw_m)},Flat"
         nlist = int(self.nlist) if self.nlist is not None else default_nlist(n)
@@ -290,15 +314,23 @@ class SearchIndex:
             return f"{ivf},PQ{m}x8np,RFlat"
         return self.kind.strip()
 
+    def disk_settings(self) -> DiskIndexSettings:
+        """The settings of an ``ivf-pq-disk`` build from this index's own."""
+        return DiskIndexSettings(metric=self.metric, nlist=self.nlist, pq_m=self.pq_m, train_size=self.train_size,
+                                 nprobe=int(self.nprobe), refine_factor=int(self.refine_factor), seed=int(self.seed))
+
     # ------------------------------------------------------------------ learning
     def fit(self, vectors: Any, *, paths: Sequence[str] | None = None, labels: Sequence[int] | None = None,
-            classes: Sequence[str] | None = None) -> "SearchIndex":
+            classes: Sequence[str] | None = None, scratch: str | os.PathLike[str] | None = None) -> "SearchIndex":
         """Build a new index on ``vectors`` (n, dim): train where the kind needs it, then add.
 
         ``vectors`` may be any array-like, a memory map included: it is read in blocks of
         :data:`ADD_BLOCK` rows, so the only full copy is the one the index keeps. ``paths``
         and ``labels`` (one per row) and ``classes`` (label names) are optional and kept with
-        the index, so hits can be reported by name.
+        the index, so hits can be reported by name. An ``ivf-pq-disk`` index is built in a new
+        folder under ``scratch`` (default: the system's temporary folder; best on the file
+        system :meth:`save` writes to, so saving hard-links rather than copies), deleted with
+        the index object; ``vectors`` are attached for its exact re-ranking.
         """
         self._check_settings()
         data = np.asarray(vectors)
@@ -312,7 +344,10 @@ class SearchIndex:
                 raise SearchIndexError(f"{len(values)} {name} for {n} vectors")
         faiss = faiss_module()
         factory = self.factory_string(n, dim)
-        kind = self.resolve_kind(n)
+        kind = self.resolve_kind(n, dim)
+        self.disk_: DiskIndex | None = None
+        if kind == DISK_KIND:
+            return self._fit_disk(data, factory, paths, labels, classes, scratch)
         t0 = time.perf_counter()
         try:
             index = faiss.index_factory(dim, factory, faiss.METRIC_L2)
@@ -331,15 +366,51 @@ class SearchIndex:
         ivf = faiss.try_extract_index_ivf(index)
         self.nlist_ = int(ivf.nlist) if ivf is not None else None
         self.n_train_ = int(n_train)
-        self.paths_: list[str] | None = [str(p) for p in paths] if paths is not None else None
-        self.labels_: np.ndarray | None = np.asarray(labels, dtype=np.int64) if labels is not None else None
-        self.classes_ = list(classes) if classes is not None else None
-        self.__dict__.pop("_row_of_path", None)  # archive_row()'s lookup of a previous fit
+        self._keep_rows(paths, labels, classes)
         for start in range(0, n, ADD_BLOCK):
             block = _as_matrix(data[start:start + ADD_BLOCK], "database vectors", offset=start)
             index.add(self._prepare(block, "database vectors", offset=start))
         self.build_seconds_ = time.perf_counter() - t0
         return self
+
+    def _keep_rows(self, paths: Sequence[str] | None, labels: Sequence[int] | None,
+                   classes: Sequence[str] | None) -> None:
+        self.paths_ = [str(p) for p in paths] if paths is not None else None
+        self.labels_ = np.asarray(labels, dtype=np.int64) if labels is not None else None
+        self.classes_ = list(classes) if classes is not None else None
+        self.__dict__.pop("_row_of_path", None)  # archive_row()'s lookup of a previous fit
+
+    def _fit_disk(self, data: Any, factory: str, paths: Sequence[str] | None, labels: Sequence[int] | None,
+                  classes: Sequence[str] | None, scratch: str | os.PathLike[str] | None) -> "SearchIndex":
+        n, dim = data.shape
+        for start in range(0, n, ADD_BLOCK):  # the checks of the in-RAM kinds, before minutes of training
+            self._prepare(_as_matrix(data[start:start + ADD_BLOCK], "database vectors", offset=start),
+                          "database vectors", offset=start)
+        t0 = time.perf_counter()
+        if scratch is not None:
+            Path(scratch).mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=".disk-index-", suffix=".tmp", dir=scratch))
+        weakref.finalize(self, shutil.rmtree, str(folder), True)  # the build lives as long as this object
+        try:
+            disk = build_disk_index(lambda a, b: np.asarray(data[a:b]), n, dim, folder / "index",
+                                    self.disk_settings())
+        except LandlensError as exc:
+            raise SearchIndexError(str(exc)) from None
+        disk.use_vectors(data)
+        self.disk_ = disk
+        self.index_ = disk.index_
+        self.kind_, self.factory_, self.dim_ = DISK_KIND, factory, int(dim)
+        self.nlist_ = int(disk.settings.nlist or 0)
+        self.n_train_ = int(disk.settings.train_size or 0)
+        self._keep_rows(paths, labels, classes)
+        self.build_seconds_ = time.perf_counter() - t0
+        return self
+
+    def use_vectors(self, vectors: Any) -> None:
+        """Give an ``ivf-pq-disk`` index the database vectors (row i = row i of the index; a memory
+        map is best) for the exact re-ranking of its shortlist; other kinds need none."""
+        if getattr(self, "disk_", None) is not None:
+            self.disk_.use_vectors(vectors)
 
     def add(self, vectors: Any, *, paths: Sequence[str] | None = None,
             labels: Sequence[int] | None = None) -> "SearchIndex":
@@ -348,6 +419,9 @@ class SearchIndex:
         ``paths`` and ``labels`` must be given exactly when the index keeps them.
         """
         self._check_fitted()
+        if getattr(self, "disk_", None) is not None:
+            raise SearchIndexError("an ivf-pq-disk index is not extended in place; build a new one (an archive "
+                                   "adds a segment)")
         x = _as_matrix(vectors, "vectors to add")
         n = x.shape[0]
         if x.shape[1] != self.dim_:
@@ -467,6 +541,9 @@ class SearchIndex:
             raise SearchIndexError(f"queries have {q.shape[1]} dimensions but the index holds "
                                    f"{self.dim_}-dimensional vectors")
         self._prepare(q, "queries")
+        if getattr(self, "disk_", None) is not None:
+            self.disk_.nprobe, self.disk_.refine_factor = int(self.nprobe), int(self.refine_factor)
+            return self.disk_.search(q, int(k))
         self._apply_search_params()
         sq, idx = self.index_.search(q, int(k))
         missing = idx < 0
@@ -480,6 +557,8 @@ class SearchIndex:
     def index_bytes(self) -> int:
         """Size of the serialised FAISS index in bytes (its memory footprint, to a few %)."""
         self._check_fitted()
+        if getattr(self, "disk_", None) is not None:
+            return self.disk_.disk_bytes()
         return int(faiss_module().serialize_index(self.index_).nbytes)
 
     def describe(self) -> dict[str, Any]:
@@ -521,7 +600,11 @@ class SearchIndex:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         try:
-            faiss_module().write_index(self.index_, str(tmp / INDEX_FILE))
+            if getattr(self, "disk_", None) is not None:
+                for name in (INDEX_FILE, LISTS_FILE, META_FILE):
+                    _link_or_copy(self.disk_.folder / name, tmp / name)
+            else:
+                faiss_module().write_index(self.index_, str(tmp / INDEX_FILE))
             doc = self.describe()
             doc["paths"] = self.paths_
             doc["labels"] = [int(v) for v in self.labels_] if self.labels_ is not None else None
@@ -551,10 +634,17 @@ class SearchIndex:
             raise SearchIndexError(f"search index {d} has an unreadable {INDEX_JSON}: {first_line(exc)}") from None
         if doc.get("format") != FORMAT_VERSION:
             raise SearchIndexError(f"search index {d} has format {doc.get('format')}, expected {FORMAT_VERSION}")
+        disk = None
         try:
-            index = faiss_module().read_index(str(d / INDEX_FILE))
+            if doc.get("kind") == DISK_KIND:
+                disk = DiskIndex.open(d)
+                index = disk.index_
+            else:
+                index = faiss_module().read_index(str(d / INDEX_FILE))
         except RuntimeError as exc:
             raise SearchIndexError(f"search index {d}: cannot read {INDEX_FILE}: {_faiss_reason(exc)}") from None
+        except LandlensError as exc:
+            raise SearchIndexError(f"search index {d}: {exc}") from None
         if int(index.ntotal) != int(doc["ntotal"]) or int(index.d) != int(doc["dim"]):
             raise SearchIndexError(
                 f"search index {d}: {INDEX_FILE} holds {index.ntotal} x {index.d} vectors but {INDEX_JSON} "
@@ -563,6 +653,7 @@ class SearchIndex:
         params = dict(doc.get("params") or {})
         self = cls(**params, meta=doc.get("meta") or {})
         self.index_ = index
+        self.disk_ = disk
         self.kind_ = doc["kind"]
         self.factory_ = doc["factory"]
         self.dim_ = int(doc["dim"])
@@ -578,16 +669,12 @@ class SearchIndex:
         return self
 
 
-def set_ivf_probes(index: Any, nprobe: int) -> None:
-    """Visit ``nprobe`` lists (at most all) per query of the inverted file inside ``index``, if
-    any; an HNSW coarse quantiser searches with beam width ``max(QUANTIZER_EF_SEARCH, 2 * nprobe)``."""
-    faiss = faiss_module()
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        ivf.nprobe = int(min(nprobe, ivf.nlist))
-        coarse = faiss.downcast_index(ivf.quantizer)
-        if hasattr(coarse, "hnsw"):
-            coarse.hnsw.efSearch = int(max(QUANTIZER_EF_SEARCH, 2 * ivf.nprobe))
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to ``src`` (no bytes copied), or a copy across file systems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def _hnsw_of(index: Any) -> Any | None:
@@ -614,14 +701,15 @@ def _faiss_reason(exc: BaseException) -> str:
     return text[:200]
 
 
-def build_index_from_store(store_dir: str | Path, kind: str = "auto", metric: str = "cosine",
-                           **settings: Any) -> SearchIndex:
+def build_index_from_store(store_dir: str | Path, kind: str = "auto", metric: str = "cosine", *,
+                           scratch: str | os.PathLike[str] | None = None, **settings: Any) -> SearchIndex:
     """A :class:`SearchIndex` over the valid rows of a complete feature store.
 
     The index's ``meta`` records the store's identity (backbone, weights source and digest,
     preprocessing, RGB bands), its folder and dataset (name, root, classes, item digest), so
     that queries can later be embedded by the same extractor; ``paths``, ``labels`` and
-    ``classes`` come from the store. ``settings`` go to :class:`SearchIndex`.
+    ``classes`` come from the store. ``settings`` go to :class:`SearchIndex`, ``scratch`` to
+    :meth:`SearchIndex.fit`.
     """
     from landlens.features.store import FeatureStore
 
@@ -640,19 +728,23 @@ def build_index_from_store(store_dir: str | Path, kind: str = "auto", metric: st
     }
     index = SearchIndex(kind, metric, meta=index_meta, **settings)
     return index.fit(np.asarray(valid.features, dtype=np.float32), paths=valid.paths, labels=valid.labels,
-                     classes=valid.classes)
+                     classes=valid.classes, scratch=scratch)
 
 
 __all__ = [
     "AUTO_EXACT_MAX",
     "AUTO_LARGE_KIND",
+    "AUTO_RAM_SHARE",
+    "DISK_KIND",
     "KINDS",
     "METRICS",
     "SearchIndex",
     "SearchIndexError",
+    "auto_kind",
     "build_index_from_store",
     "default_nlist",
     "default_pq_m",
     "faiss_module",
+    "ram_bytes",
     "set_ivf_probes",
 ]

@@ -30,8 +30,10 @@ Folder layout::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import shutil
 import time
 from collections.abc import Callable
@@ -44,7 +46,7 @@ import numpy as np
 
 from landlens.atomic import atomic_path, atomic_write_json
 from landlens.errors import LandlensError, first_line
-from landlens.retrieval.index import METRICS, default_pq_m, faiss_module, set_ivf_probes
+from landlens.retrieval.faisskit import METRICS, default_pq_m, faiss_module, set_ivf_probes
 
 INDEX_FILE = "index.faiss"
 LISTS_FILE = "lists.ivfdata"
@@ -134,6 +136,21 @@ class DiskIndexSettings:
         return f"{f'OPQ{self.pq_m},' if self.opq else ''}IVF{self.nlist}_HNSW32,PQ{self.pq_m}x8np"
 
 
+@contextlib.contextmanager
+def _quiet_stdout() -> Any:
+    """Send what C code prints to standard output to /dev/null (FAISS's on-disk lists print their
+    file names when they are opened or resized, which would corrupt a command's JSON output)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _prepare(x: np.ndarray, metric: str) -> np.ndarray:
     """A float32 copy of ``x`` (never the caller's memory: a memory map may be read-only), unit
     rows for the cosine metric."""
@@ -221,7 +238,8 @@ def build_disk_index(read: Source, n: int, dim: int, out: str | os.PathLike[str]
     lists = outp / LISTS_FILE
     if lists.exists():
         lists.unlink()  # a merge that stopped: redone from the shards
-    merge_ondisk(index, names, str(lists))
+    with _quiet_stdout():
+        merge_ondisk(index, names, str(lists))
     with atomic_path(outp / INDEX_FILE) as tmp:
         faiss.write_index(index, str(tmp))
     times["merge_seconds"] = time.perf_counter() - t0
@@ -276,7 +294,8 @@ class DiskIndex:
         self.settings = DiskIndexSettings(**meta["settings"])
         self.nprobe = self.settings.nprobe
         self.refine_factor = self.settings.refine_factor
-        self.vectors: np.ndarray | None = None
+        self.vectors: Any = None
+        self.bytes = sum(p.stat().st_size for p in (folder / INDEX_FILE, folder / LISTS_FILE))
 
     @classmethod
     def open(cls, folder: str | os.PathLike[str], vectors: str | os.PathLike[str] | Any = None) -> "DiskIndex":
@@ -292,22 +311,30 @@ class DiskIndex:
             raise DiskIndexError(f"the on-disk index at {d} is not finished; run the build again to resume it")
         faiss = faiss_module()
         try:
-            index = faiss.read_index(str(d / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
+            with _quiet_stdout():
+                index = faiss.read_index(str(d / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
         except RuntimeError as exc:
             raise DiskIndexError(f"cannot read {d / INDEX_FILE}: {first_line(exc)}") from None
         self = cls(d, index, meta)
         if vectors is not None:
-            self.vectors = np.load(vectors, mmap_mode="r") if isinstance(vectors, (str, os.PathLike)) else vectors
-            if tuple(self.vectors.shape) != (index.ntotal, index.d):
-                raise DiskIndexError(f"vectors of shape {self.vectors.shape} for an index of {index.ntotal} x {index.d}")
+            self.use_vectors(np.load(vectors, mmap_mode="r") if isinstance(vectors, (str, os.PathLike)) else vectors)
         return self
+
+    def use_vectors(self, vectors: Any) -> None:
+        """Re-rank the shortlist by exact distances to ``vectors`` (row i = id i; a memory map, or
+        anything with ``shape`` that gathers rows by an array of ids)."""
+        if tuple(vectors.shape) != (self.index_.ntotal, self.index_.d):
+            raise DiskIndexError(f"vectors of shape {tuple(vectors.shape)} for an index of "
+                                 f"{self.index_.ntotal} x {self.index_.d}")
+        self.vectors = vectors
 
     @property
     def ntotal(self) -> int:
         return int(self.index_.ntotal)
 
     def disk_bytes(self) -> int:
-        return sum(p.stat().st_size for p in (self.folder / INDEX_FILE, self.folder / LISTS_FILE))
+        """Bytes of the index and list files (when opened)."""
+        return self.bytes
 
     def search(self, queries: Any, k: int, *, rerank: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """``(distances, ids)`` (nq, k), nearest first; PQ distances, or exact ones after the

@@ -117,6 +117,7 @@ class Segment:
 
     def __post_init__(self) -> None:
         self.ids = np.fromiter((r.id for r in self.records), dtype=np.int64, count=len(self.records))
+        self.index.use_vectors(self.vectors)  # an on-disk index re-ranks its shortlist with them
 
     def __len__(self) -> int:
         return len(self.records)

@@ -88,7 +88,7 @@ class ArchiveUpdates:
         from landlens.retrieval.index import SearchIndex
 
         index = SearchIndex(**segment_index_settings(state.index_settings, len(vectors), full), meta=state.index.meta)
-        index.fit(vectors)
+        index.fit(vectors, scratch=self.directory / SEGMENTS)
         al = state.alignment if alignment is None else alignment
         if text is None and al is not None:
             text = al.images(vectors)
