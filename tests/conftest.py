@@ -21,12 +21,15 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 @pytest.fixture(scope="session", autouse=True)
 def _feature_cache_outside_the_repository(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Commands whose feature cache defaults to ``runs/features`` (relative to the working folder,
-    the repository when testing) write into a temporary folder instead."""
+    """Commands whose feature cache defaults to ``runs/features`` and whose exported ONNX graphs go
+    to ``runs/onnx`` (relative to the working folder, the repository when testing) write into
+    temporary folders instead."""
     import landlens.features.cache as cache
+    import landlens.features.inference as inference
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cache, "DEFAULT_CACHE_DIR", tmp_path_factory.mktemp("feature_cache"))
+        mp.setattr(inference, "ONNX_CACHE_DIR", tmp_path_factory.mktemp("onnx_cache"))
         yield
 
 

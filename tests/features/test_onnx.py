@@ -17,7 +17,8 @@ from fixtures.weights import require
 from landlens.cli.main import cli
 from landlens.data.folder import scan_folder
 from landlens.features.extract import extract_features
-from landlens.features.inference import ONNX_MIN_IMAGES, noise_batch, optimize_for_inference
+from landlens.features import inference
+from landlens.features.inference import ONNX_MIN_IMAGES, noise_batch, onnx_cache_key, optimize_for_inference
 from landlens.features.store import FeatureStore
 from landlens.models.registry import create_backbone
 
@@ -67,6 +68,40 @@ def test_extraction_with_onnx_equals_the_traced_store(tmp_path, small):
     assert got.paths == want.paths and got.valid.all()
     assert got.meta["identity"] == want.meta["identity"]
     np.testing.assert_allclose(got.features, want.features, rtol=1e-3, atol=1e-4)
+
+
+def _agrees(fast, model, seed: int = 5) -> None:
+    x = noise_batch(model.preprocessing, 3, seed=seed)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-3, atol=1e-4)
+
+
+def test_an_exported_graph_is_cached_and_checked_when_reused(tmp_path, monkeypatch, small):
+    _needs_onnxruntime()
+    monkeypatch.setattr(inference, "ONNX_CACHE_DIR", tmp_path / "onnx")
+    example = noise_batch(small.preprocessing, 4)
+    _agrees(optimize_for_inference(small, example, "onnx"), small)
+    cached = tmp_path / "onnx" / f"{onnx_cache_key(small, example)}.onnx"
+    assert [p.name for p in (tmp_path / "onnx").iterdir()] == [cached.name]  # one self-contained file
+    real_export = inference.export_onnx
+
+    def no_export(*a, **k):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(inference, "export_onnx", no_export)
+    _agrees(optimize_for_inference(small, example, "onnx"), small)  # loaded, not exported
+    # a damaged file, and a graph of other weights under this key, are both exported again
+    monkeypatch.setattr(inference, "export_onnx", real_export)
+    cached.write_bytes(b"not an onnx file")
+    _agrees(optimize_for_inference(small, example, "onnx"), small)
+    other = create_backbone("resnet18", "none")
+    other.preprocessing = small.preprocessing
+    with torch.no_grad():
+        next(other.parameters()).mul_(-1.0)  # whatever its random start, not small's weights
+    assert onnx_cache_key(other, example) != onnx_cache_key(small, example)
+    optimize_for_inference(other, example, "onnx")
+    (tmp_path / "onnx" / f"{onnx_cache_key(other, example)}.onnx").replace(cached)  # other weights, this key
+    _agrees(optimize_for_inference(small, example, "onnx"), small)
 
 
 def test_without_onnxruntime_the_mode_fails_in_one_line(tmp_path, monkeypatch, small):

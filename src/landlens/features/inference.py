@@ -8,6 +8,9 @@ Both extraction engines (:mod:`landlens.features.extract` locally, each actor of
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -17,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from landlens.atomic import atomic_path
 from landlens.errors import LandlensError, first_line
 from landlens.models.preprocessing import Preprocessing, normalize_batch
 
@@ -31,6 +35,12 @@ ONNX_MIN_IMAGES = 500
 EfficientNet-Lite0 the export takes 6 to 8 s and the extraction loop then runs about 4x as many
 images per second as the traced graph, so the export pays for itself after about 450 images
 (``benchmarks/results/extract_throughput_tf_efficientnet_lite0.md``)."""
+
+ONNX_CACHE_DIR = Path("runs/onnx")
+"""Where exported ONNX graphs are kept (relative to the working folder, beside the feature cache
+``runs/features``), one file per model weights, input size and torch version: a later run
+loads the file instead of exporting again. A cached graph is checked against eager mode like a
+fresh export, and exported again when it does not agree or cannot be read."""
 
 
 def _compiler_available() -> bool:
@@ -117,7 +127,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> Pa
         warnings.simplefilter("ignore")
         nhwc = example[:2].permute(0, 2, 3, 1).contiguous().clone()  # not an inference tensor: export traces it
         torch.onnx.export(_NHWC(model.eval()), (nhwc,), str(path), input_names=["x"], output_names=["features"],
-                          dynamic_shapes=({0: "batch"},), dynamo=True, verbose=False, artifacts_dir=path.parent)
+                          dynamic_shapes=({0: "batch"},), dynamo=True, verbose=False, artifacts_dir=path.parent,
+                          external_data=False)  # one self-contained file (the backbones are far below 2 GB)
     return path
 
 
@@ -141,12 +152,36 @@ def onnx_forward(path: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
     return forward
 
 
+def onnx_cache_key(model: nn.Module, example: torch.Tensor) -> str:
+    """What an exported graph depends on, hashed: the model's class, every weight and buffer
+    (names, shapes, bytes), the input's size and the exporting torch version."""
+    h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}|{tuple(example.shape[1:])}|"
+                       f"{torch.__version__}".encode())
+    for name, t in model.state_dict().items():
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
 def _onnx(model: nn.Module, example: torch.Tensor) -> Callable:
-    # the session holds the weights once created: the exported file is not kept
+    check = torch.flip(example, dims=(-1,))  # other pixels than those exported, at the full batch size
+    cached = ONNX_CACHE_DIR / f"{onnx_cache_key(model, example)}.onnx"
+    if cached.is_file():
+        try:
+            fast = onnx_forward(cached)
+            _same(fast, model, check)
+            return fast
+        except Exception:  # noqa: BLE001 - damaged or not this model after all: export again
+            with contextlib.suppress(OSError):
+                cached.unlink()
+    # the session holds the weights once created: the exported file is only kept as the cache
     with tempfile.TemporaryDirectory(prefix="landlens-onnx-", ignore_cleanup_errors=True) as tmp:
-        fast = onnx_forward(export_onnx(model, example, Path(tmp) / "model.onnx"))
-    # checked on other pixels than those exported, at the full batch size
-    _same(fast, model, torch.flip(example, dims=(-1,)))
+        exported = export_onnx(model, example, Path(tmp) / "model.onnx")
+        fast = onnx_forward(exported)
+        _same(fast, model, check)
+        with contextlib.suppress(OSError):  # a read-only working folder: no cache, same result
+            with atomic_path(cached) as part:
+                shutil.copyfile(exported, part)
     return fast
 
 
@@ -163,7 +198,8 @@ def optimize_for_inference(model: nn.Module, example: torch.Tensor, mode: Optimi
     """Return a faster callable computing the same function as ``model`` (eval mode).
 
     ``onnx``: exported with ``torch.onnx.export`` and run by ONNX Runtime (:func:`export_onnx`,
-    :func:`onnx_forward`; seconds to prepare, needs ``landlens[onnx]``). ``jit``: trace, freeze
+    :func:`onnx_forward`; seconds to prepare the first time, then loaded from
+    :data:`ONNX_CACHE_DIR`; needs ``landlens[onnx]``). ``jit``: trace, freeze
     and ``torch.jit.optimize_for_inference`` (batch-norm folded into convolutions, oneDNN weights
     prepacked; seconds to prepare). ``compile``: ``torch.compile`` with inductor freezing (half a
     minute to a minute to compile, needs a C compiler). ``auto``: ``onnx`` for runs of at least
@@ -207,5 +243,5 @@ def prepared_forward(model: nn.Module, pre: Preprocessing, mode: str = "jit") ->
     return None if fast is model else fast
 
 
-__all__ = ["COMPILE_MIN_IMAGES", "ONNX_MIN_IMAGES", "Optimize", "export_onnx", "noise_batch", "onnx_forward",
-           "onnx_runtime", "optimize_for_inference", "prepared_forward"]
+__all__ = ["COMPILE_MIN_IMAGES", "ONNX_CACHE_DIR", "ONNX_MIN_IMAGES", "Optimize", "export_onnx", "noise_batch",
+           "onnx_cache_key", "onnx_forward", "onnx_runtime", "optimize_for_inference", "prepared_forward"]
