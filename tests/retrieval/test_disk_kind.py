@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from fixtures.archives import template_archive
+from fixtures.neighbours import cosine_top_k
 from landlens.cli.main import cli
 from landlens.retrieval import index as index_mod
 from landlens.retrieval.archive import Archive
@@ -31,14 +32,6 @@ def _data(n: int = N, dim: int = DIM, seed: int = 0) -> tuple[np.ndarray, np.nda
     x = (centres[rng.integers(0, 30, n)] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
     q = (centres[rng.integers(0, 30, 25)] + 0.3 * rng.normal(size=(25, dim))).astype(np.float32)
     return x, q
-
-
-def _exact(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
-    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
-    d = 1.0 - qn.astype(np.float64) @ xn.T.astype(np.float64)
-    ids = np.argsort(d, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(d, ids, 1), ids
 
 
 def _recall(found: np.ndarray, want: np.ndarray) -> float:
@@ -60,7 +53,7 @@ def test_disk_kind_search_matches_a_brute_force_and_survives_save_and_load(tmp_p
     x, q = _data()
     index = SearchIndex("ivf-pq-disk", nlist=32, nprobe=32, refine_factor=20).fit(x, scratch=tmp_path / "scratch")
     assert index.kind_ == "ivf-pq-disk" and index.factory_ == "OPQ4,IVF32_HNSW32,PQ4x8np"
-    want_d, want_i = _exact(x, q, 10)
+    want_d, want_i = cosine_top_k(x, q, 10)
     d, i = index.search(q, 10)
     assert _recall(i, want_i) >= 0.97
     # the returned distances are the exact 1 - cos of the returned rows
@@ -128,7 +121,7 @@ def test_an_archive_on_the_disk_kind_searches_its_memory_mapped_vectors(template
     seg = disk._state.segments[0]
     assert isinstance(seg.vectors, np.memmap) and seg.index.disk_.vectors is seg.vectors
     assert (tmp_path / "disk" / seg.path / "index" / "lists.ivfdata").is_file()
-    _, want = _exact(x, x[:20], 10)
+    _, want = cosine_top_k(x, x[:20], 10)
     found = np.array([[h.record.id for h in hits] for hits in disk.search_vectors(x[:20], 10)])
     assert _recall(found, want) >= 0.97
     # an addition is a small exact segment beside the on-disk one; a full compaction rebuilds on disk

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fixtures.neighbours import cosine_top_k
 from landlens.retrieval.ondisk import (
     LISTS_FILE, SHARDS, DiskIndex, DiskIndexError, DiskIndexSettings, NpyRows, build_disk_index,
 )
@@ -37,14 +38,6 @@ def built(data, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: ANN0
     return out
 
 
-def _exact(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
-    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
-    d = 1.0 - qn.astype(np.float64) @ xn.T.astype(np.float64)
-    ids = np.argsort(d, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(d, ids, 1), ids
-
-
 def test_npy_rows_reads_what_numpy_reads(data) -> None:  # noqa: ANN001
     path, x, _ = data
     rows = NpyRows(path)
@@ -63,7 +56,7 @@ def test_re_ranked_search_matches_a_brute_force(built: Path, data, tmp_path: Pat
     meta = json.loads((out / "disk_index.json").read_text())
     assert meta["factory"] == ("OPQ4," if opq else "") + "IVF64_HNSW32,PQ4x8np" and meta["state"] == "done"
     assert idx.disk_bytes() < x.nbytes / 2  # 4-byte codes and 8-byte ids for 64-byte vectors
-    want_d, want = _exact(x, q, 10)
+    want_d, want = cosine_top_k(x, q, 10)
     dist, ids = idx.search(q, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), want.tolist())])
     assert recall >= 0.97
