@@ -43,7 +43,10 @@ def create_backbone(
             ``'openclip:ARCH'``, the image tower of an open_clip architecture (weights: a
             checkpoint path or ``'hub:TAG'``; :func:`landlens.models.openclip.openclip_backbone`); or
             ``'fusion'``, ``'fusion:PRESET'``, ``'fusion:A+B+...'``, several backbones as one
-            (:mod:`landlens.models.fusion`; weights ``auto``, ``package``, ``hub`` or ``none``).
+            (:mod:`landlens.models.fusion`; weights ``auto``, ``package``, ``hub`` or ``none``);
+            any of these behind ``d4:``, ``c4:`` or ``flip:`` (``d4:fusion``): its features
+            averaged over 8, 4 or 2 rotations and mirrors of the input
+            (:mod:`landlens.models.tta`).
         weights: ``'auto'`` (packaged file if installed, else the hub), ``'hub'`` or
             ``'hub:TAG'``, ``'package'`` or ``'package:KEY'``, ``'none'`` (random
             initialisation), or a path to a checkpoint (``.safetensors``, ``.pth``, ``.pt``,
@@ -61,7 +64,12 @@ def create_backbone(
     """
     from landlens.models.weights import load_backbone_weights
 
-    prefix = name.strip().lower().partition(":")[0]
+    prefix, _, rest = name.strip().partition(":")
+    prefix = prefix.lower()
+    if prefix in ("d4", "c4", "flip"):  # test-time mean over rotations and mirrors (models.tta)
+        from landlens.models.tta import TTABackbone
+
+        return TTABackbone(prefix, create_backbone(rest, weights, preprocessing=preprocessing, verify=verify))
     if prefix == "run":
         from landlens.models.classifier import run_backbone
 

@@ -53,6 +53,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from landlens.errors import ConfigError
 from landlens.models.preprocessing import Preprocessing, normalize_batch, resize_and_crop
+from landlens.models.tta import dihedral
 
 AUGMENT_PRESETS: tuple[str, ...] = ("none", "crop-flip", "colour", "geometric", "dihedral")
 """The augmentation presets :func:`build_train_transform` accepts (``color`` = ``colour``)."""
@@ -120,17 +121,6 @@ class RandomDihedral(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = int(torch.randint(8, ()).item())
         return dihedral(x, k)
-
-
-def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Element ``k`` (0..7) of D4 applied to the (H, W) axes: ``rot90`` by ``k % 4``, then a
-    horizontal flip if ``k >= 4``; the result is contiguous."""
-    if not 0 <= k < 8:
-        raise ValueError(f"dihedral element must be in 0..7, got {k}")
-    y = torch.rot90(x, k % 4, dims=(-2, -1))
-    if k >= 4:
-        y = y.flip(-1)
-    return y.contiguous()
 
 
 class RandomAffineNearestFill(nn.Module):
