@@ -55,7 +55,8 @@ def backbone_options(f=None, *, default: str = "tf_efficientnet_lite0", note: st
                          help="auto | hub[:TAG] | package[:KEY] | none | PATH to a checkpoint")(f)
         f = click.option("--backbone", "-b", default=default, show_default=True,
                          help="backbone name (`landlens models list`), any timm model name, or "
-                              "fusion[:A+B+...] (several as one)" + (f"; {note}" if note else ""))(f)
+                              "fusion[:A+B+...] (several as one), any of these behind c4: (averaged over four "
+                              "rotations, 4x the time)" + (f"; {note}" if note else ""))(f)
         return f
 
     return add if f is None else add(f)

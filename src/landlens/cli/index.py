@@ -73,7 +73,8 @@ def index_group() -> None:
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="archive folder to write")
 @click.option("--dataset", default=None, help="catalog name of DATA (default: recognised from the folder)")
 @click.option("--backbone", "-b", default=None,
-              help="backbone name (`landlens models list`), any timm model name, or fusion[:A+B+...] "
+              help="backbone name (`landlens models list`), any timm model name, fusion[:A+B+...], or any of these "
+                   "behind c4: (features averaged over four rotations, 4x the time) "
                    "[default: fusion, i.e. EfficientNet-Lite0 + MobileNetV2 + SqueezeNet 1.1 + GeoEmbed v3 with "
                    "offline weights: 150 s to extract UC Merced's 2,100 images on 2 cores, Lite0 alone 32 s]")
 @click.option("--weights", default="auto", show_default=True,
