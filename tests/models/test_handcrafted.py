@@ -253,5 +253,6 @@ def test_cached_features_accept_descriptors(tmp_path, monkeypatch):
                                       cache_dir=tmp_path / "c", workers=0, progress=False)
     np.testing.assert_array_equal(again.features, first.features)
     # the name path builds the same identity (no weights to fetch, nothing refused)
-    assert cache_mod.store_path(tmp_path / "c", "x", [], [], create_backbone("lbp_rgb", "none")).name.startswith(
+    lbp = create_backbone("lbp_rgb", "none")
+    assert cache_mod.store_path(tmp_path / "c", "x", [], [], lbp, tmp_path).name.startswith(
         f"lbp_rgb-{bb.weights.digest[:12]}-")

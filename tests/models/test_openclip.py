@@ -191,7 +191,7 @@ def test_digest_is_the_weights(oc: Any, vit: Any, tmp_path: Path) -> None:
     from landlens.features.cache import store_path
     from landlens.retrieval.extractor import weights_argument
 
-    assert store_path("c", "d", ["x.png"], [0], a) != store_path("c", "d", ["x.png"], [0], b)
+    assert store_path("c", "d", ["x.png"], [0], a, "r") != store_path("c", "d", ["x.png"], [0], b, "r")
     rebuilt = create_backbone(a.name, weights_argument(a.weights.to_dict()), preprocessing=a.preprocessing)
     assert rebuilt.weights.digest == a.weights.digest
     assert weights_argument({"source": "hub", "ref": "openclip/laion2b_s34b_b79k"}) == "hub:laion2b_s34b_b79k"

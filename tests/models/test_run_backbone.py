@@ -116,7 +116,8 @@ def test_digest_follows_the_weights(classifier_run, tmp_path):
     assert after.weights.digest == _sha256(d / "model.safetensors")
     # caches key on the digest: the old features are not reused
     paths, labels = ["a/1.jpg", "b/2.jpg"], [0, 1]
-    assert store_path(tmp_path, "x", paths, labels, before) != store_path(tmp_path, "x", paths, labels, after)
+    assert (store_path(tmp_path, "x", paths, labels, before, tmp_path)
+            != store_path(tmp_path, "x", paths, labels, after, tmp_path))
     # an index that recorded the old run refuses the retrained one with one line naming both digests
     arg = run_weights_argument(before.weights.ref, before.weights.digest)
     with pytest.raises(WeightsError) as info:
@@ -154,7 +155,7 @@ def test_features_of_a_run_go_through_the_cache(embedder_run, tmp_path):
     with torch.inference_mode():
         direct = model(preprocess_images([load_rgb(folder / p) for p in fs.paths], PRE)).numpy()
     np.testing.assert_allclose(fs.features, direct, rtol=1e-4, atol=1e-5)
-    meta = json.loads((store_path(tmp_path / "cache", fs.meta["dataset"]["name"], fs.paths, fs.labels, bb)
+    meta = json.loads((store_path(tmp_path / "cache", fs.meta["dataset"]["name"], fs.paths, fs.labels, bb, folder)
                        / "meta.json").read_text())
     assert meta["backbone"]["weights"]["source"] == "run"
     assert meta["backbone"]["weights"]["digest"] == _sha256(d / "model.safetensors")

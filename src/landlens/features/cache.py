@@ -27,14 +27,13 @@ def _short_hash(obj: object, n: int = 10) -> str:
 
 
 def store_path(cache_dir: str | Path, dataset_name: str, paths: Sequence[str], labels: Sequence[int],
-               backbone: Backbone, root: str | Path | None = None) -> Path:
+               backbone: Backbone, root: str | Path) -> Path:
     """Where the features of these images under ``backbone`` live in the cache. ``root`` is the
     folder the relative ``paths`` lie in: the same names under another folder (a copy, another
     version of a dataset) are other images, with a store of their own that records their folder."""
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in dataset_name) or "images"
     weights = (backbone.weights.digest or "random")[:12]
-    items = items_digest(paths, labels)
-    key = items[:10] if root is None else _short_hash([str(Path(root).resolve()), items])
+    key = _short_hash([str(Path(root).resolve()), items_digest(paths, labels)])
     return (Path(cache_dir) / f"{slug}-{key}"
             / f"{backbone.name}-{weights}-{_short_hash(backbone.preprocessing.to_dict(), 8)}")
 
