@@ -44,8 +44,6 @@ fresh export, and exported again when it does not agree or cannot be read."""
 
 
 def _compiler_available() -> bool:
-    import shutil
-
     return any(shutil.which(c) for c in ("cc", "gcc", "clang"))
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 from landlens.models.base import HEAD_PREFIXES, Backbone, BackboneSpec, WeightsInfo
 from landlens.models.preprocessing import Preprocessing
 from landlens.models.specs import build_body, default_preprocessing, get_spec, list_backbones
+from landlens.models.tta import GROUPS, TTABackbone
 
 
 def create_backbone(
@@ -66,9 +67,7 @@ def create_backbone(
 
     prefix, _, rest = name.strip().partition(":")
     prefix = prefix.lower()
-    if prefix in ("d4", "c4", "flip"):  # test-time mean over rotations and mirrors (models.tta)
-        from landlens.models.tta import TTABackbone
-
+    if prefix in GROUPS:  # test-time mean over rotations and mirrors (models.tta)
         return TTABackbone(prefix, create_backbone(rest, weights, preprocessing=preprocessing, verify=verify))
     if prefix == "run":
         from landlens.models.classifier import run_backbone

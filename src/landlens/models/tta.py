@@ -72,9 +72,6 @@ class TTABackbone(Backbone):
     def inner(self) -> Backbone:
         return self.body.inner
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
     def describe(self) -> dict[str, Any]:
         return {**self.inner.describe(), "backbone": self.name, "family": "tta", "tta": self.group,
                 "inner": self.inner.name}

@@ -406,11 +406,16 @@ class SearchIndex:
         self.build_seconds_ = time.perf_counter() - t0
         return self
 
+    @property
+    def _disk(self) -> DiskIndex | None:
+        """The on-disk index of an ``ivf-pq-disk`` fit (``None`` for the other kinds, or unfitted)."""
+        return getattr(self, "disk_", None)
+
     def use_vectors(self, vectors: Any) -> None:
         """Give an ``ivf-pq-disk`` index the database vectors (row i = row i of the index; a memory
         map is best) for the exact re-ranking of its shortlist; other kinds need none."""
-        if getattr(self, "disk_", None) is not None:
-            self.disk_.use_vectors(vectors)
+        if self._disk is not None:
+            self._disk.use_vectors(vectors)
 
     def add(self, vectors: Any, *, paths: Sequence[str] | None = None,
             labels: Sequence[int] | None = None) -> "SearchIndex":
@@ -419,7 +424,7 @@ class SearchIndex:
         ``paths`` and ``labels`` must be given exactly when the index keeps them.
         """
         self._check_fitted()
-        if getattr(self, "disk_", None) is not None:
+        if self._disk is not None:
             raise SearchIndexError("an ivf-pq-disk index is not extended in place; build a new one (an archive "
                                    "adds a segment)")
         x = _as_matrix(vectors, "vectors to add")
@@ -541,7 +546,7 @@ class SearchIndex:
             raise SearchIndexError(f"queries have {q.shape[1]} dimensions but the index holds "
                                    f"{self.dim_}-dimensional vectors")
         self._prepare(q, "queries")
-        if getattr(self, "disk_", None) is not None:
+        if self._disk is not None:
             self.disk_.nprobe, self.disk_.refine_factor = int(self.nprobe), int(self.refine_factor)
             return self.disk_.search(q, int(k))
         self._apply_search_params()
@@ -557,7 +562,7 @@ class SearchIndex:
     def index_bytes(self) -> int:
         """Size of the serialised FAISS index in bytes (its memory footprint, to a few %)."""
         self._check_fitted()
-        if getattr(self, "disk_", None) is not None:
+        if self._disk is not None:
             return self.disk_.disk_bytes()
         return int(faiss_module().serialize_index(self.index_).nbytes)
 
@@ -600,7 +605,7 @@ class SearchIndex:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         try:
-            if getattr(self, "disk_", None) is not None:
+            if self._disk is not None:
                 for name in (INDEX_FILE, LISTS_FILE, META_FILE):
                     _link_or_copy(self.disk_.folder / name, tmp / name)
             else:
