@@ -34,6 +34,7 @@ Features come from (and go to) the shared cache ``runs/features``; metric-learni
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -181,6 +182,10 @@ def unsupervised(data: Path, backbones: list[str], manifest: Any, cache_dir: Pat
     return rows, chosen
 
 
+def _short(backbone: str) -> str:
+    return "Lite0" if backbone == "tf_efficientnet_lite0" else backbone
+
+
 def _train(data: Path, run: Path, overrides: list[str]) -> tuple[dict[str, Any], str, float | None]:
     """Train (or reuse) one metric-learning run; ``(results.json, the command as shown, train seconds)``."""
     cmd = [sys.executable, "-m", "landlens.cli.main", "train", "run", "benchmarks/configs/ucm_metric.yaml",
@@ -197,20 +202,28 @@ def _train(data: Path, run: Path, overrides: list[str]) -> tuple[dict[str, Any],
     return json.loads((run / "results.json").read_text()), shown, train_s
 
 
-def metric_runs(data: Path, runs_dir: Path, manifest_path: Path, cache_dir: Path, log: list[dict[str, Any]]
+def metric_runs(data: Path, runs_dir: Path, manifest_path: Path, cache_dir: Path, log: list[dict[str, Any]],
+                backbone: str = "tf_efficientnet_lite0", losses: list[str] | None = None
                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from landlens.data.splits import SplitManifest
     from landlens.features.cache import cached_features
-    from landlens.models.registry import create_backbone
+    import numpy as np
+    import torch
+
     from landlens.features.fusion import fuse
+    from landlens.models.classifier import load_embedder
 
     candidates = []
-    for (loss, loss_over), dim, lr in itertools.product(METRIC_LOSSES.items(), METRIC_DIMS, METRIC_LRS):
+    chosen_losses = {k: v for k, v in METRIC_LOSSES.items() if losses is None or k in losses}
+    lite0 = backbone == "tf_efficientnet_lite0"
+    prefix = "ucm_metric_" if lite0 else f"ucm_metric_{backbone.replace(':', '-')}_"
+    for (loss, loss_over), dim, lr in itertools.product(chosen_losses.items(), METRIC_DIMS, METRIC_LRS):
         name = f"{loss}_d{dim}_lr{lr:g}"
-        over = [*loss_over, f"model.embedding_dim={dim}", f"optim.lr={lr:g}"]
-        results, shown, train_s = _train(data, runs_dir / f"ucm_metric_{name}", over)
+        over = [*([] if lite0 else [f"model.backbone={backbone}"]), *loss_over, f"model.embedding_dim={dim}",
+                f"optim.lr={lr:g}"]
+        results, shown, train_s = _train(data, runs_dir / f"{prefix}{name}", over)
         val = results["val"]["metrics"]["mAP"] * 100
-        candidates.append({"name": name, "command": shown, "run": _rel(runs_dir / f"ucm_metric_{name}"),
+        candidates.append({"name": name, "command": shown, "run": _rel(runs_dir / f"{prefix}{name}"),
                            "val_map": round(val, 3), "best_epoch": results.get("best_epoch"), "train_s": train_s,
                            "fit_s": (results.get("timing_s") or {}).get("fit")})
         print(f"  {name:32s} val_map {val:.2f} (best epoch {results.get('best_epoch')})", flush=True)
@@ -222,17 +235,23 @@ def metric_runs(data: Path, runs_dir: Path, manifest_path: Path, cache_dir: Path
         results = json.loads((run / "results.json").read_text())
         split = SplitManifest.load(run / "split.json")
         t0 = time.perf_counter()
-        fs = cached_features(data, "ucmerced", create_backbone(f"run:{run}"), cache_dir=cache_dir, progress=False)
+        # the head trained on the frozen backbone's cached features: embedding those features is
+        # the run's forward without extracting the images again (a c4:fusion pass takes minutes)
+        base = cached_features(data, "ucmerced", backbone, "package", cache_dir=cache_dir, progress=False)
+        with torch.no_grad():
+            emb = load_embedder(run).head(torch.from_numpy(np.asarray(base.features, np.float32))).numpy()
+        fs = dataclasses.replace(base, features=emb, meta={**base.meta, "embedding_run": c["run"]})
         embed_s = time.perf_counter() - t0
         bench = Bench(fuse([fs]), split)
-        label = f"Lite0 + {c['name']} embedding"
+        label = f"{_short(backbone)} + {c['name']} embedding"
         rows.append(bench.row(label, "cosine", None))
-        picks = {}
-        for method in ("aqe", "diffusion"):
+        picks, graph_val = {}, {}
+        for method in ("aqe", "diffusion", "kreciprocal"):
             spec, v = bench.choose(GRIDS[method], log, f"{label} / {method}")
-            picks[method] = spec
+            picks[method], graph_val[method] = spec, v
             rows.append(bench.row(label, method, spec, v))
-        rows.append(bench.row(label, "aqe+diffusion", f"{picks['aqe']}+{picks['diffusion']}"))
+        graph = max(("diffusion", "kreciprocal"), key=lambda m: graph_val[m])
+        rows.append(bench.row(label, f"aqe+{graph}", f"{picks['aqe']}+{picks[graph]}"))
         info["chosen"].append({**c, "embed_all_s": round(embed_s, 1),
                                "engine_test": (results.get("test") or {}).get("metrics"),
                                "same_split_as_unsupervised": split.parts == SplitManifest.load(manifest_path).parts,
@@ -273,11 +292,14 @@ def markdown(doc: dict[str, Any]) -> str:
         "|---|---|---|---:|---:|---:|" + "---:|" * len(PRECISION_AT) + "---:|---:|",
     ]
     lines += [_fmt_row(r, "archive") for r in doc["unsupervised"]]
-    best = max(doc["unsupervised"], key=lambda r: r["val_mAP"])
-    am = best["archive"]["metrics"]["mAP"]
-    lines += ["", f"Chosen on val: **{best['features']} + {best['method']}**, archive mAP **{am:.2f}** "
-                  f"({am - 75:+.2f} against the 75 aim); its test queries alone {best['test']['metrics']['mAP']:.2f}.",
-              ""]
+    if doc["unsupervised"]:
+        best = max(doc["unsupervised"], key=lambda r: r["val_mAP"])
+        am = best["archive"]["metrics"]["mAP"]
+        lines += ["", f"Chosen on val: **{best['features']} + {best['method']}**, archive mAP **{am:.2f}** "
+                      f"({am - 75:+.2f} against the 75 aim); its test queries alone "
+                      f"{best['test']['metrics']['mAP']:.2f}.", ""]
+    else:
+        lines = lines[:-4]
     if doc.get("metric"):
         lines += [
             "## `split` protocol, labels of the training part only (420 test queries, database the whole archive "
@@ -291,7 +313,8 @@ def markdown(doc: dict[str, Any]) -> str:
         tm = bestm["test"]["metrics"]["mAP"]
         lines += ["", f"Chosen on val: **{bestm['features']} + {bestm['method']}**, test mAP **{tm:.2f}** "
                       f"({tm - 97:+.2f} against the 97 aim).", "",
-                  "Metric-learning candidates (frozen Lite0, linear embedding head on cached features, 30 epochs, "
+                  f"Metric-learning candidates (frozen {_short(doc.get('metric_backbone', 'tf_efficientnet_lite0'))}, "
+                  "linear embedding head on cached features, 30 epochs, "
                   "best epoch by val_map; sorted by val_map, the val part querying the train part). The first "
                   f"{METRIC_FULL} go on to the table above:", "",
                   "| run | val_map | best epoch | fit (s) | command |", "|---|---:|---:|---:|---|"]
@@ -311,6 +334,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache-dir", type=Path, default=REPO / "runs" / "features")
     ap.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "bench" / "retrieval_quality")
     ap.add_argument("--skip-metric", action="store_true", help="only the unsupervised part")
+    ap.add_argument("--skip-unsupervised", action="store_true", help="only the metric-learning part")
+    ap.add_argument("--metric-backbone", default="tf_efficientnet_lite0",
+                    help="the frozen features the metric-learning embeddings train on (any backbone name)")
+    ap.add_argument("--metric-losses", nargs="+", choices=sorted(METRIC_LOSSES), default=None,
+                    help="metric-learning losses to try (default: all)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "retrieval_quality")
     args = ap.parse_args(argv)
@@ -330,9 +358,11 @@ def main(argv: list[str] | None = None) -> None:
     manifest.save(manifest_path)
     log: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    rows, chosen = unsupervised(args.data, list(args.backbones), manifest, args.cache_dir, log)
+    rows, chosen = ([], {}) if args.skip_unsupervised else unsupervised(args.data, list(args.backbones), manifest,
+                                                                         args.cache_dir, log)
     mrows, minfo = ([], {}) if args.skip_metric else metric_runs(args.data, args.runs_dir, manifest_path,
-                                                                  args.cache_dir, log)
+                                                                  args.cache_dir, log, args.metric_backbone,
+                                                                  args.metric_losses)
     doc = {
         "command": "python benchmarks/retrieval_quality.py " + _q(argv if argv is not None else sys.argv[1:]),
         "protocol_note": (
@@ -341,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
             "the metric-learning runs), never on the test part. `archive`: every image queries the other "
             "2,099 (cosine on L2-normalised features, self excluded); no method uses a label. `split`: the 420 "
             "test images query the whole archive minus the query. Offline weights only (`package`)."),
-        "backbones": list(args.backbones),
+        "backbones": list(args.backbones), "metric_backbone": args.metric_backbone,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads()},
         "grids": GRIDS, "whiten_dims": list(WHITEN_DIMS), "chosen": chosen,

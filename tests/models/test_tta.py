@@ -73,3 +73,22 @@ def test_an_archive_of_a_tta_backbone_embeds_queries_the_same_way(tmp_path) -> N
     first = arch.record(0)
     hit = arch.search(first.path, k=1)[0]  # the file embedded again, through the recorded name
     assert hit.record.id == first.id and hit.distance < 1e-5
+
+
+def test_a_model_on_a_test_time_mean_saves_and_reloads(tmp_path, inner) -> None:  # noqa: ANN001
+    """A classifier and an embedder trained on ``c4:NAME`` reload as ``c4:NAME`` (the loader once knew
+    only plain and fusion names) and compute what was saved; the reloaded features stay
+    rotation-invariant."""
+    from landlens.models.classifier import (Classifier, Embedder, EmbeddingConfig, load_classifier,
+                                            load_embedder, save_classifier)
+
+    c4 = TTABackbone("c4", inner)
+    x = _x(3)
+    for model, load in ((Classifier(c4, ["a", "b", "c"]), load_classifier),
+                        (Embedder(c4, ["a", "b"], EmbeddingConfig(dim=8)), load_embedder)):
+        save_classifier(model.eval(), tmp_path / type(model).__name__)
+        again = load(tmp_path / type(model).__name__)
+        assert again.backbone.name == "c4:resnet18" and isinstance(again.backbone, TTABackbone)
+        with torch.no_grad():
+            torch.testing.assert_close(again(x), model(x), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(again(torch.rot90(x, 1, (-2, -1))), model(x), atol=1e-4, rtol=1e-4)

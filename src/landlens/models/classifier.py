@@ -41,6 +41,7 @@ from landlens.atomic import atomic_write_json
 from landlens.errors import BackboneError, CheckpointError, LandlensError, WeightsError, first_line
 from landlens.models.preprocessing import Preprocessing
 from landlens.models.base import Backbone, BackboneSpec, WeightsInfo
+from landlens.models.tta import GROUPS, TTABackbone
 
 MODEL_FORMAT = "landlens-classifier"
 EMBEDDER_FORMAT = "landlens-embedder"
@@ -112,10 +113,11 @@ class _BackboneWithHead(nn.Module):
             "classes": list(self.classes),
             "preprocessing": self.backbone.preprocessing.to_dict(),
             "initial_weights": self.backbone.weights.to_dict(),
-            # a fusion (models.fusion): each member's architecture and the view it was trained on
+            # a fusion (models.fusion), also inside a test-time mean (models.tta: ``c4:fusion``):
+            # each member's architecture and the view it was trained on
             **({"members": [{"backbone": m.spec.name, "preprocessing": m.preprocessing.to_dict(),
-                             "initial_weights": m.weights.to_dict()} for m in self.backbone.members]}
-               if hasattr(self.backbone, "members") else {}),
+                             "initial_weights": m.weights.to_dict()} for m in fused.members]}
+               if hasattr(fused := getattr(self.backbone, "inner", self.backbone), "members") else {}),
         }
 
 
@@ -309,6 +311,9 @@ def load_classifier(directory: str | os.PathLike[str], *, map_location: str = "c
 def _rebuild_backbone(meta: dict[str, Any], d: Path) -> Backbone:
     """The backbone ``model.json`` describes, randomly initialised (the tensors come next)."""
     name = str(meta["backbone"])
+    group, sep, inner = name.partition(":")
+    if sep and group.lower() in GROUPS:  # a test-time mean (``c4:NAME``) around the backbone NAME
+        return TTABackbone(group.lower(), _rebuild_backbone({**meta, "backbone": inner}, d))
     if name.lower().startswith("fusion:"):
         from landlens.models.fusion import FusedBackbone
 
