@@ -229,9 +229,9 @@ def test_specs_build_the_named_methods_and_read_back():
     ("diffusion:alpha=1.5", "alpha=1.5 must be in (0, 1)"),
     ("diffusion:graph=dense", "must be 'mutual' or 'symmetric'"),
     ("kreciprocal:lambda=2", "lambda=2.0 must be in [0, 1]"),
-    ("diffusion+aqe", "a combination is aqe followed by"),
-    ("aqe+aqe", "a combination is aqe followed by"),
-    ("aqe+diffusion+kreciprocal", "a combination is aqe followed by"),
+    ("diffusion+aqe", "a combination is aqe or clusterlda followed by"),
+    ("aqe+aqe", "a combination is aqe or clusterlda followed by"),
+    ("aqe+diffusion+kreciprocal", "a combination is aqe or clusterlda followed by"),
     ("aqe+", "empty part"),
     ("aqe:n=2,n=3", "given twice"),
 ])

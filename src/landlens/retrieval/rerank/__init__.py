@@ -1,4 +1,5 @@
-"""Unsupervised re-ranking of retrieval results: alpha-QE (+ alpha-DBA), diffusion, k-reciprocal.
+"""Unsupervised re-ranking of retrieval results: alpha-QE (+ alpha-DBA), cluster projections,
+diffusion, k-reciprocal.
 
 Every method here uses no label: it looks only at the database's features (the k-NN graph
 of the archive) and at the query. The base similarity is the cosine, i.e. the dot product
@@ -10,6 +11,9 @@ spec          method
 aqe           alpha-weighted query expansion, optionally with alpha database-side
               augmentation (Radenović, Tolias & Chum, "Fine-tuning CNN image retrieval with
               no human annotation", TPAMI 2018, Sec. 5): :class:`AlphaQE` (``aqe.py``)
+clusterlda    the features extended by Fisher discriminants of the archive's own k-means
+              clusters at several granularities (pseudo-label metric learning, no label):
+              :class:`ClusterLDA` (``clusters.py``)
 diffusion     diffusion on the mutual k-NN graph solved by conjugate gradient (Iscen, Tolias,
               Avrithis, Furon & Chum, "Efficient diffusion on region manifolds", CVPR 2017,
               Sec. 3-4): :class:`Diffusion` (``diffusion.py``)
@@ -32,8 +36,9 @@ A re-ranker is an estimator in the scikit-learn style: the settings go to ``__in
 
 :func:`make_reranker` builds one from a short spec such as ``"aqe:n=2,alpha=3"``,
 ``"diffusion:k=50,gamma=3,alpha=0.99"``, ``"kreciprocal:k1=20,k2=6,lambda=0.3"`` or a
-combination ``"aqe+diffusion"`` (query expansion first, then the graph method on the
-expanded query and, with ``dba``, the augmented database).
+combination ``"aqe+diffusion"`` / ``"clusterlda+kreciprocal"`` (the expansion first, then the
+graph method on the expanded query and the database the expansion searches: augmented with
+``dba``, extended by ``clusterlda``).
 
 Queries that are database rows (the ``archive`` protocol, or searching by an archive
 image): the query's own row is found by its exact feature bytes (or given as
@@ -51,7 +56,7 @@ graph, and, for k-reciprocal, sparse set operations over its candidate lists.
 from __future__ import annotations
 
 # importing a method's module registers it with make_reranker, in this (alphabetical) order: aqe,
-# diffusion, kreciprocal (the order `make_reranker` lists them in its messages)
+# clusterlda, diffusion, kreciprocal (the order `make_reranker` lists them in its messages)
 from landlens.retrieval.rerank.aqe import AlphaQE, augment
 from landlens.retrieval.rerank.base import (
     SPEC_HELP,
@@ -60,6 +65,7 @@ from landlens.retrieval.rerank.base import (
     RerankPipeline,
     make_reranker,
 )
+from landlens.retrieval.rerank.clusters import ClusterLDA, cluster_grid
 from landlens.retrieval.rerank.diffusion import Diffusion, conjugate_gradient
 from landlens.retrieval.rerank.graph import knn_graph, topk_rows
 from landlens.retrieval.rerank.kreciprocal import KReciprocal, jaccard_min_sums
@@ -95,12 +101,14 @@ __all__ = [
     "SPEC_HELP",
     "AlphaQE",
     "BoundReranker",
+    "ClusterLDA",
     "Diffusion",
     "KReciprocal",
     "RerankPipeline",
     "Reranker",
     "archive_rerank",
     "augment",
+    "cluster_grid",
     "conjugate_gradient",
     "jaccard_min_sums",
     "knn_graph",

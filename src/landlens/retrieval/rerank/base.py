@@ -82,6 +82,9 @@ class Reranker:
     aliases: ClassVar[tuple[str, ...]] = ()
     #: ``"expansion"`` (rewrites the query: first in a combination) or ``"graph"`` (second)
     stage: str = ""
+    #: an expansion whose rewrite of a database row's query is that row of its ``searched_``
+    #: (the graph stage of a combination then knows the query's own node)
+    keeps_rows: ClassVar[bool] = False
 
     # -------------------------------------------------------------- settings
     def params(self) -> dict[str, Any]:
@@ -280,13 +283,15 @@ class BoundReranker:
 
 
 class RerankPipeline(Reranker):
-    """alpha-QE (optionally with alpha-DBA) followed by a graph re-ranker.
+    """An expansion (alpha-QE, optionally with alpha-DBA; or cluster projections) followed by a
+    graph re-ranker.
 
     The graph method (diffusion or k-reciprocal) is fitted on the database the expansion
-    searches (augmented with ``dba``) and ranks for the expanded queries, which are treated
-    as queries from outside the database. ``expansion`` is a re-ranker of stage
-    ``"expansion"`` (:class:`~landlens.retrieval.rerank.aqe.AlphaQE`: it has ``expand`` and
-    ``searched_``), ``graph`` one of stage ``"graph"``.
+    searches (augmented with ``dba``, or extended by ``clusterlda``) and ranks for the expanded
+    queries, which are treated as queries from outside the database unless the expansion
+    ``keeps_rows`` (a database row's rewrite is its row of ``searched_``). ``expansion`` is a
+    re-ranker of stage ``"expansion"`` (it has ``expand`` and ``searched_``: :class:`AlphaQE`,
+    :class:`ClusterLDA`), ``graph`` one of stage ``"graph"``.
     """
 
     method = "pipeline"
@@ -316,7 +321,8 @@ class RerankPipeline(Reranker):
 
     def _score(self, q: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         qe = self.expansion.expand(q, rows)  # type: ignore[attr-defined]
-        return self.graph._score(qe, np.full(qe.shape[0], -1, dtype=np.int64))
+        own = rows if self.expansion.keeps_rows else np.full(qe.shape[0], -1, dtype=np.int64)
+        return self.graph._score(qe, own)
 
 
 # ------------------------------------------------------------------------------ specs
@@ -360,8 +366,9 @@ def _visible_keys(settings: dict[str, tuple[str, type]]) -> list[str]:
 
 _STAGE = re.compile(r"^(?P<name>[a-z][a-z0-9_-]*)(?::(?P<opts>.*))?$")
 
-SPEC_HELP = ("aqe[:n=2,alpha=3,dba=0] | diffusion[:k=50,kq=10,gamma=3,alpha=0.99,iters=20,tol=1e-6,graph=mutual] "
-             "| kreciprocal[:k1=20,k2=6,lambda=0.3] | aqe+diffusion | aqe+kreciprocal")
+SPEC_HELP = ("aqe[:n=2,alpha=3,dba=0] | clusterlda[:kmin=12,kmax=96,steps=7,weight=2,dim=256,seed=0] "
+             "| diffusion[:k=50,kq=10,gamma=3,alpha=0.99,iters=20,tol=1e-6,graph=mutual] "
+             "| kreciprocal[:k1=20,k2=6,lambda=0.3] | aqe+diffusion | aqe+kreciprocal | clusterlda+kreciprocal")
 
 
 def _stage(text: str, spec: str) -> Reranker:
