@@ -91,5 +91,8 @@ def test_specs_and_refusals():
                       ("clusterlda:weight=-1", "weight=-1"), ("clusterlda:dim=1", "dim=1")):
         with pytest.raises(LandlensError, match=msg):
             make_reranker(spec)
-    with pytest.raises(LandlensError, match="at least 10 images"):
-        make_reranker("clusterlda").fit(np.eye(6, dtype=np.float32))
+    tiny = np.random.default_rng(0).normal(size=(9, 5)).astype(np.float32)  # under 10 images: not clustered
+    r = make_reranker("clusterlda").fit(tiny)
+    u = tiny / np.linalg.norm(tiny, axis=1, keepdims=True)
+    assert r.ks_ == [] and np.allclose(r.distances(tiny).numpy(), 1 - u @ u.T, atol=1e-6)
+    assert make_reranker("clusterlda").fit(np.vstack([tiny, tiny[:1] + 1])).ks_ == [2]

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from landlens.errors import ConfigError, LandlensError
+from landlens.errors import ConfigError
 from landlens.retrieval.rerank.base import Reranker, register
 
 
@@ -48,7 +48,8 @@ class ClusterLDA(Reranker):
     """Features extended by Fisher discriminants of the archive's own k-means clusters.
 
     See the module docstring. Settings: ``kmin``, ``kmax``, ``steps`` (the grid of cluster
-    counts, :func:`cluster_grid`), ``weight`` (``w``: the projected block's weight against the
+    counts, :func:`cluster_grid`; a database of fewer than 10 images is not clustered and keeps its
+    features), ``weight`` (``w``: the projected block's weight against the
     unit feature vector), ``dim`` (PCA dimensions the clustering and LDA work in), ``seed``
     (k-means initialisation). Its own distance is the cosine of the extended vectors; as the
     first stage of a combination (``clusterlda+kreciprocal``) the graph method is fitted on the
@@ -93,14 +94,15 @@ class ClusterLDA(Reranker):
 
         a = x.numpy().astype(np.float64)
         n = a.shape[0]
-        if n < 10:
-            raise LandlensError(f"clusterlda needs a database of at least 10 images to cluster, got {n}")
-        self.ks_ = cluster_grid(self.kmin, self.kmax, self.steps, n)
+        # fewer than 10 images (two clusters of five): nothing to cluster, the features stay as they are
+        self.ks_ = cluster_grid(self.kmin, self.kmax, self.steps, n) if n >= 10 else []
         self.mean_ = a.mean(0)
-        pca = PCA(min(self.dim, n - 1, a.shape[1]), random_state=self.seed).fit(a - self.mean_)
-        self.components_ = pca.components_
+        self.components_ = np.zeros((0, a.shape[1]))
+        self.discriminants_: list[np.ndarray] = []
+        if self.ks_:
+            pca = PCA(min(self.dim, n - 1, a.shape[1]), random_state=self.seed).fit(a - self.mean_)
+            self.components_ = pca.components_
         z = (a - self.mean_) @ self.components_.T
-        self.discriminants_ = []
         for k in self.ks_:
             ids = KMeans(k, n_init=4, random_state=self.seed).fit_predict(z)
             lda = LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto").fit(z, ids)
@@ -112,12 +114,12 @@ class ClusterLDA(Reranker):
         """The extended unit vectors of ``q`` (rows L2-normalised on entry)."""
         a = q.numpy().astype(np.float64)
         z = (a - self.mean_) @ self.components_.T
-        blocks = []
+        blocks = [a]
         for w in self.discriminants_:
             u = z @ w
-            blocks.append(u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12))
-        scale = self.weight / math.sqrt(len(blocks))
-        out = np.hstack([a, scale * np.hstack(blocks)])
+            blocks.append(self.weight / math.sqrt(len(self.discriminants_))
+                          * u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12))
+        out = np.hstack(blocks)
         return torch.nn.functional.normalize(torch.from_numpy(out.astype(np.float32)), dim=1).contiguous()
 
     def expand(self, q: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
