@@ -303,7 +303,7 @@ def markdown(doc: dict[str, Any]) -> str:
     if doc.get("metric"):
         lines += [
             "## `split` protocol, labels of the training part only (420 test queries, database the whole archive "
-            "minus the query; aim 97 mAP)",
+            "minus the query; aim 99 mAP, issue #16; the first aim was 97)",
             "",
             f"| features | method | settings (chosen on val) | mAP | ANMRR | {pk} | val mAP | ms/query |",
             "|---|---|---|---:|---:|" + "---:|" * len(PRECISION_AT) + "---:|---:|",
@@ -312,7 +312,7 @@ def markdown(doc: dict[str, Any]) -> str:
         bestm = max(doc["metric"], key=lambda r: r["val_mAP"])
         tm = bestm["test"]["metrics"]["mAP"]
         lines += ["", f"Chosen on val: **{bestm['features']} + {bestm['method']}**, test mAP **{tm:.2f}** "
-                      f"({tm - 97:+.2f} against the 97 aim).", "",
+                      f"({tm - 99:+.2f} against the 99 aim).", "",
                   f"Metric-learning candidates (frozen {_short(doc.get('metric_backbone', 'tf_efficientnet_lite0'))}, "
                   "linear embedding head on cached features, 30 epochs, "
                   "best epoch by val_map; sorted by val_map, the val part querying the train part). The first "
