@@ -163,7 +163,12 @@ def retrieval_rows(dataset: str) -> list[dict]:
 
     ds = scan_folder(folder(dataset))
     rows = []
-    for name, backbone, rerank in (("plain", "tf_efficientnet_lite0", None), ("default", "fusion", RERANK)):
+    from landlens.retrieval.rerank import DEFAULT_RERANK
+
+    pipelines = [("plain", "tf_efficientnet_lite0", None), ("default", "fusion", DEFAULT_RERANK)]
+    if DEFAULT_RERANK != RERANK:  # the re-ranking of the selection above, beside the default that followed it
+        pipelines.insert(1, ("k-reciprocal only", "fusion", RERANK))
+    for name, backbone, rerank in pipelines:
         fs, path, _, _ = cached_store(ds, create_backbone(backbone, "package"), cache_dir=REPO / "runs/features",
                                       progress=True)
         t0 = time.perf_counter()

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from fixtures.make_datasets import make_dataset, make_folder_dataset
 
 from landlens.cli.main import cli
+from landlens.retrieval.rerank import DEFAULT_RERANK
 
 
 def _all_commands(group, prefix=()):
@@ -99,9 +100,9 @@ def test_quickstart_shows_the_plain_row_and_the_best_pipeline(tmp_path):
     plain, best = result["rows"]
     assert (plain["pipeline"], plain["backbone_name"], plain["rerank"]) == ("plain", "tf_efficientnet_lite0", None)
     assert best["pipeline"] == "best" and best["backbone_name"].startswith("fusion:tf_efficientnet_lite0+")
-    assert best["rerank"].startswith("kreciprocal")
+    assert best["rerank"] == DEFAULT_RERANK and best["rerank"].startswith("clusterlda")
     assert "| plain | ucmerced | tf_efficientnet_lite0 | none | 20 |" in res.output
-    assert "| best | ucmerced | fusion: lite0 + mobilenet_v2 + squeezenet1_1 + geoembed_v3 | k-reciprocal | 20 |" in res.output
+    assert "| best | ucmerced | fusion: lite0 + mobilenet_v2 + squeezenet1_1 + geoembed_v3 | cluster LDA + k-reciprocal | 20 |" in res.output
     # the same numbers from `retrieval evaluate` with its defaults (the same pipeline) and with --plain
     for flags, row in (([], best), (["--plain"], plain)):
         r = CliRunner().invoke(cli, ["retrieval", "evaluate", str(root), "-d", "ucmerced", *flags, "--cache-dir",

@@ -144,11 +144,16 @@ def _echo_table(ds, data: Path, rows: list[dict]) -> None:
     click.echo("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         m = r["metrics"]
-        rr = "k-reciprocal" if r["rerank"] and r["rerank"].startswith("kreciprocal") else (r["rerank"] or "none")
+        rr = " + ".join(_METHOD_NAMES.get(part.split(":")[0], part) for part in r["rerank"].split("+")) \
+            if r["rerank"] else "none"
         click.echo(f"| {r['pipeline']} | {ds.name or data.name} | {_short(r['backbone_name'])} | {rr} | {r['images']} "
                    f"| {100 * m['mAP']:.2f} | {m['ANMRR']:.4f} | "
                    + " | ".join(f"{100 * m[f'P@{k}']:.2f}" for k in (5, 10, 50, 100))
                    + f" | {r['extraction']['seconds']:.0f} | {r['evaluation_seconds']:.1f} |")
+
+
+_METHOD_NAMES = {"kreciprocal": "k-reciprocal", "clusterlda": "cluster LDA", "aqe": "alpha-QE",
+                 "diffusion": "diffusion"}
 
 
 def _short(name: str) -> str:

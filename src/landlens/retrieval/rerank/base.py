@@ -366,7 +366,7 @@ def _visible_keys(settings: dict[str, tuple[str, type]]) -> list[str]:
 
 _STAGE = re.compile(r"^(?P<name>[a-z][a-z0-9_-]*)(?::(?P<opts>.*))?$")
 
-SPEC_HELP = ("aqe[:n=2,alpha=3,dba=0] | clusterlda[:kmin=12,kmax=96,steps=7,weight=2,dim=256,seed=0] "
+SPEC_HELP = ("aqe[:n=2,alpha=3,dba=0] | clusterlda[:kmin=24,kmax=96,steps=5,weight=1,dim=256,seed=0] "
              "| diffusion[:k=50,kq=10,gamma=3,alpha=0.99,iters=20,tol=1e-6,graph=mutual] "
              "| kreciprocal[:k1=20,k2=6,lambda=0.3] | aqe+diffusion | aqe+kreciprocal | clusterlda+kreciprocal")
 
