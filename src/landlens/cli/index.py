@@ -85,10 +85,10 @@ def index_group() -> None:
                    "lists memory-mapped from disk, re-ranked exactly) | a FAISS factory string such as 'IVF256,Flat'")
 @click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
 @click.option("--rerank", default=None, metavar="SPEC",
-              help="the archive's default re-ranking of every search: auto (k-reciprocal, k1=80 k2=6 lambda=0.1, "
-                   "for cosine archives of up to 50,000 images; its k-NN graph is fitted at the first search of each "
-                   "generation, about 4 s for UC Merced's 2,100 fused vectors on 2 cores), none, or a spec as in `retrieval evaluate --rerank` "
-                   "[default: auto]")
+              help="the archive's default re-ranking of every search: auto (cluster projections then k-reciprocal, "
+                   "clusterlda+kreciprocal:k1=80,k2=6,lambda=0.1, for cosine archives of up to 50,000 images; fitted "
+                   "at the first search of each generation in a process, about 18 s for UC Merced's 2,100 fused "
+                   "vectors on 2 cores), none, or a spec as in `retrieval evaluate --rerank` [default: auto]")
 @click.option("--plain", is_flag=True,
               help="the single-backbone archive: EfficientNet-Lite0 (unless --backbone), no re-ranking")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
@@ -114,8 +114,9 @@ def build_cmd(data: tuple[Path, ...], out: Path, dataset: str | None, backbone: 
     hits.geojson` answers with places. Chips mostly without data (--min-valid) are skipped.
 
     By default the archive holds the best measured unsupervised pipeline (fused offline
-    backbones, k-reciprocal re-ranking: 84.5 mAP on UC Merced against 59.0 for EfficientNet-Lite0
-    alone, benchmarks/results/default_pipeline.md); --plain gives the single backbone.
+    backbones, cluster projections and k-reciprocal re-ranking: 89.4 mAP on UC Merced against 59.0
+    for EfficientNet-Lite0 alone, benchmarks/results/cluster_projection.md); --plain gives the
+    single backbone.
     """
     from landlens.errors import LandlensError
     from landlens.retrieval.archive import Archive

@@ -34,7 +34,7 @@ def _parse_ks(text: str) -> tuple[int, ...]:
               help="backbone name (`landlens models list`); repeat to fuse several (L2-normalised, concatenated); "
                    "not with an archive, whose vectors are evaluated as they are [default: the best measured "
                    "unsupervised pipeline, -b fusion (four offline backbones, about 4.7x the extraction time of Lite0 "
-                   "alone) with --rerank kreciprocal:k1=80,k2=6,lambda=0.1]")
+                   "alone) with --rerank clusterlda+kreciprocal:k1=80,k2=6,lambda=0.1]")
 @click.option("--plain", is_flag=True,
               help="the single-backbone baseline: EfficientNet-Lite0 (unless -b), no re-ranking (an archive: "
                    "without its recorded re-ranking)")
@@ -59,7 +59,9 @@ def _parse_ks(text: str) -> tuple[int, ...]:
               help="unsupervised re-ranking on the database's k-NN graph (cosine base, no labels): "
                    "aqe[:n=2,alpha=3,dba=0] (alpha query expansion), "
                    "diffusion[:k=50,kq=10,gamma=3,alpha=0.99], kreciprocal[:k1=20,k2=6,lambda=0.3], "
-                   "or aqe+diffusion / aqe+kreciprocal; none [default: k-reciprocal when no -b is given, an "
+                   "clusterlda[:kmin=24,kmax=96,steps=5,weight=1] (cluster projections of the database), "
+                   "or aqe+diffusion / aqe+kreciprocal / clusterlda+kreciprocal; none [default: "
+                   "clusterlda+kreciprocal when no -b is given, an "
                    "archive's own re-ranking for an archive, else none]")
 @click.option("--precision-at", "precision_at", default="5,10,50,100,1000", show_default=True,
               help="the k of P@k, comma-separated")

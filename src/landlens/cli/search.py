@@ -36,7 +36,8 @@ OLD_INDEX = ("{path} is a search index of landlens 0.1 (index.json, rows instead
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the training sample and k-means")
 @click.option("--rerank", default="none", show_default=True, metavar="SPEC",
               help="the archive's default re-ranking of every search: none, auto (what `index build` records: "
-                   "k-reciprocal for cosine archives of up to 50,000 images) or a spec as in `retrieval evaluate`")
+                   "cluster projections then k-reciprocal for cosine archives of up to 50,000 images) or a spec as "
+                   "in `retrieval evaluate`")
 @click.option("--overwrite", is_flag=True, help="replace an existing archive at --out (atomically)")
 @click.option("--json", "as_json", is_flag=True, help="print the archive summary as JSON")
 def index_cmd(store: Path, out: Path, kind: str, metric: str, nprobe: int | None, ef_search: int | None,
@@ -146,8 +147,8 @@ def search_cmd(archive_dir: Path, queries: tuple[Path, ...], k: int, as_json: bo
     Rocchio's formula q' = A q + B mean(relevant) - C mean(not relevant) on L2-normalised
     vectors (Manning, Raghavan & Schutze 2008, eq. 9.3; default A B C = 1 0.75 0.15).
 
-    --rerank SPEC re-ranks the whole archive without labels (alpha query expansion, diffusion,
-    k-reciprocal; see `landlens retrieval evaluate --help`); it combines with relevance feedback.
+    --rerank SPEC re-ranks the whole archive without labels (alpha query expansion, cluster
+    projections, diffusion, k-reciprocal; see `landlens retrieval evaluate --help`); it combines with relevance feedback.
 
     --text ranks the archive by cosine in the space of the alignment attached with `landlens
     index text` (one text encoding and one scan of the projected vectors per query); relevance
