@@ -14,7 +14,7 @@ follow the groups. No label is used: the clusters are the archive's. Several ``k
 than one chosen ``k``: one clustering with fewer groups than the archive's scene types merges
 them and costs more than it gives (UC Merced ``c4:fusion``, ``k`` = 13 chosen by silhouette: 82.99
 mAP against 86.72 without it), while the mean over a grid of counts is stable: every grid tried
-on UC Merced's val queries lands within 1.5 points (``benchmarks/results/cluster_projection.md``).
+on UC Merced's val queries lands within 1.7 points (``benchmarks/results/cluster_projection.md``).
 The defaults (``kmin=24,kmax=96,steps=5,weight=1``) were chosen there on the default ``fusion``.
 
 The idea is the pseudo-label step of unsupervised re-identification (cluster the unlabelled
