@@ -26,6 +26,7 @@ LDA, as in KISSME-style metric learning on pseudo-labels) instead of network fin
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, ClassVar
 
 import numpy as np
@@ -106,7 +107,9 @@ class ClusterLDA(Reranker):
         z = (a - self.mean_) @ self.components_.T
         for k in self.ks_:
             ids = KMeans(k, n_init=4, random_state=self.seed).fit_predict(z)
-            lda = LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto").fit(z, ids)
+            with warnings.catch_warnings():  # a one-image cluster: Ledoit-Wolf warns, the shrinkage copes
+                warnings.filterwarnings("ignore", "Only one sample available", UserWarning)
+                lda = LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto").fit(z, ids)
             # LDA.transform of the eigen solver: z @ scalings_, first k - 1 columns (z is centred)
             self.discriminants_.append(lda.scalings_[:, : min(len(lda.classes_) - 1, z.shape[1])])
         self.searched_ = self.transform(x)
