@@ -20,7 +20,7 @@ The defaults (``kmin=24,kmax=96,steps=5,weight=1``) were chosen there on the def
 The idea is the pseudo-label step of unsupervised re-identification (cluster the unlabelled
 set, learn a metric on the cluster ids; e.g. Fan, Zheng, Yan & Yang, "Unsupervised person
 re-identification: clustering and fine-tuning", TOMM 2018) with a linear metric (Fisher's
-LDA, as in KISSME-style metric learning on pseudo-labels) instead of network fine-tuning.
+LDA on the cluster ids) instead of network fine-tuning.
 """
 
 from __future__ import annotations
