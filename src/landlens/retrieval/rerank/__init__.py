@@ -78,8 +78,8 @@ the val queries of the default ``fusion`` (benchmarks/results/cluster_projection
 85.41 -> 89.68 val mAP, archive 84.50 -> 89.37; checked on EuroSAT's val queries, 69.32 -> 74.02)."""
 AUTO_RERANK_MAX_IMAGES = 50_000
 """``rerank="auto"`` re-ranks archives up to this size: it is fitted once per archive generation
-(UC Merced's 2,100 fused vectors: about 10 s on 2 cores; EuroSAT's 27,000: about 5 minutes on 2
-shared cores, growing with the square of the size)."""
+(UC Merced's 2,100 fused vectors: about 8-18 s on 2 cores; EuroSAT's 27,000: 199 s to fit it and
+rank every image, benchmarks/results/default_pipeline.md; growing with the square of the size)."""
 
 
 def archive_rerank(spec: str | None, n_images: int, metric: str) -> str | None:
