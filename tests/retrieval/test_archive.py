@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from safetensors.numpy import load_file
 
 from fixtures.archives import archive_copy
 from fixtures.make_datasets import class_image, make_folder_dataset, write_image
@@ -371,6 +372,40 @@ def test_rerank_refits_after_an_update_and_refuses_bad_specs(arch: Archive, data
     hits = arch.search_id(new.id, 3)
     assert arch.rerank_info()["database_size"] == before + 1
     assert new.id not in [h.record.id for h in hits] and len(hits) == 3
+
+
+def test_a_fitted_rerank_is_kept_beside_the_archive_for_the_next_process(
+        arch: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first search fits the re-ranker and keeps it in rerank/; an archive opened later
+    restores it (no learning) and answers the same; a damaged file is fitted again; an update's
+    generation fits its own and the clean-up drops the old one's."""
+    from landlens.retrieval.rerank.kreciprocal import KReciprocal
+
+    spec = "clusterlda:kmin=2,kmax=4,steps=2,weight=1,dim=256,seed=0+kreciprocal:k1=4,k2=2,lambda=0.3"
+    ids = [r.id for r in arch.records()]
+    arch.set_rerank(spec)
+    want = {qid: [(h.record.id, h.distance) for h in arch.search_id(qid, 5)] for qid in ids}
+    (kept,) = sorted((arch.directory / "rerank").iterdir())
+    assert kept.name.startswith("gen-00000001.") and kept.suffix == ".safetensors"
+
+    def refuse(self: object, x: object) -> None:
+        raise AssertionError("fitted again instead of restoring")
+
+    with monkeypatch.context() as m:
+        m.setattr(KReciprocal, "_fit", refuse)
+        later = Archive.open(arch.directory)
+        later.set_rerank(spec)
+        assert later.rerank_info()["restored"] is True
+        assert {qid: [(h.record.id, h.distance) for h in later.search_id(qid, 5)] for qid in ids} == want
+    kept.write_bytes(b"not a safetensors file")
+    damaged = Archive.open(arch.directory)
+    damaged.set_rerank(spec)
+    assert damaged.rerank_info()["restored"] is False
+    assert {qid: [(h.record.id, h.distance) for h in damaged.search_id(qid, 5)] for qid in ids} == want
+    assert Archive.open(arch.directory).set_rerank(spec) is None and len(load_file(kept)) > 2  # written again
+    arch.add([_image(tmp_path / "extra.png", 1, 50, (48, 48))], ["forest"])
+    arch.search_id(ids[0], 3)
+    assert sorted(p.name.split(".")[0] for p in (arch.directory / "rerank").iterdir()) == ["gen-00000002"]
 
 
 def test_optimized_forward_gives_the_eager_features(arch: Archive, data: Path) -> None:

@@ -87,8 +87,9 @@ def index_group() -> None:
 @click.option("--rerank", default=None, metavar="SPEC",
               help="the archive's default re-ranking of every search: auto (cluster projections then k-reciprocal, "
                    "clusterlda+kreciprocal:k1=80,k2=6,lambda=0.1, for cosine archives of up to 50,000 images; fitted "
-                   "at the first search of each generation in a process, about 18 s for UC Merced's 2,100 fused "
-                   "vectors on 2 cores), none, or a spec as in `retrieval evaluate --rerank` [default: auto]")
+                   "at the first search of each generation, about 18 s for UC Merced's 2,100 fused vectors on 2 "
+                   "cores, and kept in the archive's rerank/ folder for later processes), none, or a spec as in "
+                   "`retrieval evaluate --rerank` [default: auto]")
 @click.option("--plain", is_flag=True,
               help="the single-backbone archive: EfficientNet-Lite0 (unless --backbone), no re-ranking")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,

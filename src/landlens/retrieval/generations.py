@@ -14,6 +14,9 @@ stands on::
         seg-00000008/      ... one per update that added images or merged segments
         align-00000005.safetensors   an image-text alignment attached by generation 5
       uploads/             images added through the service, named by their sha256
+      rerank/              fitted re-rankers of the live generation (``gen-00000009.<spec hash>
+                           .safetensors``), written by the first search that fits one so that
+                           later processes restore it; a cache: deleted with its generation
       .lock                serialises writers across processes (``fcntl.flock``)
       .readers             readers hold it shared while loading a generation; the writer's
                            clean-up holds it exclusive, so a load never sees its files vanish
@@ -74,6 +77,7 @@ CURRENT = "CURRENT"
 GEN_PREFIX = "gen-"
 LOCK = ".lock"
 UPLOADS = "uploads"
+RERANK = "rerank"
 FEATURES = "features"
 READERS = ".readers"
 GENERATION_JSON = "generation.json"
@@ -193,6 +197,14 @@ def load_current(directory: Path, reuse: Generation | None = None) -> Generation
 
 def generation_name(n: int) -> str:
     return f"{GEN_PREFIX}{n:08d}"
+
+
+def rerank_state_path(directory: Path, generation: int, spec: str) -> Path:
+    """Where the re-ranker ``spec`` fitted on generation ``generation`` is kept (``rerank/``)."""
+    import hashlib
+
+    digest = hashlib.blake2b(spec.encode(), digest_size=8).hexdigest()
+    return directory / RERANK / f"{generation_name(generation)}.{digest}.safetensors"
 
 
 def read_current(directory: Path) -> str | None:
@@ -317,6 +329,12 @@ def collect_garbage(directory: Path, state: Generation) -> None:
                     else:
                         with contextlib.suppress(OSError):
                             p.unlink()
+        fitted = directory / RERANK
+        if fitted.is_dir():
+            for p in fitted.iterdir():  # fitted on a generation that is gone (or a partial write)
+                if not p.name.startswith(generation_name(state.generation) + "."):
+                    with contextlib.suppress(OSError):
+                        p.unlink()
         uploads = directory / UPLOADS
         if uploads.is_dir():
             for p in uploads.iterdir():  # named <sha256><suffix>, or .<name>.part while copied
@@ -327,8 +345,8 @@ def collect_garbage(directory: Path, state: Generation) -> None:
 
 __all__ = [
     "CLASS_NAME_LIMIT", "CURRENT", "DELETED", "FEATURES", "FORMAT_VERSION", "GEN_PREFIX", "LEGACY_FORMAT", "LOCK",
-    "READERS", "UPLOADS", "UPLOAD_SUFFIXES", "ArchiveError", "GeoRecord", "Generation", "ImageRecord",
+    "READERS", "RERANK", "UPLOADS", "UPLOAD_SUFFIXES", "ArchiveError", "GeoRecord", "Generation", "ImageRecord",
     "UnknownImageError", "chip_geo", "collect_garbage", "commit_generation", "describe_file", "file_lock", "fsync_dir",
     "fsync_tree", "generation_name", "image_name", "is_archive", "load_current", "load_generation", "read_current",
-    "sha256_file", "stored_path", "utc_now", "validate_class_name", "write_generation",
+    "rerank_state_path", "sha256_file", "stored_path", "utc_now", "validate_class_name", "write_generation",
 ]  # fmt: skip

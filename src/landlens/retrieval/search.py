@@ -8,7 +8,9 @@ ways:
 * **plain**: the FAISS index's nearest neighbours under the archive's metric;
 * **unsupervised re-ranking** (``rerank="kreciprocal"``, ``"aqe+diffusion"``...,
   :mod:`landlens.retrieval.rerank`): fitted once per archive generation on its vectors (no
-  labels) and kept until the next update, it ranks the whole archive per query;
+  labels) and kept until the next update, in this process and beside the archive (``rerank/``,
+  so that the next process restores it instead of fitting it again), it ranks the whole
+  archive per query;
 * **learned matching** (``matcher=RUN``, a discriminator of ``landlens matching train-dml``
   trained on this archive's features): the index's ``shortlist`` nearest images are re-ranked
   by match probability (``distance = 1 - P(match)``).
@@ -32,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from landlens.retrieval.feedback import RocchioWeights, rocchio, rocchio_weights
-from landlens.retrieval.generations import ArchiveError, Generation, ImageRecord, UnknownImageError, sha256_file
+from landlens.retrieval.generations import (ArchiveError, Generation, ImageRecord, UnknownImageError,
+                                            rerank_state_path, sha256_file)
 
 NO_RERANK = "none"
 """The ``rerank`` value that turns off an archive's default re-ranking for one search."""
@@ -59,12 +62,42 @@ class ArchiveHit:
                 "height": r.height, "distance": self.distance, "score": self.score}
 
 
+def _read_state(path: Path) -> dict[str, np.ndarray] | None:
+    """A re-ranker's fitted state kept beside the archive, or ``None`` (none kept, or unreadable:
+    the re-ranker is then fitted again)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError):
+        return None
+
+
+def _write_state(path: Path, rr: Any) -> None:
+    """Keep a fitted re-ranker's state for later processes; an archive this process may not write
+    (read-only) keeps none, and every process fits it once."""
+    from safetensors.numpy import save_file
+
+    from landlens.atomic import atomic_path
+
+    arrays = rr.fitted_state()
+    if not arrays:
+        return
+    try:
+        with atomic_path(path) as tmp:
+            save_file(arrays, str(tmp))
+    except OSError:
+        pass
+
+
 class ArchiveSearch:
     """Search methods of :class:`~landlens.retrieval.archive.Archive` (a mixin: the archive
     provides ``_state``, ``metric``, ``load_query``, ``embed`` and ``record``)."""
 
     _state: Generation
     metric: str
+    directory: Path
 
     def _init_search(self) -> None:
         # the archive's recorded default (index build --rerank), fitted at the first search
@@ -109,7 +142,11 @@ class ArchiveSearch:
             cached = self._rerankers.get(spec)
             if cached is not None and cached[0] == state.generation:
                 return cached[1]  # every search after the first: no spec parsing, no fit
-            rr = make_reranker(spec).fit(np.asarray(state.vectors, dtype=np.float32))
+            rr = make_reranker(spec)
+            path = rerank_state_path(self.directory, state.generation, rr.spec)
+            rr.fit(np.asarray(state.vectors, dtype=np.float32), state=_read_state(path))
+            if not rr.restored_:
+                _write_state(path, rr)
             self._rerankers = {s: v for s, v in self._rerankers.items() if v[0] == state.generation}
             self._rerankers[spec] = (state.generation, rr)
             return rr

@@ -59,6 +59,32 @@ def _matrix_digest(a: np.ndarray) -> bytes:
     return h.digest()
 
 
+_STATE_KEYS = ("spec", "database_digest")
+
+
+def _state_matches(state: dict[str, np.ndarray], spec: str, digest: bytes) -> bool:
+    """Whether a :meth:`Reranker.fitted_state` was made with ``spec`` on the database of ``digest``."""
+    try:
+        return (bytes(np.asarray(state["spec"], dtype=np.uint8)) == spec.encode()
+                and bytes(np.asarray(state["database_digest"], dtype=np.uint8)) == digest)
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def pack_csr(name: str, m: Any) -> dict[str, np.ndarray]:
+    """A SciPy CSR matrix as three named arrays (``name.data``, ``.indices``, ``.indptr``) and its shape."""
+    return {f"{name}.data": m.data, f"{name}.indices": m.indices, f"{name}.indptr": m.indptr,
+            f"{name}.shape": np.asarray(m.shape, dtype=np.int64)}
+
+
+def unpack_csr(state: dict[str, np.ndarray], name: str) -> Any:
+    """The CSR matrix :func:`pack_csr` stored under ``name``."""
+    import scipy.sparse as sp
+
+    return sp.csr_matrix((state[f"{name}.data"], state[f"{name}.indices"], state[f"{name}.indptr"]),
+                         shape=tuple(int(v) for v in state[f"{name}.shape"]))
+
+
 # ------------------------------------------------------------------------------ base class
 
 
@@ -111,14 +137,20 @@ class Reranker:
         if hasattr(self, "n_database_"):
             d["database_size"] = self.n_database_
             d["fit_seconds"] = round(self.fit_seconds_, 4)
+            d["restored"] = bool(self.restored_)
         return d
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec!r})"
 
     # -------------------------------------------------------------- fitting
-    def fit(self, database: np.ndarray | torch.Tensor) -> Reranker:
-        """Learn the graph / augmentation from the database features ``(n, D)``."""
+    def fit(self, database: np.ndarray | torch.Tensor, *, state: dict[str, np.ndarray] | None = None) -> Reranker:
+        """Learn the graph / augmentation from the database features ``(n, D)``.
+
+        ``state``: what :meth:`fitted_state` gave after a fit on the same database with the same
+        settings; what it holds is restored instead of learned again (``restored_`` says so).
+        A state of another database or other settings is ignored and the re-ranker learns afresh.
+        """
         raw = _as_matrix(database, "re-ranking database")
         if raw.shape[0] < 2:
             raise LandlensError(f"re-ranking ({self.spec}) needs a database of at least 2 images, got {raw.shape[0]}")
@@ -134,12 +166,40 @@ class Reranker:
         for i, dg in enumerate(self.row_digests_):
             self._row_of.setdefault(dg, i)
         self._checked: Any = None
-        self._fit(self.database_)
+        self.restored_ = state is not None and _state_matches(state, self.spec, self.database_digest_)
+        if self.restored_:
+            assert state is not None
+            self._load(self.database_, {k: v for k, v in state.items() if k not in _STATE_KEYS})
+        else:
+            self._fit(self.database_)
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
+    def fitted_state(self) -> dict[str, np.ndarray]:
+        """The learned arrays, for a later :meth:`fit` on the same database to restore instead of
+        learning again (empty when nothing learned is worth keeping: the fit is as cheap as a load).
+
+        Besides the method's own arrays it holds the spec and the database's digest, so a state is
+        only ever restored for the settings and the database it was learned on.
+        """
+        self._require_fit()
+        own = self._state()
+        if not own:
+            return {}
+        own = {k: np.ascontiguousarray(v) for k, v in own.items()}  # savers write the buffer as it lies
+        return {**own, "spec": np.frombuffer(self.spec.encode(), dtype=np.uint8).copy(),
+                "database_digest": np.frombuffer(self.database_digest_, dtype=np.uint8).copy()}
+
     def _fit(self, x: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def _state(self) -> dict[str, np.ndarray]:
+        """What :meth:`_load` needs to skip the learning (default: nothing, always learned)."""
+        return {}
+
+    def _load(self, x: torch.Tensor, state: dict[str, np.ndarray]) -> None:
+        """Set the fitted attributes from :meth:`_state`'s arrays (``x`` the normalised database)."""
+        self._fit(x)
 
     def _score(self, q: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         raise NotImplementedError
@@ -318,6 +378,24 @@ class RerankPipeline(Reranker):
         self.expansion._fit(x)
         self.searched_ = self.expansion.searched_  # type: ignore[attr-defined]
         self.graph._fit(self.searched_)
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return {f"{part}.{k}": v for part, stage in (("expansion", self.expansion), ("graph", self.graph))
+                for k, v in stage._state().items()}
+
+    def _load(self, x: torch.Tensor, state: dict[str, np.ndarray]) -> None:
+        def part(name: str) -> dict[str, np.ndarray]:
+            return {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(name + ".")}
+
+        def load(stage: Reranker, sub: dict[str, np.ndarray], db: torch.Tensor) -> None:
+            if sub:
+                stage._load(db, sub)
+            else:  # a stage that keeps nothing (its fit is as cheap as a load)
+                stage._fit(db)
+
+        load(self.expansion, part("expansion"), x)
+        self.searched_ = self.expansion.searched_  # type: ignore[attr-defined]
+        load(self.graph, part("graph"), self.searched_)
 
     def _score(self, q: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         qe = self.expansion.expand(q, rows)  # type: ignore[attr-defined]

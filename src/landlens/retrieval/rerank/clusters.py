@@ -114,6 +114,16 @@ class ClusterLDA(Reranker):
             self.discriminants_.append(lda.scalings_[:, : min(len(lda.classes_) - 1, z.shape[1])])
         self.searched_ = self.transform(x)
 
+    def _state(self) -> dict[str, np.ndarray]:
+        return {"ks": np.asarray(self.ks_, dtype=np.int64), "mean": self.mean_, "components": self.components_,
+                **{f"discriminant.{i}": w for i, w in enumerate(self.discriminants_)}}
+
+    def _load(self, x: torch.Tensor, state: dict[str, np.ndarray]) -> None:
+        self.ks_ = [int(k) for k in state["ks"]]
+        self.mean_, self.components_ = state["mean"], state["components"]
+        self.discriminants_ = [state[f"discriminant.{i}"] for i in range(len(self.ks_))]
+        self.searched_ = self.transform(x)
+
     def transform(self, q: torch.Tensor) -> torch.Tensor:
         """The extended unit vectors of ``q`` (rows L2-normalised on entry)."""
         a = q.numpy().astype(np.float64)

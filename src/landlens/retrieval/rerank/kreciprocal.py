@@ -13,7 +13,7 @@ import scipy.sparse as sp
 import torch
 
 from landlens.errors import ConfigError
-from landlens.retrieval.rerank.base import Reranker, register
+from landlens.retrieval.rerank.base import Reranker, pack_csr, register, unpack_csr
 from landlens.retrieval.rerank.graph import knn_graph, topk_rows
 
 #: Candidate pairs processed at once by the k-reciprocal Jaccard distance.
@@ -96,10 +96,30 @@ class KReciprocal(Reranker):
         v = sp.csr_matrix((np.exp(-d), (e.row, e.col)), shape=(n, n))
         self.row_mass_ = np.asarray(v.sum(axis=1)).ravel()
         self.raw_features_ = _row_normalise(v)
-        # local query expansion (eq. 11): the mean of V over N(g, k2) (g and its k2 - 1 nearest)
         k2 = min(self.k2, self.ranks_.shape[1])
-        self._k2 = k2
         self.k2_similarity_ = others[:, k2 - 2] if k2 >= 2 else np.full(n, np.inf, np.float32)
+        self._expand(k2)
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return {"ranks": self.ranks_, "k": np.asarray([self._k1, self._kh, self._k2], dtype=np.int64),
+                "kth_similarity": self.kth_similarity_, "half_kth_similarity": self.half_kth_similarity_,
+                "k2_similarity": self.k2_similarity_, "row_mass": self.row_mass_,
+                **pack_csr("half_sets", self.half_sets_), **pack_csr("raw_features", self.raw_features_)}
+
+    def _load(self, x: torch.Tensor, state: dict[str, np.ndarray]) -> None:
+        self.searched_ = x
+        self.ranks_ = state["ranks"]
+        self._k1, self._kh, k2 = (int(v) for v in state["k"])
+        self.kth_similarity_, self.half_kth_similarity_ = state["kth_similarity"], state["half_kth_similarity"]
+        self.k2_similarity_, self.row_mass_ = state["k2_similarity"], state["row_mass"]
+        self.half_sets_, self.raw_features_ = unpack_csr(state, "half_sets"), unpack_csr(state, "raw_features")
+        self._expand(k2)
+
+    def _expand(self, k2: int) -> None:
+        """The local query expansion (eq. 11): the mean of V over N(g, k2) (g and its k2 - 1
+        nearest), and the matrix forms the scoring reads."""
+        n = self.ranks_.shape[0]
+        self._k2 = k2
         cols = self.ranks_[:, :k2]
         self._mix = sp.csr_matrix((np.full(cols.size, 1.0 / k2), (np.repeat(np.arange(n), k2), cols.ravel())),
                                   shape=(n, n))
