@@ -365,3 +365,44 @@ def test_discriminator_refuses_latents_of_another_autoencoder(pipeline):
     with pytest.raises(FeatureMismatchError, match="weights_digest") as err:
         evaluate_matching(pipeline["dml"].run_dir, other)
     assert "\n" not in str(err.value)
+
+
+def _d4_elements(x: torch.Tensor) -> list[torch.Tensor]:
+    """The eight elements of D4 on a (C, H, W) map, written out with numpy (rot90 then mirror)."""
+    a = x.numpy()
+    rots = [np.rot90(a, k, axes=(1, 2)) for k in range(4)]
+    return [torch.from_numpy(np.ascontiguousarray(r)) for r in rots + [r[:, :, ::-1] for r in rots]]
+
+
+def test_dihedral_pair_augmentation_turns_each_map_on_its_own(one_thread):
+    from landlens.matching.networks import DMLConfig, MatchingDiscriminator
+    from landlens.matching.tasks import DMLTask, random_dihedral
+
+    torch.manual_seed(0)
+    maps = torch.randn(64, 3, 4, 4)
+    out = random_dihedral(maps)
+    which = []
+    for x, y in zip(maps, out):
+        found = [k for k, e in enumerate(_d4_elements(x)) if torch.equal(e, y)]
+        assert found, "an augmented map is not a rotation or mirror image of its map"
+        which.append(found[0])
+    assert set(which) == set(range(8))  # every element is drawn
+    vectors = torch.randn(5, 6, 1, 1)
+    assert torch.equal(random_dihedral(vectors), vectors)  # vector features have no layout
+
+    net = MatchingDiscriminator(DMLConfig(in_channels=3, spatial=4, width=8))
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    net.register_forward_pre_hook(lambda m, args: seen.append((args[0].clone(), args[1].clone())))
+    a, b = torch.randn(32, 48), torch.randn(32, 48)  # flat rows, as the pair loader gives them
+    for augment, turned in (("none", False), ("dihedral", True)):
+        task = DMLTask(net, _toy_cfg(Path("unused"), f"pairs.augment={augment}"), "val_loss")
+        task.training_step((a, b, torch.zeros(32, dtype=torch.long)), 0)
+        got_a, got_b = seen[-1]
+        same = [torch.equal(got_a[i].reshape(-1), a[i]) for i in range(32)]
+        assert all(any(torch.equal(e, got_a[i].reshape(3, 4, 4)) for e in _d4_elements(a[i].reshape(3, 4, 4)))
+                   for i in range(32))
+        assert all(any(torch.equal(e, got_b[i].reshape(3, 4, 4)) for e in _d4_elements(b[i].reshape(3, 4, 4)))
+                   for i in range(32))
+        assert (not all(same)) == turned
+    with pytest.raises(ConfigError, match="pairs.augment"):
+        _toy_cfg(Path("unused"), "pairs.augment=rotate")

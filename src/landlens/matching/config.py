@@ -35,7 +35,9 @@ Sections:
     loss), ``epochs`` (maximum) and ``patience`` (early stopping; ``null`` turns it off).
 ``pairs``
     ``per_epoch`` training pairs drawn afresh every epoch, ``positive_fraction`` of them
-    matching, ``val_pairs`` fixed validation pairs, ``seed``.
+    matching, ``val_pairs`` fixed validation pairs, ``seed``, ``augment`` (``dihedral``: the
+    two maps of each training pair turned and flipped by independent random elements of D4,
+    so the discriminator learns that a scene's layout may lie in any orientation; ``none``).
 ``trainer``
     ``seed`` (weights and data order), ``accelerator``, ``devices``, ``precision``,
     ``log_every_n_steps``.
@@ -121,6 +123,7 @@ class PairsConfig(Section):
     positive_fraction: float = Field(0.5, gt=0, lt=1)
     val_pairs: int = Field(2000, ge=0)
     seed: int = 0
+    augment: Literal["none", "dihedral"] = "none"
 
 
 class MatchTrainerConfig(Section):

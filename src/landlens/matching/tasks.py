@@ -16,6 +16,7 @@ from torch import nn
 from landlens.matching.config import MatchingConfig
 from landlens.matching.data import PairFeatures
 from landlens.matching.networks import MatchingDiscriminator, ResidualAutoencoder, reconstruction_loss
+from landlens.models.tta import dihedral
 from landlens.training.runs import RNGStateCheckpoint, log_loss_and_accuracy
 
 
@@ -67,7 +68,12 @@ class AETask(_MatchingTask):
 
 
 class DMLTask(_MatchingTask):
-    """Discriminator training: 2-way cross-entropy on (first, second, match) batches; pair accuracy."""
+    """Discriminator training: 2-way cross-entropy on (first, second, match) batches; pair accuracy.
+    With ``pairs.augment = dihedral`` each training map is turned by its own random element of D4."""
+
+    def __init__(self, net: MatchingDiscriminator, cfg: MatchingConfig, monitor: str) -> None:
+        super().__init__(net, cfg, monitor)
+        self.augment = cfg.pairs.augment
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         a, b, y = batch
@@ -77,10 +83,27 @@ class DMLTask(_MatchingTask):
         return loss
 
     def training_step(self, batch, batch_idx):  # noqa: D102 - Lightning hook
+        if self.augment == "dihedral":
+            a, b, y = batch
+            shape = self.net.config.features_shape
+            batch = (random_dihedral(a.reshape(-1, *shape)), random_dihedral(b.reshape(-1, *shape)), y)
         return self._step(batch, "train")
 
     def validation_step(self, batch, batch_idx):  # noqa: D102
         self._step(batch, "val")
+
+
+def random_dihedral(maps: torch.Tensor) -> torch.Tensor:
+    """Each map of ``(B, C, H, W)`` turned by its own uniformly random element of D4 (1x1 maps unchanged)."""
+    if maps.shape[-1] == 1 and maps.shape[-2] == 1:
+        return maps
+    g = torch.randint(8, (maps.shape[0],), device=maps.device)
+    out = torch.empty_like(maps)
+    for k in range(8):
+        pick = g == k
+        if bool(pick.any()):
+            out[pick] = dihedral(maps[pick], k)
+    return out
 
 
 @torch.inference_mode()
@@ -100,4 +123,4 @@ def pair_scores(model: MatchingDiscriminator, features: np.ndarray, pairs: tuple
     return {"loss": total_loss / n if n else float("nan"), "accuracy": correct / n if n else float("nan"), "pairs": n}
 
 
-__all__ = ["AETask", "DMLTask", "pair_scores"]
+__all__ = ["AETask", "DMLTask", "pair_scores", "random_dihedral"]
