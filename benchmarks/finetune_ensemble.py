@@ -5,13 +5,15 @@ Members, all trained on the *train* part of the run's split:
 - ``finetuned``: the run's fine-tuned classifier (epoch chosen on the val part), one forward pass;
 - ``finetuned c4``: the same network with its pooled features averaged over the four 90-degree
   rotations (``c4:run:RUN``); the head is linear, so this is the mean of the four logits;
+- ``finetuned d4``: the same over the eight rotations and mirror images (``d4:run:RUN``);
 - ``logreg FUSED``: logistic regression on frozen features (``--fused``, default ``c4:fusion``),
   C chosen by cross-validation on the train part (``choose_c``);
 - ``mean``: the mean of ``finetuned c4``'s and the logistic regression's class probabilities,
   with equal weights fixed before any figure was seen (no weight is tuned).
 
 The run's members are extracted for the val and test parts only. The val part is reported for
-every member, the test part once. 95 % percentile-bootstrap intervals over test images.
+every member, the test part once; the row a user should take is the one with the highest val
+accuracy (none when several tie). 95 % percentile-bootstrap intervals over test images.
 
 Usage (the committed results):
     python benchmarks/finetune_ensemble.py      # UC Merced 70/10/20: runs/bench/ucm_finetune
@@ -68,7 +70,8 @@ def main() -> None:
     probs: dict[str, np.ndarray] = {}
     ds = scan_folder(args.data, args.dataset).subset(shown)
     assert list(ds.paths) == [fused.paths[i] for i in shown]
-    for label, name in (("finetuned", f"run:{run}"), ("finetuned c4", f"c4:run:{run}")):
+    for label, name in (("finetuned", f"run:{run}"), ("finetuned c4", f"c4:run:{run}"),
+                        ("finetuned d4", f"d4:run:{run}")):
         fs = cached_store(ds, create_backbone(name, "auto"), cache_dir=cache, progress=True, command=command)[0]
         assert list(fs.paths) == list(ds.paths), f"{name}: an image of the val or test part is unreadable"
         with torch.no_grad():  # the head outputs log-probabilities
@@ -91,8 +94,11 @@ def main() -> None:
         row["test_ci"] = [round(100 * lo, 2), round(100 * hi, 2)]
         rows.append(row)
         print(json.dumps(row), flush=True)
+    best = [r for r in rows if r["val_oa"] == max(r["val_oa"] for r in rows)]
+    chosen = best[0] if len(best) == 1 else None  # a tie on val chooses nothing
     results = json.loads((run / "results.json").read_text())
-    doc = {"command": "python benchmarks/finetune_ensemble.py " + " ".join(sys.argv[1:]), "run": str(run.relative_to(REPO)),
+    doc = {"chosen_on_val": chosen["members"] if chosen else None,
+           "command": "python benchmarks/finetune_ensemble.py " + " ".join(sys.argv[1:]), "run": str(run.relative_to(REPO)),
            "run_best_epoch": results.get("best_epoch"), "logreg_C": c, "logreg_C_search": search, "rows": rows,
            "parts": {k: int(len(v)) for k, v in parts.items()},
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}}
@@ -107,10 +113,13 @@ def main() -> None:
              f"{doc['parts']['train']} train / {doc['parts']['val']} val / {doc['parts']['test']} test images "
              f"({args.data.name} {split}{note}). The run's best epoch "
              f"(by val accuracy): {doc['run_best_epoch']}; logistic regression C = {c:g} (3-fold CV on the train "
-             "part). Equal weights in the mean, fixed in advance.\n",
+             "part). Equal weights in the mean, fixed in advance. "
+             + (f"Chosen on val: {chosen['members']}.\n" if chosen else
+                f"The val part does not choose: {len(best)} rows tie at {best[0]['val_oa']:.2f} %.\n"),
              "| members | val OA % | val errors | test OA % | 95 % CI | test errors |", "|---|---:|---:|---:|---|---:|"]
     for r in rows:
-        lines.append(f"| {r['members']} | {r['val_oa']:.2f} | {r['val_errors']} | {r['test_oa']:.2f} | "
+        name = f"**{r['members']}** (chosen on val)" if r is chosen else r["members"]
+        lines.append(f"| {name} | {r['val_oa']:.2f} | {r['val_errors']} | {r['test_oa']:.2f} | "
                      f"{r['test_ci'][0]:.2f}-{r['test_ci'][1]:.2f} | {r['test_errors']} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
