@@ -196,7 +196,8 @@ def create_app(archive: Any, *, classifier_run: Any = None, token: str | None = 
             refine them by their ``query_token``; 0 disables tokens (``query_token`` is null).
         rerank: unsupervised re-ranking of every search (``"aqe"``, ``"diffusion"``,
             ``"aqe+diffusion"``, ...; :meth:`~landlens.retrieval.archive.Archive.set_rerank`),
-            fitted at start-up on the archive's vectors and again after each update.
+            fitted at start-up on the archive's vectors (or restored from the archive's
+            ``rerank/`` folder when an earlier process fitted it) and again after each update.
         optimize: how the backbone runs: ``jit`` (default; traced and frozen at start-up and
             checked against eager mode), ``compile`` (``torch.compile``, slower start-up) or
             ``none`` (eager).
