@@ -70,11 +70,14 @@ class KReciprocal(Reranker):
     def k_half(self) -> int:
         return int(np.around(self.k1 / 2.0))
 
+    def _neighbours(self, n: int) -> tuple[int, int]:
+        """k1 and k1 / 2 as a database of ``n`` images allows (at most n - 1 others)."""
+        return min(self.k1, n - 1), min(self.k_half, n - 1)
+
     def _fit(self, x: torch.Tensor) -> None:
         n = x.shape[0]
         self.searched_ = x
-        k1 = min(self.k1, n - 1)
-        kh = min(self.k_half, n - 1)
+        k1, kh = self._neighbours(n)
         big = max(k1, self.k2 - 1)
         sims, idx = knn_graph(x, big)
         self.ranks_ = np.concatenate([np.arange(n)[:, None], idx.numpy()], axis=1)
@@ -96,30 +99,29 @@ class KReciprocal(Reranker):
         v = sp.csr_matrix((np.exp(-d), (e.row, e.col)), shape=(n, n))
         self.row_mass_ = np.asarray(v.sum(axis=1)).ravel()
         self.raw_features_ = _row_normalise(v)
-        k2 = min(self.k2, self.ranks_.shape[1])
+        self._expand()
+        k2 = self._k2
         self.k2_similarity_ = others[:, k2 - 2] if k2 >= 2 else np.full(n, np.inf, np.float32)
-        self._expand(k2)
 
     def _state(self) -> dict[str, np.ndarray]:
-        return {"ranks": self.ranks_, "k": np.asarray([self._k1, self._kh, self._k2], dtype=np.int64),
-                "kth_similarity": self.kth_similarity_, "half_kth_similarity": self.half_kth_similarity_,
-                "k2_similarity": self.k2_similarity_, "row_mass": self.row_mass_,
+        return {"ranks": self.ranks_, "kth_similarity": self.kth_similarity_,
+                "half_kth_similarity": self.half_kth_similarity_, "k2_similarity": self.k2_similarity_, "row_mass": self.row_mass_,
                 **pack_csr("half_sets", self.half_sets_), **pack_csr("raw_features", self.raw_features_)}
 
     def _load(self, x: torch.Tensor, state: dict[str, np.ndarray]) -> None:
         self.searched_ = x
         self.ranks_ = state["ranks"]
-        self._k1, self._kh, k2 = (int(v) for v in state["k"])
+        self._k1, self._kh = self._neighbours(x.shape[0])
         self.kth_similarity_, self.half_kth_similarity_ = state["kth_similarity"], state["half_kth_similarity"]
         self.k2_similarity_, self.row_mass_ = state["k2_similarity"], state["row_mass"]
         self.half_sets_, self.raw_features_ = unpack_csr(state, "half_sets"), unpack_csr(state, "raw_features")
-        self._expand(k2)
+        self._expand()
 
-    def _expand(self, k2: int) -> None:
+    def _expand(self) -> None:
         """The local query expansion (eq. 11): the mean of V over N(g, k2) (g and its k2 - 1
         nearest), and the matrix forms the scoring reads."""
         n = self.ranks_.shape[0]
-        self._k2 = k2
+        self._k2 = k2 = min(self.k2, self.ranks_.shape[1])
         cols = self.ranks_[:, :k2]
         self._mix = sp.csr_matrix((np.full(cols.size, 1.0 / k2), (np.repeat(np.arange(n), k2), cols.ravel())),
                                   shape=(n, n))
