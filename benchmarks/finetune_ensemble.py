@@ -42,7 +42,6 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "UCMerced_LandUse")
     ap.add_argument("--dataset", default="ucmerced", help="catalog name of --data")
     ap.add_argument("--fused", default="c4:fusion", help="frozen features of the logistic regression member")
-    ap.add_argument("--config", default="benchmarks/configs/ucm_finetune.yaml", help="the run's config (for the report)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "finetune_ensemble")
     args = ap.parse_args()
     import torch
@@ -108,7 +107,7 @@ def main() -> None:
     split = f"{data_cfg['split']} seed {data_cfg['seed']}"
     note = "; its test part is 80/20 seed 0's" if args.dataset == "ucmerced" and data_cfg["split"] == "70/10/20" else ""
     lines = [f"# A fine-tuned network and frozen features ({args.data.name}, {split} test part)\n",
-             f"`{doc['command'].strip()}`  ", f"`landlens train run {args.config}` (the run)\n",
+             f"`{doc['command'].strip()}`  ", f"`{results['command']}` (the run)\n",
              f"Machine: {platform.platform()}, {os.cpu_count()} cores, torch {torch.__version__}. Split: "
              f"{doc['parts']['train']} train / {doc['parts']['val']} val / {doc['parts']['test']} test images "
              f"({args.data.name} {split}{note}). The run's best epoch "
